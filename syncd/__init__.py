@@ -1,0 +1,3 @@
+"""syncd: incremental mirror synchronization daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""The error hierarchy: every error syncd reports, with its exit status.
+
+Lower layers translate foreign exceptions (OSError, sqlite, paramiko) into
+these at their boundary (``raise X(...) from err``); ``cli.py`` is the one
+place that turns them into a one-line message and an exit status.
+"""
+
+from __future__ import annotations
+
+# Exit statuses.  0 is success; 1 a failed sync or a finding; 2 bad usage or
+# configuration (the contract in DESIGN.md); 3 another process holds the lock.
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_LOCKED = 3
+
+
+class SyncdError(Exception):
+    """Base of all syncd errors.  ``str(err)`` is the one-line message."""
+
+    exit_status = EXIT_FAILURE
+    #: True when the same operation may succeed if simply tried again
+    #: (a lost connection); False for a real answer (bad signature, bad path).
+    retryable = False
+
+
+class ConfigError(SyncdError):
+    """sync.ini is missing, unreadable or invalid.  Message names file, section, key."""
+
+    exit_status = EXIT_CONFIG
+
+
+class UsageError(SyncdError):
+    """The command line is wrong (unknown mirror name, bad option value)."""
+
+    exit_status = EXIT_CONFIG
+
+
+class LockedError(SyncdError):
+    """Another process holds the state_dir lock."""
+
+    exit_status = EXIT_LOCKED
+
+
+class ManifestError(SyncdError):
+    """The SQLite manifest cannot be opened, read or written."""
+
+
+class SchemaError(ManifestError):
+    """The manifest was written by an older or newer syncd schema."""
+
+
+class ScanError(SyncdError):
+    """Walking or hashing the tree failed in a way the scan cannot skip."""
+
+
+class DeltaError(SyncdError):
+    """Base of delta engine errors."""
+
+
+class DeltaFormatError(DeltaError):
+    """A signature or delta stream is malformed, truncated or exceeds limits."""
+
+
+class PatchMismatchError(DeltaError):
+    """A patched file's SHA-256 differs from the expected one: resend it whole."""
+
+
+class ProtocolError(SyncdError):
+    """The peer sent a frame or message that breaks the protocol."""
+
+
+class UnsafePathError(ProtocolError):
+    """A name from the wire is absolute, contains '..' or NUL, or escapes root."""
+
+
+class TransportError(SyncdError):
+    """The SSH session could not be set up or failed."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection dropped or timed out; the operation may be retried."""
+
+    retryable = True
+
+
+class HostKeyError(TransportError):
+    """The host key is unknown or differs from known_hosts: never retried."""
+
+
+class AuthenticationError(TransportError):
+    """The downstream refused our key."""
+
+
+class VerifyError(SyncdError):
+    """A SHA-256 or signature check failed."""
+
+
+class SignatureError(VerifyError):
+    """An OpenPGP signature is bad, unknown, expired, revoked or missing."""
+
+
+class DeletionGuardError(SyncdError):
+    """A plan would delete more than the configured share of the tree."""
+
+
+class SyncFailedError(SyncdError):
+    """One or more downstreams failed; details were logged per mirror."""
