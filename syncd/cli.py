@@ -1,0 +1,211 @@
+"""The ``syncd`` command line: the one place that turns errors into exit statuses.
+
+Commands import what they use when they run: starting Python with paramiko,
+SQLAlchemy and numpy costs most of a second, and ``status`` should not pay for
+what only ``run`` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_FAILURE, SyncdError
+
+log = logging.getLogger("syncd")
+
+# syslog priorities, for journald's "<N>" line prefix.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd, stderr goes to the journal: prefix the priority, no timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{record.name}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("syncd").setLevel(
+        logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity >= 1 else logging.WARNING
+    )
+
+
+def _load_config(args: argparse.Namespace):  # noqa: ANN202
+    from . import config
+
+    return config.load(args.config)
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .manifest import Manifest, fspath
+    from .scan import scan
+
+    cfg = _load_config(args)
+    out = sys.stdout
+
+    def show(kind: str, path: bytes) -> None:
+        out.write(f"{kind:<7}{fspath(path)}\n")
+
+    with _state_lock(cfg, "scan"):
+        with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
+            result = scan(
+                cfg.node.root,
+                manifest,
+                workers=cfg.node.hash_workers,
+                on_change=None if args.quiet else show,
+            )
+    out.write(result.summary() + "\n")
+    return 0
+
+
+def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
+    """The state_dir lock (created with state_dir on first use), not yet taken."""
+    from .errors import ManifestError
+    from .lock import StateLock
+
+    try:
+        cfg.node.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as err:
+        raise ManifestError(f"{cfg.node.state_dir}: cannot create state_dir: {err.strerror}") from err
+    return StateLock(cfg.node.state_dir, purpose)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .manifest import Manifest
+
+    cfg = _load_config(args)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name, create=False) as manifest:
+        stats = manifest.stats()
+        acked = {d["name"]: d for d in manifest.downstreams()}
+    now_ns = time.time_ns()
+    report = {
+        "node": cfg.node.name,
+        "root": str(cfg.node.root),
+        "generation": stats.generation,
+        "generation_age_s": (
+            round((now_ns - stats.generation_created_ns) / 1e9, 3) if stats.generation_created_ns else None
+        ),
+        "files": stats.files,
+        "dirs": stats.dirs,
+        "symlinks": stats.symlinks,
+        "total_size": stats.total_size,
+        "tombstones": stats.tombstones,
+        "mirrors": [],
+    }
+    for m in cfg.mirrors:
+        d = acked.get(m.name, {})
+        held = d.get("generation")
+        report["mirrors"].append(
+            {
+                "name": m.name,
+                "host": f"{m.host}:{m.port}",
+                "generation": held,
+                "lag_generations": None if held is None else stats.generation - held,
+                "last_success": _iso(d.get("last_success_ns")),
+                "last_error": d.get("last_error"),
+                "last_error_at": _iso(d.get("last_error_ns")),
+            }
+        )
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"node {report['node']}: generation {report['generation']}, {stats.files} files, "
+          f"{stats.dirs} dirs, {stats.symlinks} symlinks, {stats.total_size} bytes")
+    for m in report["mirrors"]:
+        held = "never synced" if m["generation"] is None else f"generation {m['generation']} (lag {m['lag_generations']})"
+        line = f"  {m['name']:<20} {m['host']:<28} {held}"
+        if m["last_success"]:
+            line += f", last success {m['last_success']}"
+        if m["last_error"]:
+            line += f", last error {m['last_error_at']}: {m['last_error']}"
+        print(line)
+    return 0
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description="Incremental mirror synchronization daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None,
+        help="config file (default: $SYNCD_CONFIG, then /etc/syncd/sync.ini)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("scan", help="walk root, update the manifest, print what changed")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("status", help="generation, size and per-downstream state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except SyncdError as err:
+        log.error("%s", err)
+        return err.exit_status
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `syncd scan | head`: the reader left; not our failure.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

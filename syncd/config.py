@@ -1,0 +1,324 @@
+"""``sync.ini`` into frozen dataclasses: the configuration contract of DESIGN.md.
+
+Every key syncd reads is declared once in the ``*_KEYS`` tables below, with its
+type, default and whether it is required; the example ``sync.ini`` at the
+repository root documents the same keys.  A problem is one line naming the
+file, section and key (``ConfigError``, exit status 2).  An unknown key or
+section is only a warning, naming the closest known one: configs written for a
+newer syncd still load.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import getpass
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATHS = ("/etc/syncd/sync.ini",)
+MIRROR_PREFIX = "mirror:"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    root: Path
+    state_dir: Path
+    hash_workers: int
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    name: str
+    host: str
+    port: int
+    user: str
+    identity_file: Path | None
+    known_hosts: Path
+    remote_command: str
+    schedule: str
+    connect_timeout: float
+    keepalive: int
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    keyring: Path | None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node: NodeConfig
+    mirrors: tuple[MirrorConfig, ...] = field(default_factory=tuple)
+    verify: VerifyConfig = VerifyConfig(keyring=None)
+
+    def mirror(self, name: str) -> MirrorConfig | None:
+        return next((m for m in self.mirrors if m.name == name), None)
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: each takes the raw string and returns the value or raises
+# ValueError with the expectation ("expected ..."); the caller adds the place.
+
+
+def _str(raw: str) -> str:
+    if not raw:
+        raise ValueError("expected a non-empty value")
+    return raw
+
+
+def _name(raw: str) -> str:
+    if not _NAME_RE.match(raw):
+        raise ValueError("expected a name of letters, digits, '.', '_', '-' (at most 64)")
+    return raw
+
+
+def _path(raw: str) -> Path:
+    if not raw:
+        raise ValueError("expected a path")
+    return Path(os.path.expanduser(raw))
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise ValueError(f"expected an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise ValueError("expected a number of seconds above 0 and at most 86400")
+    return value
+
+
+def _cron(raw: str) -> str:
+    # APScheduler is the judge of what the daemon will accept; import it only
+    # when a mirror has a schedule to check (it costs ~0.1 s of start-up).
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(raw)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"expected a 5-field cron expression ({err})") from None
+    return raw
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[str], Any]
+    default: Any = None
+    required: bool = False
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+NODE_KEYS: dict[str, Key] = {
+    "name": Key(_name, required=True),
+    "root": Key(_path, required=True),
+    "state_dir": Key(_path, required=True),
+    "hash_workers": Key(_int_range(1, 64), default=None),  # None: min(4, cores)
+}
+
+MIRROR_KEYS: dict[str, Key] = {
+    "host": Key(_str, required=True),
+    "port": Key(_int_range(1, 65535), default=22),
+    "user": Key(_str, default=None),  # None: the current user
+    "identity_file": Key(_path, default=None),  # None: ssh's usual keys or an agent
+    "known_hosts": Key(_path, default=Path("~/.ssh/known_hosts")),
+    "remote_command": Key(_str, default="syncd agent"),
+    "schedule": Key(_cron, default="0 * * * *"),
+    "connect_timeout": Key(_seconds, default=15.0),
+    "keepalive": Key(_int_range(0, 3600), default=15),
+}
+
+VERIFY_KEYS: dict[str, Key] = {
+    "keyring": Key(_path, default=None),
+}
+
+
+# ---------------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("SYNCD_CONFIG")
+    return Path(env) if env else Path(DEFAULT_PATHS[0])
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, parse and validate ``path`` (default ``$SYNCD_CONFIG``, then /etc)."""
+    cfg_path = Path(path) if path is not None else default_config_path()
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        strict=True,  # duplicate sections (mirror names) and keys are errors
+        empty_lines_in_values=False,
+        default_section="\0no-defaults",  # a literal [DEFAULT] is not special here
+    )
+    parser.optionxform = str  # keys are case-sensitive, as written in the contract
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            parser.read_file(fh, source=str(cfg_path))
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_path}: no such config file (set -c FILE or $SYNCD_CONFIG)") from None
+    except PermissionError:
+        raise ConfigError(f"{cfg_path}: permission denied reading the config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{cfg_path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{cfg_path}: not valid UTF-8 (byte {err.start})") from None
+    except configparser.DuplicateSectionError as err:
+        raise ConfigError(f"{cfg_path}: line {err.lineno}: section [{err.section}] appears twice") from None
+    except configparser.DuplicateOptionError as err:
+        raise ConfigError(
+            f"{cfg_path}: line {err.lineno}: [{err.section}] {err.option}: key appears twice"
+        ) from None
+    except configparser.MissingSectionHeaderError as err:
+        raise ConfigError(f"{cfg_path}: line {err.lineno}: a key before any [section] header") from None
+    except configparser.ParsingError as err:
+        lineno, line = err.errors[0] if err.errors else (0, "")
+        raise ConfigError(f"{cfg_path}: line {lineno}: cannot parse {line.strip()!r}") from None
+    except configparser.Error as err:
+        raise ConfigError(f"{cfg_path}: {err.message.splitlines()[0]}") from None
+    except OSError as err:
+        raise ConfigError(f"{cfg_path}: cannot read: {err.strerror}") from None
+    return _build(cfg_path, parser)
+
+
+def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
+    known_sections = ["node", "verify", MIRROR_PREFIX + "NAME"]
+    for section in parser.sections():
+        if section in ("node", "verify") or section.startswith(MIRROR_PREFIX):
+            continue
+        hint = difflib.get_close_matches(section, known_sections, n=1)
+        log.warning(
+            "%s: unknown section [%s] ignored%s",
+            cfg_path, section, f" (did you mean [{hint[0]}]?)" if hint else "",
+        )
+
+    if not parser.has_section("node"):
+        raise ConfigError(f"{cfg_path}: missing section [node]")
+    node_values = _section(cfg_path, parser, "node", NODE_KEYS)
+    node = NodeConfig(
+        name=node_values["name"],
+        root=node_values["root"],
+        state_dir=node_values["state_dir"],
+        hash_workers=node_values["hash_workers"] or _default_workers(),
+    )
+    _check_dirs(cfg_path, node)
+
+    mirrors = []
+    for section in parser.sections():
+        if not section.startswith(MIRROR_PREFIX):
+            continue
+        name = section[len(MIRROR_PREFIX):]
+        if not _NAME_RE.match(name):
+            raise ConfigError(
+                f"{cfg_path}: [{section}]: mirror name must be letters, digits, '.', '_', '-' (at most 64)"
+            )
+        if name == node.name:
+            raise ConfigError(f"{cfg_path}: [{section}]: a mirror cannot have this node's own name")
+        values = _section(cfg_path, parser, section, MIRROR_KEYS)
+        mirrors.append(
+            MirrorConfig(
+                name=name,
+                host=values["host"],
+                port=values["port"],
+                user=values["user"] or getpass.getuser(),
+                identity_file=values["identity_file"],
+                known_hosts=Path(os.path.expanduser(values["known_hosts"])),
+                remote_command=values["remote_command"],
+                schedule=values["schedule"],
+                connect_timeout=values["connect_timeout"],
+                keepalive=values["keepalive"],
+            )
+        )
+
+    verify = VerifyConfig(keyring=None)
+    if parser.has_section("verify"):
+        values = _section(cfg_path, parser, "verify", VERIFY_KEYS)
+        verify = VerifyConfig(keyring=values["keyring"])
+        if verify.keyring is not None and not verify.keyring.is_file():
+            raise ConfigError(f"{cfg_path}: [verify] keyring: no such file {verify.keyring}")
+
+    return Config(path=cfg_path, node=node, mirrors=tuple(mirrors), verify=verify)
+
+
+def _section(cfg_path: Path, parser: configparser.ConfigParser, section: str, keys: dict[str, Key]) -> dict[str, Any]:
+    raw = dict(parser.items(section))
+    for key in raw:
+        if key not in keys:
+            hint = difflib.get_close_matches(key, list(keys), n=1)
+            log.warning(
+                "%s: [%s] %s: unknown key ignored%s",
+                cfg_path, section, key, f" (did you mean {hint[0]}?)" if hint else "",
+            )
+    values: dict[str, Any] = {}
+    for key, spec in keys.items():
+        if key not in raw:
+            if spec.required:
+                raise ConfigError(f"{cfg_path}: [{section}] {key}: missing required key")
+            values[key] = spec.default
+            continue
+        try:
+            values[key] = spec.parse(raw[key].strip())
+        except ValueError as err:
+            raise ConfigError(f"{cfg_path}: [{section}] {key}: {err}, got {raw[key]!r}") from None
+    return values
+
+
+def _check_dirs(cfg_path: Path, node: NodeConfig) -> None:
+    try:
+        root_st = os.stat(node.root)
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_path}: [node] root: {node.root} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"{cfg_path}: [node] root: {node.root}: {err.strerror}") from None
+    if not os.path.isdir(node.root):
+        raise ConfigError(f"{cfg_path}: [node] root: {node.root} is not a directory")
+    # state_dir may not exist yet (it is created on first use); judge its
+    # filesystem by its nearest existing ancestor.
+    probe = node.state_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{cfg_path}: [node] state_dir: {probe} is not a directory")
+    try:
+        state_dev = os.stat(probe).st_dev
+    except OSError as err:
+        raise ConfigError(f"{cfg_path}: [node] state_dir: {probe}: {err.strerror}") from None
+    if state_dev != root_st.st_dev:
+        raise ConfigError(
+            f"{cfg_path}: [node] state_dir: {node.state_dir} is on another filesystem than root "
+            f"{node.root} (staged files must reach root by rename)"
+        )
+    root_real = os.path.realpath(node.root)
+    state_real = os.path.realpath(node.state_dir)
+    if state_real == root_real or state_real.startswith(root_real.rstrip("/") + "/"):
+        raise ConfigError(
+            f"{cfg_path}: [node] state_dir: {node.state_dir} is inside root {node.root} "
+            "(its staging files would be served)"
+        )

@@ -1,0 +1,393 @@
+"""Walking ``root`` into manifest changes.
+
+The walk visits directories in byte order of their relative paths (a heap of
+pending directories), which is the order the manifest streams its rows in
+(``ORDER BY parent, name``): so the scan is a merge of two sorted streams and
+holds only one directory's rows at a time, whatever the size of the tree.
+
+A file is re-hashed when any of size, mtime_ns, ctime_ns, inode or permission
+bits differ from its row.  ctime is in the list because a rewrite that keeps
+the size and restores the mtime (``touch -d``) cannot restore ctime: rsync's
+default quick check misses that edit, syncd does not.  A change of ctime or
+inode alone, with the same content, size, mode and mtime (a chown, a hard link,
+a copy-then-rename of identical bytes), updates the row without a new
+generation: there is nothing for a mirror to do.
+
+Symlinks are never followed: they are recorded with their target.  Sockets,
+FIFOs and device nodes are not mirrored.  Names are bytes end to end, so names
+that are not UTF-8 are kept exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable
+
+from .errors import ScanError
+from .manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest, fspath, join, split
+
+log = logging.getLogger(__name__)
+
+HASH_BUFFER = 1 << 20
+HASH_RETRIES = 3
+# Hash jobs are grouped so that thread hand-off costs little next to the work.
+BATCH_BYTES = 8 << 20
+BATCH_FILES = 64
+MAX_BATCHES_IN_FLIGHT = 8
+
+# Change kinds, as printed by ``syncd scan``.
+ADDED, MODIFIED, META, DELETED, RELINKED = "add", "modify", "meta", "delete", "link"
+
+# Row tuple positions (manifest.ENTRY_COLUMNS order).
+_PARENT, _NAME, _KIND, _SIZE, _MTIME, _CTIME, _MODE, _INO, _SHA, _TARGET, _GEN, _DELETED = range(12)
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass
+class ScanResult:
+    generation: int
+    previous_generation: int
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        (ADDED, MODIFIED, META, DELETED, RELINKED), 0))
+    entries: int = 0
+    bytes_hashed: int = 0
+    files_hashed: int = 0
+    unstable: list[bytes] = field(default_factory=list)  # still changing: left for the next scan
+    unreadable: list[bytes] = field(default_factory=list)  # directories we could not list
+    seconds: float = 0.0
+
+    @property
+    def changes(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        c = self.counts
+        if self.changes:
+            head = f"generation {self.previous_generation} -> {self.generation}"
+        else:
+            head = f"generation {self.generation} unchanged"
+        text = (
+            f"{head}: {c[ADDED]} added, {c[MODIFIED]} modified, {c[DELETED]} deleted, "
+            f"{c[META]} metadata, {c[RELINKED]} relinked; {self.entries} entries, "
+            f"{self.files_hashed} files ({_human(self.bytes_hashed)}) hashed in {self.seconds:.2f} s"
+        )
+        if self.unstable:
+            text += f"; {len(self.unstable)} still changing, left for the next scan"
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} unreadable directories kept as they were"
+        return text
+
+
+class _Vanished(Exception):
+    """The file went away or stopped being a regular file while we looked."""
+
+
+_local = threading.local()
+
+
+def _buffer() -> memoryview:
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(HASH_BUFFER))
+    return buf
+
+
+def hash_file(path: bytes) -> tuple[bytes, os.stat_result] | None:
+    """SHA-256 of a regular file, with the stat data that goes with that content.
+
+    Returns None when the file kept changing through ``HASH_RETRIES`` reads (a
+    half-written file is never recorded); raises ``_Vanished`` if it is gone
+    or is no longer a regular file.
+    """
+    buf = _buffer()
+    for _ in range(HASH_RETRIES):
+        try:
+            fd = _open_nofollow(path)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise _Vanished from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # replaced by a symlink since it was listed
+                raise _Vanished from err
+            raise
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Vanished
+            h = sha256()
+            total = 0
+            # Read no further than the size seen at open: a file appended
+            # faster than we read must not keep the scan here forever.
+            want = before.st_size
+            while total < want:
+                n = os.readv(fd, [buf[: min(len(buf), want - total)]])
+                if not n:
+                    break
+                h.update(buf[:n])
+                total += n
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (
+            total == after.st_size
+            and before.st_size == after.st_size
+            and before.st_mtime_ns == after.st_mtime_ns
+            and before.st_ctime_ns == after.st_ctime_ns
+        ):
+            return h.digest(), after
+    return None
+
+
+def _open_nofollow(path: bytes) -> int:
+    # O_NONBLOCK: a FIFO swapped in since the listing must not hang the scan.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if _O_NOATIME:
+        try:
+            return os.open(path, flags | _O_NOATIME)
+        except PermissionError:
+            pass  # O_NOATIME needs ownership; fall back to a plain read
+    return os.open(path, flags)
+
+
+def _hash_batch(root: bytes, jobs: list[tuple]) -> list[tuple]:
+    out = []
+    for job in jobs:
+        rel = job[0]
+        try:
+            out.append((job, hash_file(root + b"/" + rel)))
+        except _Vanished:
+            out.append((job, _Vanished))
+        except OSError as err:
+            out.append((job, err))
+    return out
+
+
+def scan(
+    root: Path,
+    manifest: Manifest,
+    *,
+    workers: int = 2,
+    on_change: Callable[[str, bytes], None] | None = None,
+) -> ScanResult:
+    """Walk ``root`` and bring ``manifest`` up to date in one transaction.
+
+    The caller holds the state_dir lock.  Bumps the generation once if
+    anything changed; a killed scan commits nothing.
+    """
+    started = time.monotonic()
+    root_b = os.fsencode(os.path.abspath(root))
+    prev_gen = manifest.generation
+    gen = prev_gen + 1
+    result = ScanResult(generation=prev_gen, previous_generation=prev_gen)
+    counts = result.counts
+
+    def changed(kind: str, row: tuple) -> None:
+        counts[kind] += 1
+        if on_change is not None:
+            on_change(kind, join(row[_PARENT], row[_NAME]))
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") if workers > 1 else None
+    in_flight: deque[Future | list] = deque()
+    batch: list[tuple] = []
+    batch_bytes = 0
+    skip_prefixes: list[bytes] = []
+
+    writer = manifest.writer()
+    rows = manifest.iter_entries()
+
+    def tombstone(row: tuple) -> None:
+        if row[_DELETED]:
+            return
+        for p in skip_prefixes:
+            if row[_PARENT] == p or row[_PARENT].startswith(p + b"/"):
+                return
+        writer.upsert(row[:_GEN] + (gen, 1))
+        changed(DELETED, row)
+
+    def finish_hash(job: tuple, outcome: object) -> None:
+        rel, parent, name, old = job
+        if outcome is _Vanished:
+            if old is not None:
+                tombstone(old)
+            return
+        if isinstance(outcome, OSError):
+            # Unreadable now (permissions, I/O error): keep what we knew.
+            log.warning("cannot read %s: %s; kept as it was", fspath(rel), outcome.strerror)
+            return
+        if outcome is None:
+            log.warning("%s is still changing; left for the next scan", fspath(rel))
+            result.unstable.append(rel)
+            return
+        digest, st = outcome
+        result.files_hashed += 1
+        result.bytes_hashed += st.st_size
+        perm = stat.S_IMODE(st.st_mode)
+        row = (parent, name, KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino,
+               digest, None)
+        if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
+            writer.upsert(row + (gen, 0))
+            changed(ADDED, row)
+        elif old[_SHA] != digest:
+            writer.upsert(row + (gen, 0))
+            changed(MODIFIED, row)
+        elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
+            writer.upsert(row + (gen, 0))
+            changed(META, row)
+        else:
+            writer.upsert(row + (old[_GEN], 0))  # same content and metadata: no new generation
+
+    def drain(limit: int) -> None:
+        while len(in_flight) > limit:
+            item = in_flight.popleft()
+            results = item.result() if isinstance(item, Future) else item
+            for job, outcome in results:
+                finish_hash(job, outcome)
+
+    def submit() -> None:
+        nonlocal batch, batch_bytes
+        if not batch:
+            return
+        if pool is None:
+            in_flight.append(_hash_batch(root_b, batch))
+        else:
+            in_flight.append(pool.submit(_hash_batch, root_b, batch))
+        batch, batch_bytes = [], 0
+        drain(MAX_BATCHES_IN_FLIGHT)
+
+    heap: list[bytes] = [b""]
+    row = next(rows, None)
+    try:
+        while heap:
+            d = heapq.heappop(heap)
+            while row is not None and row[_PARENT] < d:
+                tombstone(row)
+                row = next(rows, None)
+            old_rows: dict[bytes, tuple] = {}
+            while row is not None and row[_PARENT] == d:
+                old_rows[row[_NAME]] = row
+                row = next(rows, None)
+            dir_path = root_b + b"/" + d if d else root_b
+            try:
+                with os.scandir(dir_path) as it:
+                    dirents = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                dirents = []  # vanished since its parent was listed: its rows are deletions
+                if d:
+                    parent, name = split(d)
+                    writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, gen, 1))
+                    changed(DELETED, (parent, name))
+            except OSError as err:
+                if not d:
+                    raise ScanError(f"cannot list root {fspath(root_b)}: {err.strerror}") from err
+                log.warning("cannot list %s: %s; kept as it was", fspath(d), err.strerror)
+                result.unreadable.append(d)
+                skip_prefixes.append(d)
+                continue
+            for de in dirents:
+                name = de.name
+                result.entries += 1
+                old = old_rows.pop(name, None)
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    if old is not None:
+                        tombstone(old)
+                    continue
+                mode = st.st_mode
+                perm = stat.S_IMODE(mode)
+                fresh = old is None or old[_DELETED]
+                if stat.S_ISREG(mode):
+                    if (
+                        not fresh
+                        and old[_KIND] == KIND_FILE
+                        and old[_SIZE] == st.st_size
+                        and old[_MTIME] == st.st_mtime_ns
+                        and old[_CTIME] == st.st_ctime_ns
+                        and old[_INO] == st.st_ino
+                        and old[_MODE] == perm
+                    ):
+                        continue
+                    batch.append((join(d, name), d, name, None if fresh else old))
+                    batch_bytes += st.st_size
+                    if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+                        submit()
+                elif stat.S_ISDIR(mode):
+                    rel = join(d, name)
+                    heapq.heappush(heap, rel)
+                    new = (d, name, KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
+                    if fresh or old[_KIND] != KIND_DIR:
+                        writer.upsert(new + (gen, 0))
+                        changed(ADDED, new)
+                    elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
+                        writer.upsert(new + (gen, 0))
+                        changed(META, new)
+                    elif (old[_CTIME], old[_INO]) != (st.st_ctime_ns, st.st_ino):
+                        writer.upsert(new + (old[_GEN], 0))
+                elif stat.S_ISLNK(mode):
+                    if (
+                        not fresh
+                        and old[_KIND] == KIND_SYMLINK
+                        and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO])
+                        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    ):
+                        continue
+                    try:
+                        target = os.readlink(dir_path + b"/" + name)
+                    except FileNotFoundError:
+                        if old is not None:
+                            tombstone(old)
+                        continue
+                    new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
+                           st.st_ino, None, target)
+                    if fresh or old[_KIND] != KIND_SYMLINK:
+                        writer.upsert(new + (gen, 0))
+                        changed(ADDED, new)
+                    elif old[_TARGET] != target:
+                        writer.upsert(new + (gen, 0))
+                        changed(RELINKED, new)
+                    else:
+                        writer.upsert(new + (old[_GEN], 0))
+                else:
+                    # FIFOs, sockets, devices are not mirrored; one that
+                    # replaced a mirrored path deletes that path.
+                    if old is not None:
+                        tombstone(old)
+            for old in old_rows.values():
+                tombstone(old)
+        while row is not None:
+            tombstone(row)
+            row = next(rows, None)
+        submit()
+        drain(0)
+        if result.changes:
+            writer.set_generation(gen, result.changes)
+            result.generation = gen
+        writer.commit()
+    except BaseException:
+        writer.rollback()
+        raise
+    finally:
+        rows.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,123 @@
+"""The SQLite manifest: round trip, schema versions, downstream records, the lock."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from syncd.errors import LockedError, ManifestError, SchemaError
+from syncd.lock import StateLock
+from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, Entry, Manifest
+
+
+def rows() -> list[tuple]:
+    return [
+        (b"", b"dists", KIND_DIR, 0, 1, 2, 0o755, 10, None, None, 1, 0),
+        (b"dists", b"Release", KIND_FILE, 5, 3, 4, 0o644, 11, b"\x01" * 32, None, 1, 0),
+        (b"dists", b"\xffodd name\n", KIND_FILE, 0, 3, 4, 0o600, 12, b"\x02" * 32, None, 2, 0),
+        (b"", b"link", KIND_SYMLINK, 5, 3, 4, 0o777, 13, None, b"dists", 2, 0),
+        (b"", b"gone", KIND_FILE, 9, 3, 4, 0o644, 14, b"\x03" * 32, None, 2, 1),
+    ]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    with Manifest.open(tmp_path, "primary") as m:
+        assert m.generation == 0
+        with m.writer() as w:
+            w.upsert_many(rows())
+            w.set_generation(2, 5)
+    with Manifest.open(tmp_path, "primary") as m:
+        assert m.generation == 2
+        got = list(m.iter_entries())
+        assert got == sorted(rows(), key=lambda r: (r[0], r[1]))
+        live = [e.path for e in m.entries()]
+        assert live == [b"dists", b"link", b"dists/Release", b"dists/\xffodd name\n"]
+        assert m.lookup(b"dists/\xffodd name\n") == Entry(*rows()[2])
+        assert m.lookup(b"nope") is None
+        assert [e.path for e in m.changes_since(1)] == [b"gone", b"link", b"dists/\xffodd name\n"]
+        stats = m.stats()
+        assert (stats.generation, stats.files, stats.dirs, stats.symlinks, stats.total_size, stats.tombstones) == (
+            2, 2, 1, 1, 5, 1)
+        assert stats.generation_created_ns is not None
+
+
+def test_writer_rolls_back_on_error(tmp_path: Path) -> None:
+    with Manifest.open(tmp_path, "primary") as m:
+        with pytest.raises(RuntimeError):
+            with m.writer() as w:
+                w.upsert_many(rows())
+                w.set_generation(2, 5)
+                raise RuntimeError("killed")
+        assert m.generation == 0
+        assert list(m.iter_entries()) == []
+
+
+def test_downstream_records(tmp_path: Path) -> None:
+    with Manifest.open(tmp_path, "primary") as m:
+        m.record_downstream("tier1", generation=3, acked_ns=5, last_success_ns=5)
+        m.record_downstream("tier1", last_error="connection lost", last_error_ns=6)
+        (d,) = m.downstreams()
+        assert (d["name"], d["generation"], d["last_success_ns"], d["last_error"]) == (
+            "tier1", 3, 5, "connection lost")
+
+
+@pytest.mark.parametrize("version,word", [(99, "a newer"), (0, "an older")])
+def test_schema_version_checked(tmp_path: Path, version: int, word: str) -> None:
+    Manifest.open(tmp_path, "primary").close()
+    db = sqlite3.connect(tmp_path / MANIFEST_NAME)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaError, match=f"schema version {version} is from {word} syncd"):
+        Manifest.open(tmp_path, "primary")
+
+
+def test_not_a_manifest(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / MANIFEST_NAME)
+    db.execute("CREATE TABLE other (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaError, match="not a syncd manifest"):
+        Manifest.open(tmp_path, "primary")
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ManifestError, match="cannot open manifest"):
+        Manifest.open(tmp_path, "primary")
+
+
+def test_missing_manifest_without_create(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no manifest yet"):
+        Manifest.open(tmp_path / "state", "primary", create=False)
+
+
+def test_lock_names_the_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from syncd.lock import StateLock\n"
+         "l = StateLock(sys.argv[1], 'daemon').acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"locked by PID {holder.pid} \(daemon\)"):
+            StateLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released it with the process: no stale lock.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            StateLock(tmp_path).acquire().release()
+            break
+        except LockedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -1,0 +1,366 @@
+"""The incremental scan: each kind of change, races, and a model-based property."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from syncd import scan as scan_mod
+from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest
+from syncd.scan import ADDED, DELETED, META, MODIFIED, RELINKED, scan
+
+
+class Tree:
+    """A root and its manifest, scanned on demand; records what each scan reported."""
+
+    def __init__(self, base: Path, workers: int = 2) -> None:
+        self.root = base / "root"
+        self.root.mkdir()
+        self.state = base / "state"
+        self.workers = workers
+        self.manifest = Manifest.open(self.state, "test")
+
+    def scan(self) -> dict[bytes, str]:
+        seen: dict[bytes, str] = {}
+        self.last = scan(self.root, self.manifest, workers=self.workers,
+                         on_change=lambda kind, path: seen.__setitem__(path, kind))
+        return seen
+
+    def p(self, rel: str | bytes) -> bytes:
+        return os.fsencode(self.root) + b"/" + (rel if isinstance(rel, bytes) else rel.encode())
+
+
+@pytest.fixture
+def tree(tmp_path: Path):  # noqa: ANN201
+    t = Tree(tmp_path)
+    yield t
+    t.manifest.close()
+
+
+def test_first_scan_then_nothing(tree: Tree) -> None:
+    (tree.root / "a").write_bytes(b"alpha")
+    (tree.root / "d").mkdir()
+    (tree.root / "d" / "b").write_bytes(b"beta" * 100_000)
+    (tree.root / "empty").mkdir()
+    os.symlink("d/b", tree.root / "l")
+    assert tree.scan() == {b"a": ADDED, b"d": ADDED, b"d/b": ADDED, b"empty": ADDED, b"l": ADDED}
+    assert tree.manifest.generation == 1
+    entry = tree.manifest.lookup(b"d/b")
+    assert entry.sha256 == hashlib.sha256(b"beta" * 100_000).digest()
+    assert tree.manifest.lookup(b"empty").kind == KIND_DIR
+    assert tree.manifest.lookup(b"l").target == b"d/b"
+    assert tree.scan() == {}
+    assert tree.manifest.generation == 1  # nothing changed: no new generation
+    assert tree.last.files_hashed == 0
+
+
+def test_each_kind_of_change(tree: Tree) -> None:
+    for name in ("edit", "same", "mode", "touch", "old", "ctime"):
+        (tree.root / name).write_bytes(name.encode() * 10)
+    os.symlink("edit", tree.root / "link")
+    (tree.root / "gone").mkdir()
+    (tree.root / "gone" / "inside").write_bytes(b"x")
+    tree.scan()
+    g = tree.manifest.generation
+
+    (tree.root / "edit").write_bytes(b"different length")
+    # Same size, new content, mtime put back: only ctime (and the hash) tells.
+    st0 = os.stat(tree.root / "same")
+    (tree.root / "same").write_bytes(b"SAME" * 10)
+    os.utime(tree.root / "same", ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    os.chmod(tree.root / "mode", 0o600)
+    os.utime(tree.root / "touch", ns=(1_000_000_000, 1_000_000_000))
+    os.rename(tree.root / "old", tree.root / "new")
+    os.unlink(tree.root / "link")
+    os.symlink("same", tree.root / "link")
+    shutil.rmtree(tree.root / "gone")
+    (tree.root / "fresh-empty").mkdir()
+    # ctime alone (a chmod to the same mode): row refreshed, no change reported.
+    os.chmod(tree.root / "ctime", stat.S_IMODE(os.stat(tree.root / "ctime").st_mode))
+
+    seen = tree.scan()
+    seen = {k: v for k, v in seen.items() if k != b""}
+    assert seen == {
+        b"edit": MODIFIED,
+        b"same": MODIFIED,
+        b"mode": META,
+        b"touch": META,
+        b"old": DELETED,
+        b"new": ADDED,
+        b"link": RELINKED,
+        b"gone": DELETED,
+        b"gone/inside": DELETED,
+        b"fresh-empty": ADDED,
+    }
+    assert tree.manifest.generation == g + 1
+    assert tree.manifest.lookup(b"same").sha256 == hashlib.sha256(b"SAME" * 10).digest()
+    assert tree.manifest.lookup(b"mode").mode == 0o600
+    assert tree.manifest.lookup(b"old").deleted == 1
+    assert tree.manifest.lookup(b"old").generation == g + 1
+    assert tree.manifest.lookup(b"ctime").generation == g
+    # The tombstone keeps its hash: the push finds the rename by it.
+    assert tree.manifest.lookup(b"old").sha256 == tree.manifest.lookup(b"new").sha256
+    assert tree.scan() == {}
+
+
+def test_kind_changes(tree: Tree) -> None:
+    (tree.root / "x").write_bytes(b"file")
+    (tree.root / "y").mkdir()
+    (tree.root / "y" / "child").write_bytes(b"c")
+    tree.scan()
+    os.unlink(tree.root / "x")
+    (tree.root / "x").mkdir()
+    shutil.rmtree(tree.root / "y")
+    (tree.root / "y").write_bytes(b"now a file")
+    seen = tree.scan()
+    assert seen[b"x"] == ADDED and tree.manifest.lookup(b"x").kind == KIND_DIR
+    assert seen[b"y"] == ADDED and tree.manifest.lookup(b"y").kind == KIND_FILE
+    assert seen[b"y/child"] == DELETED
+
+
+def test_non_utf8_and_odd_names_kept_exactly(tree: Tree) -> None:
+    names = [b"caf\xe9", b"new\nline", b"sp ace", b"\xff\xfe", b"-dash", b"x" * 255]
+    for n in names:
+        with open(tree.p(n), "wb") as fh:
+            fh.write(n)
+    os.mkdir(tree.p(b"dir\x80"))
+    with open(tree.p(b"dir\x80/f\x81"), "wb") as fh:
+        fh.write(b"deep")
+    tree.scan()
+    live = {e.path: e for e in tree.manifest.entries()}
+    assert set(live) == set(names) | {b"dir\x80", b"dir\x80/f\x81"}
+    for n in names:
+        assert live[n].sha256 == hashlib.sha256(n).digest()
+
+
+def test_reappearing_path_revives_tombstone(tree: Tree) -> None:
+    (tree.root / "f").write_bytes(b"1")
+    tree.scan()
+    os.unlink(tree.root / "f")
+    assert tree.scan() == {b"f": DELETED}  # root itself is not a row
+    (tree.root / "f").write_bytes(b"1")
+    seen = tree.scan()
+    assert seen[b"f"] == ADDED
+    assert tree.manifest.lookup(b"f").deleted == 0
+
+
+def test_special_files_not_mirrored(tree: Tree) -> None:
+    os.mkfifo(tree.root / "fifo")
+    (tree.root / "f").write_bytes(b"x")
+    assert set(tree.scan()) == {b"f"}
+
+
+def test_file_changing_while_hashed_is_rehashed(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tree.root / "growing"
+    target.write_bytes(b"a" * 1000)
+    real_readv = os.readv
+    calls = {"n": 0}
+
+    def readv_and_append(fd, bufs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 1:  # a writer appends while the first read is under way
+            with open(target, "ab") as fh:
+                fh.write(b"b" * 500)
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(scan_mod.os, "readv", readv_and_append)
+    tree.workers = 1
+    tree.scan()
+    entry = tree.manifest.lookup(b"growing")
+    assert entry.sha256 == hashlib.sha256(b"a" * 1000 + b"b" * 500).digest()
+    assert entry.size == 1500
+
+
+def test_file_that_never_settles_is_left_for_next_scan(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tree.root / "busy"
+    target.write_bytes(b"a")
+    (tree.root / "calm").write_bytes(b"c")
+    real_readv = os.readv
+
+    def readv_and_append(fd, bufs):  # noqa: ANN001, ANN202
+        # Each hashing attempt's first read sees a writer append.
+        if os.lseek(fd, 0, os.SEEK_CUR) == 0 and os.fstat(fd).st_ino == os.stat(target).st_ino:
+            with open(target, "ab") as fh:
+                fh.write(b"more")
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(scan_mod.os, "readv", readv_and_append)
+    tree.workers = 1
+    seen = tree.scan()
+    assert b"busy" not in seen and seen[b"calm"] == ADDED
+    assert tree.manifest.lookup(b"busy") is None
+    assert tree.last.unstable == [b"busy"]
+    monkeypatch.setattr(scan_mod.os, "readv", real_readv)
+    assert tree.scan() == {b"busy": ADDED}
+
+
+def test_file_vanishing_before_hash(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "keep").write_bytes(b"k")
+    (tree.root / "flee").write_bytes(b"f")
+    real = scan_mod.hash_file
+
+    def vanish_first(path: bytes):  # noqa: ANN202
+        if path.endswith(b"/flee"):
+            os.unlink(path)
+        return real(path)
+
+    monkeypatch.setattr(scan_mod, "hash_file", vanish_first)
+    assert tree.scan() == {b"keep": ADDED}
+    assert tree.manifest.lookup(b"flee") is None
+
+
+def test_unreadable_directory_keeps_its_rows(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "locked").mkdir()
+    (tree.root / "locked" / "sub").mkdir()
+    (tree.root / "locked" / "f").write_bytes(b"x")
+    (tree.root / "locked" / "sub" / "g").write_bytes(b"y")
+    tree.scan()
+    real = os.scandir
+    locked = tree.p("locked")
+
+    def refuse(path):  # noqa: ANN001, ANN202
+        if path == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(scan_mod.os, "scandir", refuse)
+    assert tree.scan() == {}
+    assert tree.last.unreadable == [b"locked"]
+    assert tree.manifest.lookup(b"locked/sub/g").deleted == 0
+
+
+def test_killed_scan_commits_nothing(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "a").write_bytes(b"a")
+    tree.scan()
+    (tree.root / "b").write_bytes(b"b")
+
+    def die(*args):  # noqa: ANN002, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_mod, "_hash_batch", die)
+    with pytest.raises(KeyboardInterrupt):
+        tree.scan()
+    assert tree.manifest.generation == 1
+    assert tree.manifest.lookup(b"b") is None
+
+
+# -- the model-based property ---------------------------------------------
+
+NAMES = st.sampled_from([b"a", b"b", b"c\xff", b"d d", b"e.tmp"])
+PATHS = st.lists(NAMES, min_size=1, max_size=3).map(lambda parts: b"/".join(parts))
+
+OPS = st.one_of(
+    st.tuples(st.just("write"), PATHS, st.binary(max_size=300)),
+    st.tuples(st.just("append"), PATHS, st.binary(min_size=1, max_size=50)),
+    st.tuples(st.just("same_size_edit"), PATHS, st.binary(min_size=1, max_size=1)),
+    st.tuples(st.just("mkdir"), PATHS, st.just(b"")),
+    st.tuples(st.just("remove"), PATHS, st.just(b"")),
+    st.tuples(st.just("symlink"), PATHS, NAMES),
+    st.tuples(st.just("chmod"), PATHS, st.sampled_from([b"\x01", b"\x02"])),
+    st.tuples(st.just("rename"), PATHS, PATHS),
+    st.tuples(st.just("scan"), st.just(b""), st.just(b"")),
+)
+
+
+def apply(root: bytes, op: tuple) -> None:
+    kind, rel, arg = op
+    path = root + b"/" + rel
+    parent = os.path.dirname(path)
+    try:
+        if kind == "write":
+            os.makedirs(parent, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(arg)
+        elif kind == "append":
+            with open(path, "ab") as fh:
+                fh.write(arg)
+        elif kind == "same_size_edit":
+            st0 = os.lstat(path)
+            if stat.S_ISREG(st0.st_mode) and st0.st_size:
+                with open(path, "r+b") as fh:
+                    fh.write(bytes([(fh.read(1)[0] + 1) % 256]))
+                os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+        elif kind == "mkdir":
+            os.makedirs(path, exist_ok=True)
+        elif kind == "remove":
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        elif kind == "symlink":
+            os.makedirs(parent, exist_ok=True)
+            os.symlink(arg, path)
+        elif kind == "chmod":
+            if not os.path.islink(path):
+                os.chmod(path, 0o600 if arg == b"\x01" else 0o755)
+        elif kind == "rename":
+            dst = root + b"/" + arg
+            if not (dst + b"/").startswith(path + b"/"):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.rename(path, dst)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, OSError):
+        pass  # an op that makes no sense on the current tree is a no-op
+
+
+def walk(root: bytes) -> dict[bytes, tuple]:
+    """A fresh, independent walk: what the manifest must say."""
+    out: dict[bytes, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = name if rel_dir == b"." else rel_dir + b"/" + name
+            st0 = os.lstat(full)
+            perm = stat.S_IMODE(st0.st_mode)
+            if stat.S_ISLNK(st0.st_mode):
+                out[rel] = (KIND_SYMLINK, os.readlink(full))
+            elif stat.S_ISDIR(st0.st_mode):
+                out[rel] = (KIND_DIR, perm, st0.st_mtime_ns)
+            else:
+                with open(full, "rb") as fh:
+                    out[rel] = (KIND_FILE, perm, st0.st_mtime_ns, st0.st_size, hashlib.sha256(fh.read()).digest())
+    return out
+
+
+def from_manifest(m: Manifest) -> dict[bytes, tuple]:
+    out = {}
+    for e in m.entries():
+        if e.kind == KIND_SYMLINK:
+            out[e.path] = (KIND_SYMLINK, e.target)
+        elif e.kind == KIND_DIR:
+            out[e.path] = (KIND_DIR, e.mode, e.mtime_ns)
+        else:
+            out[e.path] = (KIND_FILE, e.mode, e.mtime_ns, e.size, e.sha256)
+    return out
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=25), workers=st.sampled_from([1, 2]))
+def test_manifest_equals_fresh_walk_after_random_mutations(ops: list, workers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Tree(Path(tmp), workers=workers)
+        try:
+            root = os.fsencode(tree.root)
+            generation = 0
+            for op in ops + [("scan", b"", b"")]:
+                if op[0] == "scan":
+                    tree.scan()
+                    assert from_manifest(tree.manifest) == walk(root)
+                    assert tree.manifest.generation in (generation, generation + 1)
+                    assert (tree.manifest.generation > generation) == (tree.last.changes > 0)
+                    generation = tree.manifest.generation
+                else:
+                    apply(root, op)
+            # And a scan of an unchanged tree changes nothing.
+            tree.scan()
+            assert tree.last.changes == 0
+        finally:
+            tree.manifest.close()
