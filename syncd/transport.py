@@ -1,0 +1,508 @@
+"""The SSH session that runs the remote agent: the only module importing paramiko.
+
+``open_session(mirror)`` connects to a downstream, checks its host key against
+``known_hosts`` only, authenticates, runs ``remote_command`` on an exec channel
+and returns a ``Session``: a plain byte stream (``send_all``, ``recv``,
+``recv_exactly``, ``close_write``, ``exit_status``, ``stderr_tail``, ``close``).
+``LocalSession`` offers the same API over a local subprocess's pipes.
+
+Every paramiko, socket or EOF failure is translated here into the errors of
+``syncd.errors``: a refused or unknown host key is ``HostKeyError``, a refused
+key ``AuthenticationError``, anything that a plain retry may cure
+``ConnectionLostError``.  Nothing paramiko raises escapes this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import getpass
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+import threading
+from typing import Any, Protocol
+
+import paramiko
+from paramiko.packet import Packetizer
+from paramiko.hostkeys import InvalidHostKey
+from paramiko.pkey import UnknownKeyType
+from paramiko.ssh_exception import (
+    AuthenticationException,
+    BadHostKeyException,
+    IncompatiblePeer,
+    NoValidConnectionsError,
+    SSHException,
+)
+
+from syncd.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    HostKeyError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+# Measured on loopback (DESIGN.md): a 64 MiB window with 1 MiB packets lets
+# paramiko receive at 470-510 MB/s; small packets in a large window halve it.
+WINDOW_SIZE = 64 * 1024 * 1024
+MAX_PACKET_SIZE = 1024 * 1024
+# paramiko copies what it sends into each packet; slices of this size keep
+# the number of calls low without handing it one huge object to re-slice.
+SEND_SLICE = 1024 * 1024
+RECV_BLOCK = 1024 * 1024
+STDERR_TAIL_BYTES = 16 * 1024
+# How long an exited command's last stderr may take to arrive (a grandchild
+# holding the pipe open must not hang us).
+_STDERR_SETTLE = 2.0
+
+# GCM first: it is the fastest cipher on CPUs with AES instructions and needs
+# no separate MAC.  ChaCha20 is not offered by paramiko at all.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+
+
+class MirrorLike(Protocol):
+    name: str
+    host: str
+    port: int
+    user: str
+    identity_file: pathlib.Path | None
+    known_hosts: pathlib.Path
+    remote_command: str
+    connect_timeout: float
+    keepalive: int
+    # Optional attribute ``io_timeout`` (seconds, None: wait forever): a send
+    # or recv that makes no progress for that long is a ConnectionLostError.
+    # Set it above the longest the agent may legitimately stay silent.
+
+
+class _NoClientRekeyPacketizer(Packetizer):
+    # paramiko's own rekey every 512 MiB can stall 30 s and fail when it meets
+    # a channel close (paramiko issue #822).  Never start one; the server's
+    # RekeyLimit still rekeys, and paramiko answers that correctly.
+    REKEY_BYTES = 1 << 62
+    REKEY_PACKETS = 1 << 62
+
+
+def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> paramiko.Transport:
+    transport = paramiko.Transport(
+        sock,
+        default_window_size=WINDOW_SIZE,
+        default_max_packet_size=MAX_PACKET_SIZE,
+        disabled_algorithms=disabled_algorithms,
+        packetizer_class=_NoClientRekeyPacketizer,
+    )
+    options = transport.get_security_options()
+    known = tuple(options.ciphers)
+    first = tuple(c for c in PREFERRED_CIPHERS if c in known)
+    options.ciphers = first + tuple(c for c in known if c not in first)
+    return transport
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Invariant 5: a host key not in known_hosts is refused, never learned."""
+
+    def __init__(self, label: str, known_hosts: pathlib.Path) -> None:
+        self.label = label
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        raise HostKeyError(
+            f"{self.label}: host key {key.get_name()} {key.fingerprint} is not in "
+            f"{self.known_hosts} (no entry for {hostname}); refusing to connect"
+        )
+
+
+def _label(mirror: MirrorLike) -> str:
+    return f"{_user(mirror)}@{mirror.host}:{_port(mirror)}"
+
+
+def _user(mirror: MirrorLike) -> str:
+    return mirror.user or getpass.getuser()
+
+
+def _port(mirror: MirrorLike) -> int:
+    return int(mirror.port or 22)
+
+
+def open_session(mirror: MirrorLike) -> Session:
+    """Connect to ``mirror`` and start its ``remote_command``.
+
+    Raises HostKeyError (unknown or changed key: never retried),
+    AuthenticationError, ConnectionLostError (retryable) or TransportError.
+    Nothing but the SSH handshake reaches a host whose key is not trusted.
+    """
+    label = _label(mirror)
+    known_hosts = pathlib.Path(mirror.known_hosts or "~/.ssh/known_hosts").expanduser()
+    identity = mirror.identity_file
+    pkey = None
+    if identity is not None:
+        identity = pathlib.Path(identity).expanduser()
+        # Loaded here so a bad key file is a clear, permanent error, not a
+        # failed login that looks retryable.
+        try:
+            pkey = paramiko.PKey.from_path(identity)
+        except (OSError, ValueError, TypeError, SSHException, UnknownKeyType) as err:
+            raise TransportError(
+                f"{label}: identity_file {identity} is not a usable private key "
+                f"(missing, unreadable, passphrase-protected or unknown type): {err}"
+            ) from None
+
+    client = paramiko.SSHClient()
+    # Only the configured file: never ~/.ssh/known_hosts behind the operator's back.
+    if known_hosts.exists():
+        try:
+            client.get_host_keys().load(str(known_hosts))
+        except (OSError, SSHException, ValueError, InvalidHostKey) as err:
+            raise HostKeyError(f"{label}: cannot read known_hosts {known_hosts}: {err}") from err
+    client.set_missing_host_key_policy(_RefuseUnknownHost(label, known_hosts))
+    timeout = float(mirror.connect_timeout)
+    try:
+        client.connect(
+            mirror.host,
+            port=_port(mirror),
+            username=_user(mirror),
+            pkey=pkey,
+            # An explicit identity means that key only, like IdentitiesOnly.
+            allow_agent=pkey is None,
+            look_for_keys=pkey is None,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
+            transport_factory=_transport_factory,
+        )
+    except HostKeyError:
+        client.close()
+        raise
+    except BadHostKeyException as err:
+        client.close()
+        raise HostKeyError(
+            f"{label}: host key {err.key.get_name()} {err.key.fingerprint} differs from "
+            f"{err.expected_key.fingerprint} in {known_hosts}; refusing to connect "
+            "(changed host key)"
+        ) from None
+    except AuthenticationException as err:
+        client.close()
+        how = f"identity_file {identity}" if identity else "ssh-agent and default keys"
+        raise AuthenticationError(f"{label}: authentication refused ({how}): {err}") from None
+    except IncompatiblePeer as err:
+        client.close()
+        raise TransportError(f"{label}: no common SSH algorithms: {err}") from None
+    except SSHException as err:
+        transport = client.get_transport()
+        keys_exhausted = (transport is not None and transport.is_active()
+                          and not transport.is_authenticated()
+                          and "authentication methods" in str(err))
+        client.close()
+        if keys_exhausted:
+            # Not an AuthenticationException in paramiko, but the same answer.
+            raise AuthenticationError(
+                f"{label}: no key to offer (no identity_file, no ssh-agent, no ~/.ssh/id_*)"
+            ) from None
+        raise ConnectionLostError(f"{label}: cannot connect: {_describe(err)}") from None
+    except (NoValidConnectionsError, socket.gaierror, OSError, EOFError) as err:
+        client.close()
+        raise ConnectionLostError(f"{label}: cannot connect: {_describe(err)}") from None
+    except BaseException:
+        client.close()
+        raise
+
+    transport = client.get_transport()
+    try:
+        if mirror.keepalive:
+            transport.set_keepalive(int(mirror.keepalive))
+        channel = transport.open_session(timeout=timeout)
+        channel.exec_command(mirror.remote_command)
+        # Optional: a link that dies silently (no RST) is otherwise only
+        # noticed after TCP gives up, many minutes later.
+        io_timeout = getattr(mirror, "io_timeout", None)
+        if io_timeout:
+            channel.settimeout(float(io_timeout))
+    except (OSError, EOFError, SSHException) as err:
+        client.close()
+        raise ConnectionLostError(
+            f"{label}: cannot start {mirror.remote_command!r}: {_describe(err)}"
+        ) from None
+    log.debug("%s: connected, cipher %s, running %r", label,
+              transport.remote_cipher, mirror.remote_command)
+    return Session(label, client, transport, channel)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, socket.timeout):
+        return "timed out (no progress within the timeout)"
+    text = str(err) or type(err).__name__
+    return text
+
+
+class _TailBuffer:
+    """Keeps the last ``limit`` bytes written to it."""
+
+    def __init__(self, limit: int = STDERR_TAIL_BYTES) -> None:
+        self.limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes) -> None:
+        with self._lock:
+            self._chunks.append(data)
+            self._size += len(data)
+            while self._size - len(self._chunks[0]) >= self.limit:
+                self._size -= len(self._chunks.popleft())
+
+    def text(self) -> str:
+        with self._lock:
+            data = b"".join(self._chunks)[-self.limit:]
+        return data.decode("utf-8", errors="replace")
+
+
+class _StreamBase:
+    """What Session and LocalSession share: exact reads and the context manager."""
+
+    label: str
+
+    def recv(self, n: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stderr_tail(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def recv_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; ConnectionLostError if the stream ends first."""
+        first = self.recv(n)
+        if len(first) == n:
+            return first
+        parts = bytearray(first)
+        while len(parts) < n:
+            chunk = self.recv(n - len(parts))
+            if not chunk:
+                raise ConnectionLostError(
+                    f"{self.label}: stream ended after {len(parts)} of {n} bytes"
+                    + self._stderr_hint()
+                )
+            parts += chunk
+        return bytes(parts)
+
+    def _stderr_hint(self) -> str:
+        tail = self.stderr_tail().strip()
+        return f"; remote stderr: {tail[-500:]}" if tail else ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Session(_StreamBase):
+    """A remote command's stdin/stdout as a byte stream, over one SSH channel.
+
+    One thread may send while another receives; each direction is meant for
+    one thread at a time.  The remote's stderr is drained by a background
+    thread into a bounded tail, so a chatty agent never stalls the channel.
+    """
+
+    def __init__(self, label: str, client: paramiko.SSHClient,
+                 transport: paramiko.Transport, channel: paramiko.Channel) -> None:
+        self.label = label
+        self._client = client
+        self._transport = transport
+        self._channel = channel
+        self._stderr = _TailBuffer()
+        self._closed = False
+        self._stderr_thread = threading.Thread(
+            target=self._drain_stderr, name=f"stderr {label}", daemon=True
+        )
+        self._stderr_thread.start()
+
+    @property
+    def cipher(self) -> str:
+        return self._transport.local_cipher
+
+    def _drain_stderr(self) -> None:
+        try:
+            while data := self._channel.recv_stderr(65536):
+                self._stderr.add(data)
+        except (OSError, EOFError, SSHException):
+            pass
+
+    def _lost(self, what: str, err: BaseException | None = None) -> ConnectionLostError:
+        detail = f": {_describe(err)}" if err is not None else ""
+        return ConnectionLostError(f"{self.label}: connection lost while {what}{detail}"
+                                   + self._stderr_hint())
+
+    def send_all(self, buf: bytes | bytearray | memoryview) -> None:
+        """Send all of ``buf``; ConnectionLostError if the peer or link goes away."""
+        view = memoryview(buf).cast("B")
+        channel = self._channel
+        try:
+            for start in range(0, len(view), SEND_SLICE):
+                piece = view[start:start + SEND_SLICE]
+                while piece:
+                    sent = channel.send(piece)
+                    if sent == 0:
+                        raise self._lost("sending (remote closed its input)")
+                    piece = piece[sent:]
+        except ConnectionLostError:
+            raise
+        except (OSError, EOFError, SSHException) as err:
+            raise self._lost("sending", err) from None
+        # paramiko drops packets silently once the transport has died.
+        if not self._transport.is_active():
+            raise self._lost("sending")
+
+    def recv(self, n: int = RECV_BLOCK) -> bytes:
+        """Up to ``n`` bytes; b'' only at the remote's real end of output."""
+        try:
+            data = self._channel.recv(n)
+        except (OSError, EOFError, SSHException) as err:
+            raise self._lost("receiving", err) from None
+        if not data and not self._channel.eof_received:
+            # A channel closed without the remote's EOF: the link died.
+            raise self._lost("receiving")
+        return data
+
+    def close_write(self) -> None:
+        """Tell the remote command its stdin has ended."""
+        try:
+            self._channel.shutdown_write()
+        except (OSError, EOFError, SSHException) as err:
+            raise self._lost("closing the write side", err) from None
+
+    def exit_status(self, timeout: float | None = None) -> int:
+        """The remote command's exit status (-1 when killed by a signal)."""
+        if not self._channel.status_event.wait(timeout):
+            if not self._transport.is_active():
+                raise self._lost("waiting for the exit status")
+            raise ConnectionLostError(
+                f"{self.label}: no exit status within {timeout} s" + self._stderr_hint()
+            )
+        status = self._channel.exit_status
+        if status == -1 and not self._transport.is_active():
+            # The channel was closed by the link dying, not by an exit.
+            raise self._lost("waiting for the exit status")
+        # The command is gone: let the drain catch up so stderr_tail() is whole.
+        self._stderr_thread.join(_STDERR_SETTLE)
+        return status
+
+    def stderr_tail(self) -> str:
+        return self._stderr.text()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._channel.close()
+        except (OSError, EOFError, SSHException):
+            pass
+        self._client.close()
+        self._stderr_thread.join(5)
+
+
+class LocalSession(_StreamBase):
+    """The Session API over a local subprocess's pipes (no SSH).
+
+    For tests, and for an agent on the same host.  ``command`` is a shell
+    string (like a remote command) or an argument list.
+    """
+
+    def __init__(self, command: str | list[str], *, label: str | None = None,
+                 env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> None:
+        args = command.split() if isinstance(command, str) else list(command)
+        self.label = label or f"local:{args[0] if args else '?'}"
+        self._stderr = _TailBuffer()
+        self._closed = False
+        try:
+            self._proc = subprocess.Popen(
+                command if isinstance(command, str) else args,
+                shell=isinstance(command, str),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                env=env,
+                cwd=cwd,
+            )
+        except OSError as err:
+            raise TransportError(f"{self.label}: cannot start {command!r}: {err}") from err
+        self._stdout_fd = self._proc.stdout.fileno()
+        self._stdin_fd = self._proc.stdin.fileno()
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        fd = self._proc.stderr.fileno()
+        try:
+            while data := os.read(fd, 65536):
+                self._stderr.add(data)
+        except OSError:
+            pass
+
+    def send_all(self, buf: bytes | bytearray | memoryview) -> None:
+        view = memoryview(buf).cast("B")
+        fd = self._stdin_fd
+        try:
+            start = 0
+            while start < len(view):
+                start += os.write(fd, view[start:start + SEND_SLICE])
+        except (OSError, ValueError) as err:
+            raise ConnectionLostError(
+                f"{self.label}: pipe closed while sending: {err}" + self._stderr_hint()
+            ) from None
+
+    def recv(self, n: int = RECV_BLOCK) -> bytes:
+        try:
+            return os.read(self._stdout_fd, n)
+        except OSError as err:
+            raise ConnectionLostError(f"{self.label}: pipe failed while receiving: {err}") from None
+
+    def close_write(self) -> None:
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+
+    def exit_status(self, timeout: float | None = None) -> int:
+        try:
+            status = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ConnectionLostError(
+                f"{self.label}: no exit status within {timeout} s" + self._stderr_hint()
+            ) from None
+        self._stderr_thread.join(_STDERR_SETTLE)
+        # Match SSH, where a command killed by a signal has no exit status.
+        return status if status >= 0 else -1
+
+    def stderr_tail(self) -> str:
+        return self._stderr.text()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr_thread.join(5)
+        self._proc.stderr.close()

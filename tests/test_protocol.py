@@ -1,0 +1,316 @@
+"""Handshake, framing and value codec: round trips and hostile input."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from syncd.errors import ProtocolError
+from syncd.protocol import (
+    DEFAULT_MAX_BODY,
+    HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameReader,
+    FrameType,
+    FrameWriter,
+    decode_value,
+    encode_value,
+    frame_header,
+    handshake,
+    hello_bytes,
+    negotiate,
+    parse_hello,
+)
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+    | st.binary(max_size=64)
+    | st.text(max_size=32),
+    lambda children: st.lists(children, max_size=6)
+    | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=40,
+)
+
+
+class Chunked:
+    """A recv() over fixed bytes that returns them in the given piece sizes."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.data = data
+        self.pos = 0
+        self.sizes = sizes or [1 << 20]
+        self.calls = 0
+
+    def __call__(self, n: int) -> bytes:
+        size = min(n, self.sizes[self.calls % len(self.sizes)])
+        self.calls += 1
+        out = self.data[self.pos:self.pos + size]
+        self.pos += len(out)
+        return out
+
+
+def read_all(data: bytes, sizes: list[int] | None = None, **kw) -> list[Frame]:
+    return list(FrameReader(Chunked(data, sizes or []), **kw))
+
+
+# ---------------------------------------------------------------- values
+
+
+@given(values)
+def test_value_round_trip(value):
+    assert decode_value(encode_value(value)) == value
+
+
+def test_value_types_are_exact():
+    assert decode_value(encode_value(True)) is True
+    assert decode_value(encode_value(0)) == 0 and type(decode_value(encode_value(0))) is int
+    assert decode_value(encode_value((1, b"x"))) == [1, b"x"]
+    assert decode_value(encode_value(bytearray(b"ab"))) == b"ab"
+    # Names travel as bytes even when they are not UTF-8.
+    assert decode_value(encode_value({"path": b"caf\xe9/\xff"})) == {"path": b"caf\xe9/\xff"}
+
+
+@pytest.mark.parametrize("bad", [1 << 63, -(1 << 63) - 1, 1.5, {1: 2}, object(), {"a": {3}}])
+def test_unencodable_values_are_refused(bad):
+    with pytest.raises(ProtocolError):
+        encode_value(bad)
+
+
+def test_encode_refuses_deep_nesting():
+    value: list = []
+    for _ in range(40):
+        value = [value]
+    with pytest.raises(ProtocolError, match="deeper"):
+        encode_value(value)
+
+
+@given(values, st.data())
+def test_truncated_values_raise_protocol_error(value, data):
+    raw = encode_value(value)
+    cut = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    with pytest.raises(ProtocolError):
+        decode_value(raw[:cut])
+
+
+@given(st.binary(max_size=200))
+def test_garbage_never_raises_anything_but_protocol_error(raw):
+    try:
+        decode_value(raw)
+    except ProtocolError:
+        pass
+
+
+def test_hostile_values():
+    u32 = struct.Struct(">I").pack
+    cases = {
+        "huge bytes length": b"\x04" + u32(0xFFFFFFFF),
+        "huge str length": b"\x05" + u32(0x7FFFFFFF) + b"abc",
+        "list count beyond input": b"\x06" + u32(1_000_000_000) + b"\x00" * 10,
+        "dict count beyond input": b"\x07" + u32(1_000_000) + b"\x00" * 30,
+        "bad utf-8 str": b"\x05" + u32(2) + b"\xc3\x28",
+        "bad utf-8 key": b"\x07" + u32(1) + b"\x00\x01\xff\x00",
+        "duplicate key": b"\x07" + u32(2) + b"\x00\x01a\x00\x00\x01a\x00",
+        "unknown tag": b"\x09",
+        "trailing bytes": b"\x00\x00",
+        "short int": b"\x03\x00\x00",
+        "empty": b"",
+    }
+    for name, raw in cases.items():
+        with pytest.raises(ProtocolError):
+            decode_value(raw)
+            pytest.fail(name)
+
+
+def test_deep_nesting_is_refused_without_recursion_error():
+    raw = (b"\x06" + struct.pack(">I", 1)) * 100_000 + b"\x00"
+    with pytest.raises(ProtocolError, match="deeper"):
+        decode_value(raw)
+
+
+def test_hostile_counts_allocate_nothing_big():
+    raw = b"\x06" + struct.pack(">I", 0xFFFFFFFF) + b"\x00" * 64
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            decode_value(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def test_hello_round_trip_and_negotiation():
+    raw = hello_bytes((1, 3))
+    assert raw == MAGIC + b"\x01\x03" and len(raw) == 7
+    assert parse_hello(raw) == (1, 3)
+    assert negotiate((1, 3), (1, 1)) == (1, 1)
+    assert negotiate(PROTOCOL_VERSION, PROTOCOL_VERSION) == PROTOCOL_VERSION
+
+
+def test_handshake_over_a_pipe_pair():
+    import os
+    import threading
+
+    a_read, b_write = os.pipe()
+    b_read, a_write = os.pipe()
+    results = {}
+
+    def side(name, rfd, wfd, version):
+        reader = FrameReader(lambda n: os.read(rfd, n))
+        writer = FrameWriter(lambda b: os.write(wfd, b))
+        try:
+            results[name] = handshake(writer, reader, version)
+        except ProtocolError as err:
+            results[name] = err
+
+    threads = [threading.Thread(target=side, args=("a", a_read, a_write, (1, 4))),
+               threading.Thread(target=side, args=("b", b_read, b_write, (1, 2)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for fd in (a_read, b_write, b_read, a_write):
+        os.close(fd)
+    assert results == {"a": (1, 2), "b": (1, 2)}
+
+
+def test_stream_id_out_of_range_is_a_protocol_error():
+    with pytest.raises(ProtocolError):
+        FrameWriter(lambda b: None).message({}, stream=1 << 32)
+
+
+def test_incompatible_major_names_both_versions():
+    with pytest.raises(ProtocolError, match=r"1\.0.*2\.5"):
+        negotiate((1, 0), (2, 5))
+
+
+@pytest.mark.parametrize("raw", [b"SSH-2.0", b"bash: syncd: not found\n", b"SYNCX\x01\x00"])
+def test_hello_from_a_stranger_is_refused(raw):
+    reader = FrameReader(Chunked(raw, []))
+    with pytest.raises(ProtocolError, match="handshake"):
+        reader.read_hello()
+
+
+# ---------------------------------------------------------------- frames
+
+frames = st.lists(
+    st.one_of(
+        st.tuples(st.just(FrameType.MESSAGE), st.integers(0, 2**32 - 1), values),
+        st.tuples(st.just(FrameType.DATA), st.integers(0, 2**32 - 1), st.binary(min_size=1, max_size=3000)),
+        st.tuples(st.just(FrameType.END), st.integers(0, 2**32 - 1), st.none() | values),
+    ),
+    max_size=25,
+)
+
+
+def write_frames(items, max_body=DEFAULT_MAX_BODY, flush_threshold=256 * 1024):
+    sent: list[bytes] = []
+    writer = FrameWriter(lambda b: sent.append(bytes(b)), max_body=max_body,
+                         flush_threshold=flush_threshold)
+    writer.hello()
+    for kind, stream, payload in items:
+        if kind is FrameType.MESSAGE:
+            writer.message(payload, stream)
+        elif kind is FrameType.DATA:
+            writer.data(stream, payload)
+        else:
+            writer.end(stream, payload)
+    writer.flush()
+    return b"".join(sent), sent
+
+
+@given(frames, st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(16, 1024))
+def test_frame_stream_round_trip_at_any_split(items, sizes, max_body):
+    raw, _ = write_frames(items, max_body=max(max_body, 1 << 16))
+    reader = FrameReader(Chunked(raw, sizes), max_body=1 << 16)
+    assert reader.read_hello() == PROTOCOL_VERSION
+    assert [(f.kind, f.stream, f.payload) for f in reader] == [tuple(i) for i in items]
+
+
+@given(st.binary(min_size=1, max_size=5000), st.integers(1, 1000))
+def test_big_data_is_split_at_max_body(payload, max_body):
+    raw, _ = write_frames([(FrameType.DATA, 7, payload)], max_body=max_body)
+    reader = FrameReader(Chunked(raw, []), max_body=max_body)
+    reader.read_hello()
+    got = list(reader)
+    assert all(f.kind is FrameType.DATA and f.stream == 7 and len(f.payload) <= max_body for f in got)
+    assert b"".join(f.payload for f in got) == payload
+
+
+def test_small_frames_are_batched_into_few_writes():
+    items = [(FrameType.MESSAGE, 0, {"type": "stat", "path": b"pool/%d" % i}) for i in range(2000)]
+    raw, writes = write_frames(items, flush_threshold=64 * 1024)
+    assert len(writes) <= len(raw) // (64 * 1024) + 2
+
+
+def test_big_data_goes_out_as_views_of_the_caller_buffer():
+    sent = []
+    writer = FrameWriter(sent.append)
+    payload = bytearray(3 * 1024 * 1024)
+    writer.data(1, payload)
+    writer.flush()
+    views = [s for s in sent if isinstance(s, memoryview)]
+    assert views and views[0].obj is payload
+
+
+def test_reader_reads_blocks_not_frames():
+    raw, _ = write_frames([(FrameType.MESSAGE, 0, {"n": i}) for i in range(500)])
+    recv = Chunked(raw, [])
+    reader = FrameReader(recv)
+    reader.read_hello()
+    assert len(list(reader)) == 500
+    assert recv.calls <= 3
+
+
+def test_oversized_message_is_refused_by_the_writer():
+    writer = FrameWriter(lambda b: None, max_body=100)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        writer.message({"blob": b"x" * 200})
+
+
+def test_huge_declared_length_is_refused_before_reading():
+    raw = frame_header(FrameType.DATA, 1, 0xFFFFFFFF)
+    recv = Chunked(raw + b"\x00" * 100, [])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="limit"):
+            FrameReader(recv).read_frame()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024 + 64 * 1024  # the 1 MiB read block, not 4 GiB
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (frame_header(FrameType.DATA, 1, 10) + b"abc", "inside a DATA frame body"),
+        (frame_header(FrameType.MESSAGE, 0, 5)[:3], "inside a frame header"),
+        (b"\x09" + b"\x00" * 8, "unknown frame type"),
+        (b"\x00" + b"\x00" * 8, "unknown frame type"),
+        (frame_header(FrameType.MESSAGE, 0, 2) + b"\x05\x00", "truncated"),
+        (frame_header(FrameType.MESSAGE, 0, 1) + b"\x09", "unknown value tag"),
+    ],
+)
+def test_hostile_frames(raw, match):
+    with pytest.raises(ProtocolError, match=match):
+        read_all(raw)
+
+
+def test_clean_end_between_frames_is_none():
+    raw = frame_header(FrameType.END, 3, 0)
+    reader = FrameReader(Chunked(raw, [2]))
+    assert reader.read_frame() == Frame(FrameType.END, 3, None)
+    assert reader.read_frame() is None
+    assert HEADER_SIZE == 9
