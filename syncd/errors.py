@@ -105,3 +105,7 @@ class DeletionGuardError(SyncdError):
 
 class SyncFailedError(SyncdError):
     """One or more downstreams failed; details were logged per mirror."""
+
+
+class IndexFormatError(VerifyError):
+    """A Release, InRelease or repomd.xml is malformed or hostile (DOCTYPE, unsafe path)."""
