@@ -1,0 +1,496 @@
+"""The agent's filesystem layer: every write, delete and read below ``root``.
+
+Names from the wire are checked by :func:`validate_name` before anything
+touches the disk, and :class:`SafeRoot` reaches every path by walking it one
+component at a time from a directory fd with ``O_NOFOLLOW``, so a symlink
+already on the edge (``root/pool -> /elsewhere``) is never followed, written
+through, deleted through or chmod'ed through (DESIGN.md invariant 4).  Only
+``root`` itself may be a symlink: the operator chose it.
+
+All paths are bytes relative to root, ``/``-separated; names need not be
+UTF-8.  Unsafe names and symlinks met on the way raise
+:class:`~syncd.errors.UnsafePathError`; every other failure is the
+``OSError`` the kernel gave, errno intact, so the caller can tell a full disk
+(``ENOSPC``) from a vanished file.
+
+Nothing here creates a temporary name inside root: files are made elsewhere
+(staging) and arrive by :meth:`SafeRoot.publish`, one ``rename(2)``
+(invariant 1).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from .errors import UnsafePathError
+from .manifest import fspath
+
+log = logging.getLogger(__name__)
+
+MAX_PATH = 4096
+MAX_COMPONENT = 255
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: opening a FIFO someone left on the edge must not hang the agent.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+_O_PATH = getattr(os, "O_PATH", 0)
+
+COPY_CHUNK = 64 << 20
+_READ_CHUNK = 1 << 20
+# copy_file_range/sendfile refuse some pairs of filesystems or file types;
+# these errnos mean "use the next method", anything else is a real failure.
+_FALLBACK_ERRNOS = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+# Control characters would break a one-line message (a name may hold "\n").
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def show(path: bytes) -> str:
+    """``path`` for a one-line message: undecodable and control bytes as \\xNN."""
+    return fspath(path).translate(_CONTROL)
+
+
+def validate_name(path: bytes) -> bytes:
+    """Return ``path`` unchanged if it is a safe, normal relative name.
+
+    Refused (UnsafePathError): empty, absolute, a ``.`` or ``..`` or empty
+    component (``a//b``, trailing ``/``), a NUL byte, over 4096 bytes, or a
+    component over 255 bytes.  Nothing is normalized: both ends must agree on
+    every name byte for byte, so a non-normal name is an error, not a variant.
+    """
+    if not isinstance(path, bytes):
+        raise UnsafePathError(f"unsafe path {path!r}: not bytes")
+    reason = _name_problem(path)
+    if reason:
+        raise UnsafePathError(f"unsafe path {show(path)!r}: {reason}")
+    return path
+
+
+def _name_problem(path: bytes) -> str | None:
+    if not path:
+        return "empty name"
+    if len(path) > MAX_PATH:
+        return f"longer than {MAX_PATH} bytes"
+    if b"\0" in path:
+        return "contains NUL"
+    if path[0] == 0x2F:
+        return "absolute"
+    for comp in path.split(b"/"):
+        if not comp:
+            return "empty component"
+        if comp == b"." or comp == b"..":
+            return f"'{comp.decode()}' component"
+        if len(comp) > MAX_COMPONENT:
+            return f"component longer than {MAX_COMPONENT} bytes"
+    return None
+
+
+def fsync_dir(fd: int) -> None:
+    """Make the entries of the directory open as ``fd`` durable (new names, renames)."""
+    os.fsync(fd)
+
+
+def _split(rel: bytes) -> tuple[list[bytes], bytes]:
+    parts = rel.split(b"/")
+    return parts[:-1], parts[-1]
+
+
+class SafeRoot:
+    """``root`` opened once as a directory fd; every operation is relative to it.
+
+    Each method validates its ``rel`` first.  Directory fds returned to the
+    caller (:meth:`open_dir`, :meth:`open_read`) are the caller's to close;
+    every other fd is closed before the method returns, error or not.
+    """
+
+    def __init__(self, root: os.PathLike | str) -> None:
+        self.root = os.fspath(root)
+        # Following a symlink here is deliberate: root is the operator's choice.
+        self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+
+    # -- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafeRoot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # -- walking ------------------------------------------------------------
+
+    def _unsafe(self, rel: bytes, upto: list[bytes], index: int, dir_fd: int) -> UnsafePathError:
+        comp = upto[index]
+        where = b"/".join(upto[: index + 1])
+        try:
+            st = os.stat(comp, dir_fd=dir_fd, follow_symlinks=False)
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        except OSError:
+            what = "a symlink or not a directory"
+        return UnsafePathError(f"unsafe path {show(rel)!r}: {show(where)!r} is {what} on this host")
+
+    def _walk(self, rel: bytes, comps: list[bytes], create: bool, mode: int = 0o755) -> int:
+        """A new fd of the directory ``comps`` (a prefix of ``rel``'s components)."""
+        if not comps:
+            return os.dup(self._fd)
+        fd = self._fd
+        try:
+            for i, comp in enumerate(comps):
+                try:
+                    try:
+                        nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    except FileNotFoundError:
+                        if not create:
+                            raise
+                        try:
+                            os.mkdir(comp, mode, dir_fd=fd)
+                        except FileExistsError:
+                            pass  # made by someone else meanwhile: the open below checks its type
+                        nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self._unsafe(rel, comps, i, fd) from err
+                    # Same errno and type, but naming the whole path, not one component.
+                    raise OSError(err.errno, err.strerror, show(rel)) from err
+                if fd != self._fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self._fd:
+                os.close(fd)
+            raise
+        return fd
+
+    def _parent(self, rel: bytes, *, create: bool) -> tuple[int, bytes]:
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        return self._walk(rel, parents, create), leaf
+
+    # -- reading ------------------------------------------------------------
+
+    def lstat(self, rel: bytes) -> os.stat_result | None:
+        """stat of ``rel`` itself (a symlink is reported, not followed); None when absent.
+
+        A parent component that is a symlink or not a directory means the path
+        does not exist as such on this host: None.  ``b""`` is root itself.
+        """
+        if rel == b"":
+            return os.fstat(self._fd)
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        try:
+            pfd = self._walk(rel, parents, False)
+        except (FileNotFoundError, UnsafePathError):
+            return None
+        try:
+            return os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            os.close(pfd)
+
+    def open_dir(self, rel: bytes, *, create: bool = False, mode: int = 0o755) -> int:
+        """fd of directory ``rel`` (``b""`` = root); the caller closes it.
+
+        With ``create`` missing components are made (``mode``, less the umask).
+        A component that is a symlink or not a directory is an UnsafePathError:
+        never followed, never replaced here.  FileNotFoundError when absent and
+        not ``create``.
+        """
+        if rel == b"":
+            return os.dup(self._fd)
+        validate_name(rel)
+        return self._walk(rel, rel.split(b"/"), create, mode)
+
+    def open_read(self, rel: bytes) -> int:
+        """A read-only fd on the regular file ``rel``; the caller closes it.
+
+        FileNotFoundError when absent (or a parent is absent); UnsafePathError
+        when the leaf or a parent is a symlink, or the leaf is not a regular
+        file (a FIFO or device on the edge is never read).
+        """
+        pfd, leaf = self._parent(rel, create=False)
+        try:
+            fd = os.open(leaf, _READ_FLAGS, dir_fd=pfd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafePathError(f"unsafe path {show(rel)!r}: is a symlink on this host") from err
+            raise
+        finally:
+            os.close(pfd)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), fspath(rel))
+            if not stat.S_ISREG(mode):
+                raise UnsafePathError(f"unsafe path {show(rel)!r}: not a regular file on this host")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- writing ------------------------------------------------------------
+
+    def publish(self, src_dir_fd: int, src_name: bytes, rel: bytes) -> None:
+        """Move the staged entry ``src_name`` (in ``src_dir_fd``) to ``rel`` by one rename.
+
+        An existing file or symlink at ``rel`` is replaced atomically (the
+        symlink itself, never its target).  A directory at ``rel`` (the entry
+        changed from directory to file) is removed first, without following
+        anything inside it.  Missing parents are created (0o755); a parent that
+        is a symlink or a file is an UnsafePathError.  Not fsync'ed: call
+        :meth:`sync_dir` on the parents once a batch is published.
+        """
+        pfd, leaf = self._parent(rel, create=True)
+        try:
+            try:
+                st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                log.debug("replacing directory %s with a file", show(rel))
+                _rmtree(pfd, leaf)
+            os.rename(src_name, leaf, src_dir_fd=src_dir_fd, dst_dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+    def ensure_dir(self, rel: bytes, mode: int) -> None:
+        """Make ``rel`` a directory with permission bits ``mode``.
+
+        A file or symlink in its place (the entry changed type) is unlinked
+        first, never followed.  The mode is set through the directory's own fd.
+        """
+        pfd, leaf = self._parent(rel, create=True)
+        try:
+            try:
+                st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                log.debug("replacing %s with a directory", show(rel))
+                os.unlink(leaf, dir_fd=pfd)
+                st = None
+            if st is None:
+                try:
+                    os.mkdir(leaf, 0o700, dir_fd=pfd)
+                except FileExistsError:
+                    pass  # raced with another maker; the O_NOFOLLOW open checks the type
+            try:
+                dfd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePathError(f"unsafe path {show(rel)!r}: replaced by a non-directory meanwhile") from err
+                raise
+            try:
+                os.fchmod(dfd, stat.S_IMODE(mode))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(pfd)
+
+    def set_meta(self, rel: bytes, *, mode: int | None, mtime_ns: int | None) -> None:
+        """Set permission bits and/or mtime of ``rel`` without following a symlink.
+
+        Files and directories go through an ``O_NOFOLLOW`` fd.  A symlink leaf
+        gets only its own mtime (``mode`` is ignored: chmod through a symlink
+        would change its target).  atime is kept.
+        """
+        if mode is None and mtime_ns is None:
+            validate_name(rel)
+            return
+        pfd, leaf = self._parent(rel, create=False)
+        try:
+            try:
+                fd = os.open(leaf, _READ_FLAGS, dir_fd=pfd)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    if mtime_ns is not None:
+                        st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+                        os.utime(leaf, ns=(st.st_atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+                    return
+                if err.errno != errno.EACCES or not _O_PATH:
+                    raise
+                # Unreadable to us (mode 000, agent not root): reach the inode by an
+                # O_PATH fd; /proc/self/fd/N names exactly that inode, not a path.
+                fd = os.open(leaf, _O_PATH | os.O_NOFOLLOW | _CLOEXEC, dir_fd=pfd)
+                try:
+                    if stat.S_ISLNK(os.fstat(fd).st_mode):
+                        raise UnsafePathError(f"unsafe path {show(rel)!r}: became a symlink meanwhile") from err
+                    proc = f"/proc/self/fd/{fd}"
+                    if mode is not None:
+                        os.chmod(proc, stat.S_IMODE(mode))
+                    if mtime_ns is not None:
+                        os.utime(proc, ns=(os.fstat(fd).st_atime_ns, mtime_ns))
+                finally:
+                    os.close(fd)
+                return
+            try:
+                if mode is not None:
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(os.fstat(fd).st_atime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+        finally:
+            os.close(pfd)
+
+    def remove(self, rel: bytes) -> bool:
+        """Remove the file, symlink or directory tree at ``rel``; False if absent.
+
+        A retried delete is done, not an error.  Symlinks are unlinked, never
+        followed, also inside a removed tree.  A parent that is a symlink or
+        not a directory means ``rel`` does not exist as such here: False.
+        """
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        try:
+            pfd = self._walk(rel, parents, False)
+        except (FileNotFoundError, UnsafePathError) as err:
+            log.debug("remove %s: nothing there (%s)", show(rel), err)
+            return False
+        try:
+            try:
+                os.unlink(leaf, dir_fd=pfd)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as err:
+                # Linux says EISDIR for a directory; POSIX allows EPERM.
+                if err.errno not in (errno.EISDIR, errno.EPERM):
+                    raise
+                st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise
+            try:
+                _rmtree(pfd, leaf)
+            except FileNotFoundError:
+                return False
+            return True
+        finally:
+            os.close(pfd)
+
+    def sync_dir(self, rel: bytes) -> None:
+        """fsync directory ``rel`` (``b""`` = root) so that renames into it survive a crash."""
+        fd = self.open_dir(rel)
+        try:
+            fsync_dir(fd)
+        finally:
+            os.close(fd)
+
+    def copy_into(self, rel: bytes, dst_dir_fd: int, dst_name: bytes) -> int:
+        """Copy the regular file ``rel`` into a new file ``dst_name`` in ``dst_dir_fd``.
+
+        ``dst_name`` must not exist (``O_EXCL``).  The copy is fsync'ed; on
+        failure the partial copy is unlinked.  Returns the bytes copied.  The
+        new file is mode 0600: the caller sets the final metadata.
+        """
+        src = self.open_read(rel)
+        try:
+            dst = os.open(dst_name, _CREATE_FLAGS, 0o600, dir_fd=dst_dir_fd)
+            try:
+                total = _copy_fd(src, dst)
+                os.fsync(dst)
+            except BaseException:
+                os.close(dst)
+                try:
+                    os.unlink(dst_name, dir_fd=dst_dir_fd)
+                except OSError:
+                    pass
+                raise
+            os.close(dst)
+            return total
+        finally:
+            os.close(src)
+
+
+def _copy_fd(src: int, dst: int) -> int:
+    total = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while n := os.copy_file_range(src, dst, COPY_CHUNK):
+                total += n
+            return total
+        except OSError as err:
+            if err.errno not in _FALLBACK_ERRNOS or total:
+                raise
+    try:
+        while n := os.sendfile(dst, src, None, COPY_CHUNK):
+            total += n
+        return total
+    except OSError as err:
+        if err.errno not in _FALLBACK_ERRNOS or total:
+            raise
+    while data := os.read(src, _READ_CHUNK):
+        view = memoryview(data)
+        while view:
+            w = os.write(dst, view)
+            view = view[w:]
+            total += w
+    return total
+
+
+def _rmtree(parent_fd: int, name: bytes) -> None:
+    """Remove directory ``name`` in ``parent_fd`` and all below it, following nothing.
+
+    Iterative, so depth is bounded by open fds, not by Python's recursion
+    limit; each directory is listed once.
+    """
+    # Each frame: this directory's fd, its name in the frame below, and the
+    # subdirectories still to empty.
+    stack: list[tuple[int, bytes, list[str]]] = []
+
+    def enter(dir_fd: int, dname: bytes) -> None:
+        fd = os.open(dname, _DIR_FLAGS, dir_fd=dir_fd)
+        subdirs: list[str] = []
+        stack.append((fd, dname, subdirs))
+        with os.scandir(fd) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                    continue
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+
+    try:
+        enter(parent_fd, name)
+        while stack:
+            fd, dname, subdirs = stack[-1]
+            if subdirs:
+                try:
+                    enter(fd, os.fsencode(subdirs.pop()))
+                except FileNotFoundError:
+                    pass  # removed by someone else meanwhile: the goal holds
+                continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(dname, dir_fd=stack[-1][0] if stack else parent_fd)
+            except FileNotFoundError:
+                pass
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+__all__ = [
+    "MAX_COMPONENT",
+    "MAX_PATH",
+    "SafeRoot",
+    "fsync_dir",
+    "show",
+    "validate_name",
+]
