@@ -63,7 +63,7 @@ def setup_logging(verbosity: int) -> None:
 def _load_config(args: argparse.Namespace):  # noqa: ANN202
     from . import config
 
-    return config.load(args.config)
+    return config.load(getattr(args, "agent_config", None) or args.config)
 
 
 # -- commands ----------------------------------------------------------------
@@ -101,6 +101,54 @@ def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
     except OSError as err:
         raise ManifestError(f"{cfg.node.state_dir}: cannot create state_dir: {err.strerror}") from err
     return StateLock(cfg.node.state_dir, purpose)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+
+    if not args.once:
+        raise UsageError("run without --once (the daemon) is not available yet; use 'run --once'")
+    from .manifest import Manifest
+    from .push import push_with_retries
+    from .scan import scan
+
+    cfg = _load_config(args)
+    mirrors = cfg.mirrors
+    if args.mirror:
+        wanted = set(args.mirror.split(","))
+        unknown = wanted - {m.name for m in cfg.mirrors}
+        if unknown:
+            raise UsageError(f"--mirror: no [mirror:{sorted(unknown)[0]}] in {cfg.path}")
+        mirrors = tuple(m for m in cfg.mirrors if m.name in wanted)
+    if not mirrors:
+        raise UsageError(f"{cfg.path}: no [mirror:NAME] section: nothing to push to")
+    out = sys.stdout
+    with _state_lock(cfg, "run --once"):
+        with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
+            # A mirror's manifest is written by its agent from its upstream's
+            # rows; only a node that publishes by itself scans its root.
+            if manifest.get_meta("upstream") is None:
+                result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
+                log.info("scan: %s", result.summary())
+            results = []
+            for mirror in mirrors:
+                def show(item, _name=mirror.name):  # noqa: ANN001, ANN202
+                    out.write(f"{_name}: {item.line()}\n")
+
+                results.append(push_with_retries(
+                    cfg, mirror, manifest, dry_run=args.dry_run, force_deletes=args.force_deletes,
+                    on_item=show if (args.dry_run or args.itemize) else None,
+                ))
+    for r in results:
+        out.write(("(dry run) " if args.dry_run else "") + r.summary() + "\n")
+    return 0 if all(r.ok for r in results) else EXIT_FAILURE
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import serve_stdio
+
+    cfg = _load_config(args)
+    return serve_stdio(cfg)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -182,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="walk root, update the manifest, print what changed")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("run", help="push changes to every downstream (--once: one push, then exit)")
+    p.add_argument("--once", action="store_true", help="scan, push to each mirror once, exit 0 only if all succeeded")
+    p.add_argument("--dry-run", action="store_true", help="print the plan per file and change nothing on the mirrors")
+    p.add_argument("--force-deletes", action="store_true", help="allow a plan that deletes more than max_delete")
+    p.add_argument("--mirror", metavar="NAME[,NAME]", help="push only to these mirrors")
+    p.add_argument("-i", "--itemize", action="store_true", help="print each change, like rsync -i")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("agent", help="the remote end of a push, speaking the protocol on stdin/stdout")
+    p.add_argument("--config", dest="agent_config", type=Path, default=None,
+                   help="config file (the same as -c)")
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("status", help="generation, size and per-downstream state")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -34,7 +34,11 @@ class NodeConfig:
     name: str
     root: Path
     state_dir: Path
-    hash_workers: int
+    hash_workers: int = 2
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_delete: float = 0.10
+    index_patterns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class MirrorConfig:
     schedule: str
     connect_timeout: float
     keepalive: int
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    retries: int = 3
+    retry_delay: float = 1.0
+    io_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,44 @@ def _cron(raw: str) -> str:
     return raw
 
 
+def _patterns(raw: str) -> tuple[str, ...]:
+    from .filters import compile_pattern
+
+    patterns = tuple(raw.split())
+    for pat in patterns:
+        compile_pattern(pat)  # ValueError names the pattern
+    return patterns
+
+
+def _globs(raw: str) -> tuple[str, ...]:
+    patterns = tuple(raw.split())
+    if not patterns:
+        raise ValueError("expected at least one pattern")
+    return patterns
+
+
+def _share(raw: str) -> float:
+    text = raw.strip()
+    try:
+        value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError("expected a share of the tree such as 10% or 0.1") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a share from 0% to 100%")
+    return value
+
+
 @dataclass(frozen=True)
 class Key:
     parse: Callable[[str], Any]
     default: Any = None
     required: bool = False
+
+
+def _default_index_patterns() -> tuple[str, ...]:
+    from .plan import DEFAULT_INDEX_PATTERNS
+
+    return DEFAULT_INDEX_PATTERNS
 
 
 def _default_workers() -> int:
@@ -141,6 +183,10 @@ NODE_KEYS: dict[str, Key] = {
     "root": Key(_path, required=True),
     "state_dir": Key(_path, required=True),
     "hash_workers": Key(_int_range(1, 64), default=None),  # None: min(4, cores)
+    "include": Key(_patterns, default=()),
+    "exclude": Key(_patterns, default=()),
+    "max_delete": Key(_share, default=0.10),
+    "index_patterns": Key(_globs, default=None),  # None: plan.DEFAULT_INDEX_PATTERNS
 }
 
 MIRROR_KEYS: dict[str, Key] = {
@@ -153,6 +199,11 @@ MIRROR_KEYS: dict[str, Key] = {
     "schedule": Key(_cron, default="0 * * * *"),
     "connect_timeout": Key(_seconds, default=15.0),
     "keepalive": Key(_int_range(0, 3600), default=15),
+    "include": Key(_patterns, default=()),
+    "exclude": Key(_patterns, default=()),
+    "retries": Key(_int_range(1, 100), default=3),
+    "retry_delay": Key(_seconds, default=1.0),
+    "io_timeout": Key(_seconds, default=300.0),
 }
 
 VERIFY_KEYS: dict[str, Key] = {
@@ -227,6 +278,10 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
         root=node_values["root"],
         state_dir=node_values["state_dir"],
         hash_workers=node_values["hash_workers"] or _default_workers(),
+        include=node_values["include"],
+        exclude=node_values["exclude"],
+        max_delete=node_values["max_delete"],
+        index_patterns=node_values["index_patterns"] or _default_index_patterns(),
     )
     _check_dirs(cfg_path, node)
 
@@ -254,6 +309,11 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
                 schedule=values["schedule"],
                 connect_timeout=values["connect_timeout"],
                 keepalive=values["keepalive"],
+                include=values["include"],
+                exclude=values["exclude"],
+                retries=values["retries"],
+                retry_delay=values["retry_delay"],
+                io_timeout=values["io_timeout"],
             )
         )
 

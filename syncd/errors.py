@@ -109,3 +109,11 @@ class SyncFailedError(SyncdError):
 
 class IndexFormatError(VerifyError):
     """A Release, InRelease or repomd.xml is malformed or hostile (DOCTYPE, unsafe path)."""
+
+
+class RemoteError(SyncdError):
+    """The agent on a downstream reported an error; the message is the agent's."""
+
+
+class DiskFullError(SyncdError):
+    """No space left while staging or publishing: nothing partial was published."""

@@ -278,6 +278,17 @@ class Manifest:
             ).first()
         return Entry(*row) if row else None
 
+    def reader(self) -> "ManifestReader":
+        """A connection kept open for many point lookups (the agent's hot path)."""
+        return ManifestReader(self)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._engine.begin() as conn:
+            conn.exec_driver_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        return self._meta(key)
+
     def entries(self, *, include_deleted: bool = False) -> Iterator[Entry]:
         for row in self.iter_entries(include_deleted=include_deleted):
             yield Entry(*row)
@@ -367,6 +378,34 @@ class _RawConnection:
         self._proxy.close()
 
 
+class ManifestReader:
+    """Point lookups over one open connection: by path, and by content."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._raw = manifest._raw()
+
+    def lookup(self, path: bytes) -> Entry | None:
+        parent, name = split(path)
+        row = self._raw.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def with_sha256(self, digest: bytes, limit: int = 4) -> list[Entry]:
+        """Live files with this content (candidates for a local copy)."""
+        rows = self._raw.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE sha256 = ? AND deleted = 0 AND kind = ? LIMIT ?",
+            (digest, KIND_FILE, limit),
+        ).fetchall()
+        return [Entry(*r) for r in rows]
+
+    def live_count(self) -> int:
+        return self._raw.execute("SELECT count(*) FROM entries WHERE deleted = 0").fetchone()[0]
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class ManifestWriter:
     """Writes rows in one transaction; nothing is visible until ``commit``."""
 
@@ -383,6 +422,10 @@ class ManifestWriter:
         self._pending.append(row)
         if len(self._pending) >= self.BATCH:
             self._flush()
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._flush()
+        self._raw.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def upsert_many(self, rows: Iterable[tuple]) -> None:
         for row in rows:

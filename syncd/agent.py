@@ -1,0 +1,738 @@
+"""The remote end of a push: ``syncd agent``, speaking the protocol on stdin/stdout.
+
+The agent does every write on its host.  It validates each name from the
+wire, stages received files under ``state_dir/staging`` (content-addressed by
+SHA-256, same filesystem as root), checks each one's SHA-256, and only at
+``commit`` publishes the generation into root, in the order of DESIGN.md:
+directories, data files, index files together, deletions, directory mtimes.
+Every file reaches its final name by ``rename(2)`` through ``SafeRoot``,
+which never follows a symlink below root.  The manifest records the new
+generation only after publishing.
+
+Staged objects survive a killed session: a rerun finds them by content and
+does not ask for them again.  Temporary files (``tmp.*``) of a killed session
+are removed at start.  A file already published by a killed session is
+recognized by size, mtime and a local re-hash, so a rerun converges without
+resending it.
+
+Messages are documented in docs/protocol.md, section 4.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import plan as planmod
+from .config import Config
+from .errors import (
+    DiskFullError,
+    PatchMismatchError,
+    ProtocolError,
+    SyncdError,
+    UnsafePathError,
+)
+from .filters import Filter
+from .fsops import SafeRoot, validate_name
+from .lock import StateLock
+from .manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest, fspath, join, split
+from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+
+log = logging.getLogger(__name__)
+
+# Below this size a delta saves too little to pay for its signature round trip.
+DELTA_MIN_SIZE = 64 * 1024
+COPY_CHUNK = 8 << 20
+ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
+
+
+@dataclass
+class _Row:
+    path: bytes
+    kind: int
+    size: int
+    mtime_ns: int
+    mode: int
+    sha256: bytes | None
+    target: bytes | None
+    deleted: int
+    generation: int
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> "_Row":
+        if not isinstance(raw, list) or len(raw) != ROW_FIELDS:
+            raise ProtocolError("entries: a row is not a list of 9 fields")
+        path, kind, size, mtime_ns, mode, sha, target, deleted, gen = raw
+        if not isinstance(path, bytes):
+            raise ProtocolError("entries: path is not bytes")
+        validate_name(path)
+        if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK):
+            raise ProtocolError(f"entries: {fspath(path)}: unknown kind {kind!r}")
+        for name, value in (("size", size), ("mtime_ns", mtime_ns), ("mode", mode), ("generation", gen)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ProtocolError(f"entries: {fspath(path)}: {name} is not an integer")
+        if size < 0 or not 0 <= mode <= 0o7777:
+            raise ProtocolError(f"entries: {fspath(path)}: size or mode out of range")
+        if not deleted:
+            if kind == KIND_FILE and not (isinstance(sha, bytes) and len(sha) == 32):
+                raise ProtocolError(f"entries: {fspath(path)}: a file without a SHA-256")
+            if kind == KIND_SYMLINK and not (isinstance(target, bytes) and target and b"\0" not in target):
+                raise ProtocolError(f"entries: {fspath(path)}: a symlink without a valid target")
+        return cls(path, kind, size, mtime_ns, mode & 0o7777, sha, target, 1 if deleted else 0, gen)
+
+    def manifest_row(self, st: os.stat_result | None) -> tuple:
+        parent, name = split(self.path)
+        ctime = st.st_ctime_ns if st else 0
+        ino = st.st_ino if st else 0
+        size = self.size if self.kind == KIND_FILE else (st.st_size if st and self.kind == KIND_SYMLINK else 0)
+        return (parent, name, self.kind, size, self.mtime_ns, ctime, self.mode, ino,
+                self.sha256 if self.kind == KIND_FILE else None,
+                self.target if self.kind == KIND_SYMLINK else None, self.generation, self.deleted)
+
+
+@dataclass
+class _Plan:
+    generation: int = 0
+    full: bool = False
+    dry_run: bool = False
+    filter: Filter = field(default_factory=lambda: Filter.from_lists())
+    max_delete: float = 0.1
+    dirs: list[_Row] = field(default_factory=list)
+    files: list[_Row] = field(default_factory=list)  # content comes from staging
+    metas: list[_Row] = field(default_factory=list)  # content in place; mode/mtime to apply
+    links: list[_Row] = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+    rows: list[_Row] = field(default_factory=list)  # every row, for the manifest
+    seen: set[bytes] = field(default_factory=set)  # full mode: every path listed
+    pending: set[bytes] = field(default_factory=set)  # SHA-256s asked for and not yet staged
+
+
+class _Incoming:
+    """One file arriving on a stream, written to a staging temp file."""
+
+    def __init__(self, agent: "Agent", msg: dict) -> None:
+        self.agent = agent
+        self.path = validate_name(_field(msg, "path", bytes))
+        self.how = _field(msg, "how", str)
+        self.size = _field(msg, "size", int)
+        self.sha256 = _field(msg, "sha256", bytes)
+        if self.how not in ("whole", "zstd", "delta"):
+            raise ProtocolError(f"file {fspath(self.path)}: unknown encoding {self.how!r}")
+        self.tmp = agent._new_tmp()
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=agent.staging_fd)
+        self.hasher = hashlib.sha256()
+        self.written = 0
+        self.old_fd: int | None = None
+        self._sink: Callable[[Any], None]
+        if self.how == "whole":
+            self._sink = self._write
+        elif self.how == "zstd":
+            import zstandard
+
+            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(self._write), write_size=1 << 20)
+            self._sink = self._zw.write
+        else:
+            from .delta import Patcher
+
+            self.old_fd = agent.root.open_read(self.path)
+            old_size = os.fstat(self.old_fd).st_size
+            old_fd = self.old_fd
+            self._patcher = Patcher(lambda off, n: os.pread(old_fd, n, off), old_size, self._write,
+                                    max_output=self.size)
+            self._sink = self._patcher.feed
+
+    def _write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self.written + len(view) > self.size:
+            raise PatchMismatchError(f"{fspath(self.path)}: more bytes than the announced {self.size}")
+        self.hasher.update(view)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
+                    ) from err
+                raise
+            view = view[n:]
+            self.written += n
+
+    def feed(self, data: bytes) -> None:
+        self._sink(data)
+
+    def finish(self) -> bytes | None:
+        """Close the stream; returns the staged object name, or None if it failed."""
+        try:
+            if self.how == "zstd":
+                self._zw.flush()
+            elif self.how == "delta":
+                self._patcher.finish()
+            if self.written != self.size or self.hasher.digest() != self.sha256:
+                raise PatchMismatchError(
+                    f"{fspath(self.path)}: received content does not match its SHA-256"
+                )
+            os.fsync(self.fd)
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self._close_fds()
+        obj = self.sha256.hex()
+        os.rename(self.tmp, obj, src_dir_fd=self.agent.staging_fd, dst_dir_fd=self.agent.staging_fd)
+        return obj
+
+    def _close_fds(self) -> None:
+        for fd in (self.fd, self.old_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.old_fd = None  # type: ignore[assignment]
+
+    def discard(self) -> None:
+        self._close_fds()
+        try:
+            os.unlink(self.tmp, dir_fd=self.agent.staging_fd)
+        except FileNotFoundError:
+            pass
+
+
+class _Sink:
+    def __init__(self, write: Callable[[Any], None]) -> None:
+        self.write = write
+
+
+def _field(msg: dict, key: str, kind: type) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{msg.get('type')!r} message: field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+class Agent:
+    """One session: reads frames from ``recv``, writes answers through ``send_all``."""
+
+    def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None]) -> None:
+        self.cfg = cfg
+        self.reader = FrameReader(recv)
+        self.writer = FrameWriter(send_all)
+        self.state_dir = cfg.node.state_dir
+        self.staging = self.state_dir / "staging"
+        self.plan = _Plan()
+        self.incoming: dict[int, _Incoming] = {}
+        self.index = planmod.IndexMatcher(cfg.node.index_patterns)
+
+    # -- session ------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.writer.hello()
+        self.writer.flush()
+        negotiate(PROTOCOL_VERSION, self.reader.read_hello())
+        self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        with StateLock(self.state_dir, "agent"), Manifest.open(self.state_dir, self.cfg.node.name) as manifest:
+            self.manifest = manifest
+            self.lookup = manifest.reader()
+            self.root = SafeRoot(self.cfg.node.root)
+            self.staging.mkdir(mode=0o700, exist_ok=True)
+            self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._clean_temps()
+            try:
+                return self._loop()
+            finally:
+                for inc in self.incoming.values():
+                    inc.discard()
+                if getattr(self, "_pfd", None) is not None:
+                    os.close(self._pfd)
+                os.close(self.staging_fd)
+                self.root.close()
+                self.lookup.close()
+
+    def _loop(self) -> int:
+        try:
+            while True:
+                frame = self.reader.read_frame()
+                if frame is None:
+                    return 0  # the client closed: a session without commit publishes nothing
+                if frame.kind is FrameType.MESSAGE:
+                    if not isinstance(frame.payload, dict) or not isinstance(frame.payload.get("type"), str):
+                        raise ProtocolError("a MESSAGE frame without a 'type'")
+                    done = self._message(frame.payload)
+                    self.writer.flush()
+                    if done:
+                        return 0
+                elif frame.kind is FrameType.DATA:
+                    self._stream(frame.stream).feed(frame.payload)
+                else:
+                    self._end(frame.stream)
+                    self.writer.flush()
+        except SyncdError as err:
+            log.error("%s", err)
+            self._send_error(err)
+            return err.exit_status
+        except OSError as err:
+            where = f" {err.filename!r}" if err.filename else ""
+            message = f"{os.strerror(err.errno) if err.errno else err}{where}"
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"disk full on {self.cfg.node.name}: {message}; nothing partial was published"
+            log.error("%s", message)
+            self._send_error(SyncdError(message))
+            return 1
+
+    def _send_error(self, err: SyncdError) -> None:
+        try:
+            self.writer.message({"type": "error", "kind": type(err).__name__, "message": str(err)})
+            self.writer.flush()
+        except OSError:
+            pass  # the client is gone; the log has it
+
+    def _message(self, msg: dict) -> bool:
+        kind = msg["type"]
+        if kind == "hello":
+            held = self.manifest.get_meta("upstream_generation")
+            self.writer.message({
+                "type": "welcome",
+                "node": self.cfg.node.name,
+                "generation": None if held is None else int(held),
+                "upstream": self.manifest.get_meta("upstream"),
+            })
+            self.client = msg.get("node") if isinstance(msg.get("node"), str) else "?"
+        elif kind == "begin":
+            self._begin(msg)
+        elif kind == "entries":
+            self._entries(msg)
+        elif kind == "entries_end":
+            self._entries_end()
+        elif kind == "file":
+            stream = _field(msg, "stream", int)
+            if stream in self.incoming:
+                raise ProtocolError(f"stream {stream} opened twice")
+            self.incoming[stream] = _Incoming(self, msg)
+        elif kind == "commit":
+            self._commit(msg)
+        elif kind in ("abort", "bye"):
+            return True
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}")
+        return False
+
+    def _stream(self, stream: int) -> _Incoming:
+        inc = self.incoming.get(stream)
+        if inc is None:
+            raise ProtocolError(f"DATA for stream {stream}, which no 'file' message opened")
+        return inc
+
+    def _end(self, stream: int) -> None:
+        inc = self._stream(stream)
+        del self.incoming[stream]
+        try:
+            inc.finish()
+        except (PatchMismatchError, _delta_format_error()) as err:
+            log.warning("%s", err)
+            self.writer.message({"type": "failed", "path": inc.path, "error": str(err), "retry_whole": True})
+            return
+        self.plan.pending.discard(inc.sha256)
+        self.writer.message({"type": "staged", "path": inc.path})
+
+    # -- planning -------------------------------------------------------------------
+
+    def _begin(self, msg: dict) -> None:
+        rules = msg.get("filter") or []
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise ProtocolError("begin: filter is not a list of rules")
+        ppm = msg.get("max_delete_ppm", 100_000)
+        if not isinstance(ppm, int) or isinstance(ppm, bool) or not 0 <= ppm <= 1_000_000:
+            raise ProtocolError("begin: max_delete_ppm is not an integer from 0 to 1000000")
+        max_delete = ppm / 1_000_000
+        try:
+            rule_filter = Filter.parse(rules)
+        except ValueError as err:
+            raise ProtocolError(f"begin: {err}") from None
+        self.plan = _Plan(
+            generation=_field(msg, "generation", int),
+            full=bool(msg.get("full")),
+            dry_run=bool(msg.get("dry_run")),
+            filter=rule_filter,
+            max_delete=max_delete,
+        )
+        self.force_deletes = bool(msg.get("force_deletes"))
+
+    def _entries(self, msg: dict) -> None:
+        batch = _field(msg, "batch", int)
+        raw_rows = _field(msg, "rows", list)
+        items: list[list] = []
+        for raw in raw_rows:
+            row = _Row.from_wire(raw)
+            item = self._decide(row)
+            if item is not None:
+                items.append(item)
+        self.writer.message({"type": "needs", "batch": batch, "items": items})
+
+    def _decide(self, row: _Row) -> list | None:
+        """What to do with one row; returns the wire item, or None for nothing.
+
+        Item: [action, path, need, source, sig_stream]; ``need`` is "whole",
+        "delta" or None (no bytes wanted).
+        """
+        plan = self.plan
+        plan.rows.append(row)
+        if plan.full:
+            plan.seen.add(row.path)
+        st = self.root.lstat(row.path)
+        if row.deleted:
+            if st is not None:
+                plan.deletes.append(row.path)
+                return [planmod.DELETE, row.path, None, None, None]
+            return None
+        if row.kind == KIND_DIR:
+            plan.dirs.append(row)
+            if st is not None and stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == row.mode:
+                return None
+            return [planmod.DIR, row.path, None, None, None]
+        if row.kind == KIND_SYMLINK:
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                try:
+                    if os.readlink(row.path, dir_fd=self._parent_fd(row.path)) == row.target:
+                        return None
+                except OSError:
+                    pass
+            plan.links.append(row)
+            return [planmod.LINK, row.path, None, None, None]
+        return self._decide_file(row, st)
+
+    def _parent_fd(self, path: bytes) -> int:
+        # Cached per parent: decisions come in path order, so this is one open per directory.
+        parent, _ = split(path)
+        if getattr(self, "_pfd_key", None) != parent:
+            if getattr(self, "_pfd", None) is not None:
+                os.close(self._pfd)
+                self._pfd = None
+            self._pfd = self.root.open_dir(parent)
+            self._pfd_key = parent
+        return self._pfd
+
+    def _decide_file(self, row: _Row, st: os.stat_result | None) -> list | None:
+        plan = self.plan
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == row.size:
+            have = False
+            known = self.lookup.lookup(row.path)
+            if (
+                known is not None and not known.deleted and known.sha256 == row.sha256
+                and (known.size, known.mtime_ns, known.ino, known.ctime_ns)
+                == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            ):
+                have = True
+            elif st.st_mtime_ns == row.mtime_ns:
+                # Published by a killed session, or a manifest that was lost:
+                # a local re-hash is far cheaper than the bytes on the wire.
+                have = self._local_sha256(row.path) == row.sha256
+            if have:
+                if stat.S_IMODE(st.st_mode) != row.mode or st.st_mtime_ns != row.mtime_ns:
+                    plan.metas.append(row)
+                    return [planmod.META, row.path, None, None, None]
+                return None
+        plan.files.append(row)
+        obj = row.sha256.hex()
+        if row.sha256 in plan.pending or self._staged(obj):
+            return [planmod.NEW, row.path, None, None, None]  # already staged or on its way
+        source = self._copy_local(row)
+        if source is not None:
+            return [planmod.COPY, row.path, None, source, None]
+        plan.pending.add(row.sha256)
+        if (
+            st is not None and stat.S_ISREG(st.st_mode)
+            and st.st_size >= DELTA_MIN_SIZE and row.size >= DELTA_MIN_SIZE
+        ):
+            if plan.dry_run:
+                return [planmod.DELTA, row.path, "delta", None, None]
+            return [planmod.DELTA, row.path, "delta", None, self._send_signature(row.path)]
+        return [planmod.NEW, row.path, "whole", None, None]
+
+    def _staged(self, obj: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(obj, dir_fd=self.staging_fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _local_sha256(self, path: bytes) -> bytes | None:
+        try:
+            fd = self.root.open_read(path)
+        except (OSError, UnsafePathError):
+            return None
+        try:
+            h = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            return h.digest()
+        finally:
+            os.close(fd)
+
+    def _copy_local(self, row: _Row) -> bytes | None:
+        """Rename and copy detection: stage a file this edge already has, by content."""
+        for cand in self.lookup.with_sha256(row.sha256):
+            if cand.path == row.path:
+                continue
+            st = self.root.lstat(cand.path)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != row.size:
+                continue
+            if self.plan.dry_run:
+                return cand.path
+            tmp = self._new_tmp()
+            try:
+                self.root.copy_into(cand.path, self.staging_fd, tmp)
+                digest = self._sha256_at(self.staging_fd, tmp)
+                if digest != row.sha256:
+                    os.unlink(tmp, dir_fd=self.staging_fd)
+                    continue
+                os.rename(tmp, row.sha256.hex(), src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+                return cand.path
+            except (OSError, UnsafePathError) as err:
+                if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                try:
+                    os.unlink(tmp, dir_fd=self.staging_fd)
+                except FileNotFoundError:
+                    pass
+        return None
+
+    @staticmethod
+    def _sha256_at(dir_fd: int, name: str) -> bytes:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            h = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            return h.digest()
+        finally:
+            os.close(fd)
+
+    def _send_signature(self, path: bytes) -> int:
+        from .delta import make_signature
+
+        fd = self.root.open_read(path)
+        try:
+            size = os.fstat(fd).st_size
+            sig = make_signature(iter(lambda: os.read(fd, 1 << 20), b""), file_size=size)
+        finally:
+            os.close(fd)
+        self._sig_stream = getattr(self, "_sig_stream", 0) + 1
+        stream = self._sig_stream
+        self.writer.data(stream, sig.encode())
+        self.writer.end(stream)
+        return stream
+
+    def _entries_end(self) -> None:
+        """Full comparison: what this edge has that the upstream did not list goes."""
+        items = []
+        if self.plan.full:
+            for path, is_dir in self._walk():
+                if path in self.plan.seen or self.plan.filter.excluded_path(path, is_dir):
+                    continue
+                self.plan.deletes.append(path)
+                items.append([planmod.DELETE, path, None, None, None])
+            self.plan.seen.clear()
+        self.writer.message({"type": "planned", "items": items})
+
+    def _walk(self):  # noqa: ANN202 - yields (path, is_dir)
+        stack = [b""]
+        root_fd = self.root.open_dir(b"")
+        os.close(root_fd)
+        while stack:
+            d = stack.pop()
+            try:
+                fd = self.root.open_dir(d)
+            except (OSError, UnsafePathError):
+                continue
+            try:
+                with os.scandir(fd) as it:
+                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            finally:
+                os.close(fd)
+            for name, is_dir in entries:
+                path = join(d, os.fsencode(name))
+                yield path, is_dir
+                if is_dir and path not in self.plan.seen:
+                    continue  # the whole directory goes; no need to list inside it
+                if is_dir:
+                    stack.append(path)
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _commit(self, msg: dict) -> None:
+        plan = self.plan
+        if _field(msg, "generation", int) != plan.generation:
+            raise ProtocolError("commit: generation differs from begin")
+        if self.incoming:
+            raise ProtocolError("commit while files are still arriving")
+        if plan.pending:
+            raise ProtocolError(f"commit with {len(plan.pending)} files never received")
+        live = max(self.lookup.live_count(), len(plan.deletes))
+        planmod.check_deletions(
+            len(set(plan.deletes)), live, plan.max_delete, force=self.force_deletes,
+            where=f"{self.cfg.node.name}",
+        )
+        started = time.monotonic()
+        published = self._publish()
+        log.info(
+            "generation %d from %s published: %d files, %d links, %d metadata, %d deleted in %.2f s",
+            plan.generation, getattr(self, "client", "?"), published, len(plan.links), len(plan.metas),
+            len(plan.deletes), time.monotonic() - started,
+        )
+        self.writer.message({
+            "type": "committed", "generation": plan.generation,
+            "published": published, "deleted": len(plan.deletes),
+        })
+        self.plan = _Plan()
+
+    def _publish(self) -> int:
+        plan = self.plan
+        root = self.root
+        # 1. Directories, parents first.
+        for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):
+            root.ensure_dir(row.path, row.mode)
+        # 2. Data files and links, then 3. the index group, together.
+        uses: dict[str, int] = {}
+        for row in plan.files:
+            uses[row.sha256.hex()] = uses.get(row.sha256.hex(), 0) + 1
+        data = [r for r in plan.files + plan.links + plan.metas if not self.index(r.path)]
+        index = [r for r in plan.files + plan.links + plan.metas if self.index(r.path)]
+        published = 0
+        for group in (data, index):
+            touched: set[bytes] = set()
+            for row in group:
+                touched.add(split(row.path)[0])
+                if row in plan.metas:
+                    root.set_meta(row.path, mode=row.mode, mtime_ns=row.mtime_ns)
+                elif row.kind == KIND_SYMLINK:
+                    tmp = self._new_tmp()
+                    os.symlink(row.target, tmp, dir_fd=self.staging_fd)
+                    root.publish(self.staging_fd, tmp.encode(), row.path)
+                else:
+                    self._publish_file(row, uses)
+                    published += 1
+            # The renames of this group are durable before the next group
+            # (the indices) can reference them.
+            self._fsync_dirs(touched)
+        # 4. Deletions, deepest first: after the indices that referenced them.
+        for path in planmod.deletion_order(set(plan.deletes)):
+            root.remove(path)
+        # 5. Directory mtimes last: publishing above touched them.
+        for row in sorted(plan.dirs, key=lambda r: (-planmod.depth(r.path), r.path)):
+            root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
+        self._fsync_dirs({split(p)[0] for p in plan.deletes})
+        self._record(plan)
+        for name in set(uses):
+            try:
+                os.unlink(name, dir_fd=self.staging_fd)
+            except FileNotFoundError:
+                pass
+        return published
+
+    def _fsync_dirs(self, dirs: set[bytes]) -> None:
+        for d in dirs:
+            try:
+                fd = self.root.open_dir(d)
+            except (OSError, UnsafePathError):
+                continue  # removed since (a deleted directory): nothing to make durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _publish_file(self, row: _Row, uses: dict[str, int]) -> None:
+        obj = row.sha256.hex()
+        uses[obj] -= 1
+        if uses[obj] > 0:
+            # The same content is published under another name too: give
+            # this one its own copy, keep the object for the next.
+            src = self._new_tmp()
+            _copy_at(self.staging_fd, obj, src)
+        else:
+            src = obj
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.staging_fd)
+        try:
+            os.fchmod(fd, row.mode)
+            os.utime(fd, ns=(row.mtime_ns, row.mtime_ns))
+        finally:
+            os.close(fd)
+        self.root.publish(self.staging_fd, src.encode(), row.path)
+
+    def _record(self, plan: _Plan) -> None:
+        with self.manifest.writer() as w:
+            for row in plan.rows:
+                st = None if row.deleted else self.root.lstat(row.path)
+                w.upsert(row.manifest_row(st))
+            deleted_listed = {r.path for r in plan.rows if r.deleted}
+            for path in plan.deletes:
+                if path not in deleted_listed:
+                    known = self.lookup.lookup(path)
+                    parent, name = split(path)
+                    kind = known.kind if known else KIND_FILE
+                    w.upsert((parent, name, kind, 0, 0, 0, 0, 0,
+                              known.sha256 if known else None, None, plan.generation, 1))
+            w.set_meta("upstream_generation", str(plan.generation))
+            w.set_meta("upstream", getattr(self, "client", "?"))
+            w.set_generation(plan.generation, len(plan.rows))
+
+    # -- staging --------------------------------------------------------------------
+
+    def _new_tmp(self) -> str:
+        self._tmp_n = getattr(self, "_tmp_n", 0) + 1
+        return f"tmp.{os.getpid()}.{self._tmp_n}"
+
+    def _clean_temps(self) -> None:
+        for entry in os.scandir(self.staging_fd):
+            if entry.name.startswith("tmp."):
+                try:
+                    os.unlink(entry.name, dir_fd=self.staging_fd)
+                except FileNotFoundError:
+                    pass
+
+
+def _copy_at(dir_fd: int, src: str, dst: str) -> None:
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dir_fd)
+        try:
+            size = os.fstat(sfd).st_size
+            offset = 0
+            while offset < size:
+                n = os.copy_file_range(sfd, dfd, min(COPY_CHUNK, size - offset), offset, offset)
+                if n == 0:
+                    break
+                offset += n
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _delta_format_error() -> type:
+    from .errors import DeltaFormatError
+
+    return DeltaFormatError
+
+
+def serve_stdio(cfg: Config) -> int:
+    """Run one session on fds 0 and 1 (the SSH exec channel)."""
+
+    def recv(n: int) -> bytes:
+        return os.read(0, n)
+
+    def send_all(data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(1, view)
+            view = view[n:]
+
+    return Agent(cfg, recv, send_all).serve()

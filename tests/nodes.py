@@ -1,0 +1,87 @@
+"""Nodes for tests, benchmarks and the demo: a root, a state_dir and a sync.ini each.
+
+A primary lists its downstreams as ``[mirror:NAME]`` over a real sshd on
+127.0.0.1; the downstream's agent is this checkout's ``syncd agent`` run by
+sshd through ``remote_command``, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SYNCD = [sys.executable, "-m", "syncd"]
+
+
+@dataclass
+class Node:
+    name: str
+    base: Path
+    mirrors: list[tuple["Node", dict[str, Any]]] = field(default_factory=list)
+    node_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def ini(self) -> Path:
+        return self.base / "sync.ini"
+
+    def agent_command(self) -> str:
+        return " ".join(shlex.quote(x) for x in SYNCD + ["agent", "--config", str(self.ini)])
+
+    def write(self, ssh: Any = None, port: int | None = None, known_hosts: Path | None = None) -> Path:
+        lines = ["[node]", f"name = {self.name}", f"root = {self.root}", f"state_dir = {self.state}"]
+        lines += [f"{k} = {v}" for k, v in self.node_keys.items()]
+        for down, keys in self.mirrors:
+            lines += [
+                "",
+                f"[mirror:{down.name}]",
+                f"host = {ssh.host}",
+                f"port = {port or ssh.port}",
+                f"user = {ssh.user}",
+                f"identity_file = {ssh.identity_file}",
+                f"known_hosts = {known_hosts or ssh.known_hosts}",
+                f"remote_command = {down.agent_command()}",
+                "retry_delay = 0.05",
+            ]
+            lines += [f"{k} = {v}" for k, v in keys.items()]
+        self.ini.write_text("\n".join(lines) + "\n")
+        return self.ini
+
+
+def make_node(base: Path, name: str, **node_keys: str) -> Node:
+    node = Node(name, base / name, node_keys=dict(node_keys))
+    node.root.mkdir(parents=True)
+    return node
+
+
+def tree_listing(root: Path) -> dict[str, tuple]:
+    """What a client reading the tree sees: kinds, modes, mtimes, contents."""
+    out: dict[str, tuple] = {}
+    rootb = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(rootb):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, rootb).decode("utf-8", "backslashreplace")
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                with open(full, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest)
+    return out

@@ -1,0 +1,226 @@
+"""Hostile and broken input to the agent: nothing is written outside root, nothing torn is published.
+
+These drive a real ``syncd agent`` process over its stdin/stdout with
+hand-made frames, as a malicious or buggy upstream would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from syncd.protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from syncd.transport import LocalSession
+from tests.nodes import SYNCD, make_node, tree_listing
+
+
+class Peer:
+    """A hand-driven client of one agent process."""
+
+    def __init__(self, ini: Path) -> None:
+        self.session = LocalSession(SYNCD + ["agent", "--config", str(ini)])
+        self.w = FrameWriter(self.session.send_all)
+        self.r = FrameReader(self.session.recv)
+        self.w.hello()
+        self.w.message({"type": "hello", "node": "evil", "mirror": "edge"})
+        self.w.flush()
+        negotiate(PROTOCOL_VERSION, self.r.read_hello())
+        self.welcome = self.message()
+
+    def message(self) -> dict:
+        while True:
+            frame = self.r.read_frame()
+            assert frame is not None, f"agent closed; stderr: {self.session.stderr_tail()}"
+            if frame.kind is FrameType.MESSAGE:
+                return frame.payload
+
+    def send(self, *messages: dict) -> None:
+        for m in messages:
+            self.w.message(m)
+        self.w.flush()
+
+    def finish(self) -> int:
+        self.session.close_write()
+        code = self.session.exit_status(timeout=30)
+        self.session.close()
+        return code
+
+
+@pytest.fixture
+def edge(tmp_path: Path):  # noqa: ANN201
+    node = make_node(tmp_path, "edge")
+    node.write()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "canary").write_text("untouched")
+    return node
+
+
+def row(path: bytes, data: bytes = b"x", *, kind: int = 0, gen: int = 1) -> list:
+    return [path, kind, len(data), 1_700_000_000_000_000_000, 0o644,
+            hashlib.sha256(data).digest() if kind == 0 else None, None, 0, gen]
+
+
+def begin(gen: int = 1) -> dict:
+    return {"type": "begin", "generation": gen, "full": True, "filter": [], "max_delete_ppm": 1_000_000}
+
+
+def assert_outside_untouched(edge) -> None:  # noqa: ANN001
+    outside = edge.base.parent / "outside"
+    assert sorted(os.listdir(outside)) == ["canary"]
+    assert (outside / "canary").read_text() == "untouched"
+
+
+@pytest.mark.parametrize("bad", [
+    b"../outside/canary", b"/etc/passwd", b"a/../../outside/x", b"a\0b", b"./a", b"a//b", b"", b"a/",
+])
+def test_unsafe_names_in_entries_are_refused(edge, bad: bytes) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"ok", b"fine"), row(bad)]})
+    answer = peer.message()
+    assert answer["type"] == "error" and answer["kind"] == "UnsafePathError", answer
+    assert peer.finish() != 0
+    assert list(edge.root.iterdir()) == []
+    assert_outside_untouched(edge)
+
+
+def test_unsafe_name_in_file_message_is_refused(edge) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"ok", b"fine")]})
+    assert peer.message()["type"] == "needs"
+    peer.send({"type": "file", "stream": 1, "path": b"../outside/canary", "how": "whole", "size": 4,
+               "sha256": hashlib.sha256(b"evil").digest()})
+    answer = peer.message()
+    assert answer["type"] == "error" and answer["kind"] == "UnsafePathError"
+    assert peer.finish() != 0
+    assert_outside_untouched(edge)
+    assert list(edge.root.iterdir()) == []
+
+
+def test_oversized_frame_is_refused_without_allocating(edge) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    # A MESSAGE header declaring 3 GiB.
+    peer.session.send_all(struct.pack(">BII", 1, 0, 3 << 30))
+    answer = peer.message()
+    assert answer["type"] == "error" and "above the limit" in answer["message"]
+    assert peer.finish() != 0
+
+
+def test_garbage_frame_type(edge) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    peer.session.send_all(b"\x7f" + b"\0" * 8)
+    answer = peer.message()
+    assert answer["type"] == "error" and "unknown frame type" in answer["message"]
+    assert peer.finish() != 0
+
+
+def test_truncated_stream_publishes_nothing_and_leaves_no_temp(edge) -> None:  # noqa: ANN001
+    data = os.urandom(1 << 20)
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"big", data)]}, {"type": "entries_end"})
+    needs = peer.message()
+    assert needs["items"][0][2] == "whole"
+    assert peer.message()["type"] == "planned"
+    peer.send({"type": "file", "stream": 1, "path": b"big", "how": "whole", "size": len(data),
+               "sha256": hashlib.sha256(data).digest()})
+    peer.w.data(1, data[: len(data) // 2])
+    peer.w.flush()
+    peer.finish()  # the link drops half way through
+    assert list(edge.root.iterdir()) == []
+    assert [p.name for p in (edge.state / "staging").iterdir()] == []
+    # And the next session starts clean and works.
+    peer = Peer(edge.ini)
+    assert peer.welcome["generation"] is None
+    assert peer.finish() == 0
+
+
+def test_wrong_content_is_failed_not_published(edge) -> None:  # noqa: ANN001
+    good = b"the real content"
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"f", good)]}, {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    peer.send({"type": "file", "stream": 1, "path": b"f", "how": "whole", "size": len(good),
+               "sha256": hashlib.sha256(good).digest()})
+    peer.w.data(1, b"X" * len(good))
+    peer.w.end(1)
+    peer.w.flush()
+    answer = peer.message()
+    assert answer["type"] == "failed" and "SHA-256" in answer["error"]
+    # A commit now is refused: the file never arrived whole.
+    peer.send({"type": "commit", "generation": 1})
+    answer = peer.message()
+    assert answer["type"] == "error" and "never received" in answer["message"]
+    peer.finish()
+    assert list(edge.root.iterdir()) == []
+
+
+def test_zstd_bomb_is_bounded(edge) -> None:  # noqa: ANN001
+    import zstandard
+
+    small = b"ok"
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"f", small)]}, {"type": "entries_end"})
+    peer.message()
+    peer.message()
+    peer.send({"type": "file", "stream": 1, "path": b"f", "how": "zstd", "size": len(small),
+               "sha256": hashlib.sha256(small).digest()})
+    peer.w.data(1, bomb)
+    peer.w.end(1)
+    peer.w.flush()
+    answer = peer.message()
+    assert answer["type"] in ("failed", "error")
+    peer.finish()
+    assert list(edge.root.iterdir()) == []
+
+
+def test_disk_full_is_one_line_and_publishes_nothing(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=2m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        node = make_node(mnt, "edge")
+        node.write()
+        data = os.urandom(3 << 20)
+        peer = Peer(node.ini)
+        peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"huge", data)]},
+                  {"type": "entries_end"})
+        peer.message()
+        peer.message()
+        peer.send({"type": "file", "stream": 1, "path": b"huge", "how": "whole", "size": len(data),
+                   "sha256": hashlib.sha256(data).digest()})
+        peer.w.data(1, data)
+        peer.w.end(1)
+        peer.w.flush()
+        answer = peer.message()
+        assert answer["type"] == "error" and "disk full" in answer["message"]
+        assert "\n" not in answer["message"]
+        peer.finish()
+        assert list(node.root.iterdir()) == []
+        # The partial temp file is gone at the next start.
+        Peer(node.ini).finish()
+        assert [p.name for p in (node.state / "staging").iterdir()] == []
+    finally:
+        for _ in range(50):
+            if os.system(f"umount {mnt} 2>/dev/null") == 0:
+                break
+            time.sleep(0.1)
+
+
+def test_agent_refuses_second_session_on_locked_state(edge) -> None:  # noqa: ANN001
+    first = Peer(edge.ini)
+    second = LocalSession(SYNCD + ["agent", "--config", str(edge.ini)])
+    w = FrameWriter(second.send_all)
+    w.hello()
+    w.flush()
+    code = second.exit_status(timeout=30)
+    assert code == 3 and "locked by PID" in second.stderr_tail()
+    second.close()
+    assert first.finish() == 0
+    assert tree_listing(edge.root) == {}

@@ -1,0 +1,260 @@
+"""One node pushes to one downstream over a real sshd: issue 4's behaviours."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from syncd import config as configmod
+from syncd.errors import EXIT_FAILURE
+from syncd.manifest import Manifest
+from syncd.push import push_with_retries
+from syncd.scan import scan
+from tests.nodes import SYNCD, Node, make_node, tree_listing
+from tests.relay import Relay
+
+pytest_plugins = ["tests.sshd"]
+
+
+class Pair:
+    """A primary and one edge over the shared sshd."""
+
+    def __init__(self, base: Path, ssh, **mirror_keys: str) -> None:  # noqa: ANN001
+        self.ssh = ssh
+        self.primary = make_node(base, "primary", max_delete="100%")
+        self.edge = make_node(base, "edge")
+        self.primary.mirrors.append((self.edge, dict(mirror_keys)))
+        self.edge.write()
+        self.primary.write(ssh)
+
+    def rewrite(self, port: int | None = None, known_hosts: Path | None = None, **node_keys: str) -> None:
+        self.primary.node_keys.update(node_keys)
+        self.primary.write(self.ssh, port=port, known_hosts=known_hosts)
+
+    def cli(self, *args: str, node: Node | None = None) -> subprocess.CompletedProcess:
+        node = node or self.primary
+        return subprocess.run(SYNCD + ["-c", str(node.ini), *args], capture_output=True, text=True, timeout=300)
+
+    def push(self, **kw):  # noqa: ANN003, ANN201 - in-process, to read the result's counters
+        cfg = configmod.load(self.primary.ini)
+        with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+            scan(cfg.node.root, m)
+            return push_with_retries(cfg, cfg.mirrors[0], m, **kw)
+
+    def in_sync(self) -> bool:
+        return tree_listing(self.primary.root) == tree_listing(self.edge.root)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, sshd) -> Pair:  # noqa: ANN001
+    return Pair(tmp_path, sshd)
+
+
+def populate(root: Path) -> None:
+    (root / "pool/main/h/hello").mkdir(parents=True)
+    (root / "pool/main/h/hello/hello_1.0.deb").write_bytes(os.urandom(200_000))
+    (root / "dists/stable/main/binary-amd64").mkdir(parents=True)
+    (root / "dists/stable/main/binary-amd64/Packages").write_text("Package: hello\n" * 500)
+    (root / "dists/stable/Release").write_text("Origin: test\n")
+    (root / "empty-dir").mkdir()
+    (root / "README").write_text("a mirror\n")
+    os.chmod(root / "README", 0o640)
+    os.symlink("dists/stable", root / "current")
+
+
+def test_full_sync_then_idempotent(pair: Pair) -> None:
+    populate(pair.primary.root)
+    first = pair.push()
+    assert first.ok, first.error
+    assert first.full and first.held_before is None
+    assert pair.in_sync()
+    again = pair.push()
+    assert again.ok and again.files_sent == 0
+    assert again.bytes_sent < 200  # a handshake and a goodbye, nothing else
+    # Nothing temporary was left in the served tree, nor in staging.
+    assert not list((pair.edge.state / "staging").iterdir())
+
+
+def test_every_kind_of_change(pair: Pair) -> None:
+    populate(pair.primary.root)
+    (pair.primary.root / "dir-to-file").mkdir()
+    (pair.primary.root / "dir-to-file/x").write_text("x")
+    (pair.primary.root / "file-to-dir").write_text("f")
+    assert pair.push().ok
+    r = pair.primary.root
+    (r / "README").write_text("edited in place\n")  # content
+    os.chmod(r / "dists/stable/Release", 0o600)  # mode
+    os.utime(r / "pool/main/h/hello/hello_1.0.deb", ns=(10**18, 10**18))  # mtime
+    os.unlink(r / "current")
+    os.symlink("pool", r / "current")  # symlink retarget
+    shutil.move(r / "empty-dir", r / "moved-dir")  # directory rename
+    (r / "new-empty").mkdir()
+    shutil.rmtree(r / "dir-to-file")
+    (r / "dir-to-file").write_text("now a file")
+    os.unlink(r / "file-to-dir")
+    (r / "file-to-dir").mkdir()
+    (r / "file-to-dir/inside").write_text("i")
+    with open(r / "dists/stable/main/binary-amd64/Packages", "a") as fh:
+        fh.write("Package: more\n" * 100)  # append
+    result = pair.push()
+    assert result.ok, result.error
+    assert pair.in_sync()
+    counts = result.counts()
+    assert counts["delete"] >= 2 and counts["dir"] >= 2 and counts["link"] == 1 and counts["meta"] >= 1
+
+
+def test_rename_of_big_file_moves_almost_nothing(pair: Pair) -> None:
+    big = os.urandom(64 << 20)
+    (pair.primary.root / "isos").mkdir()
+    (pair.primary.root / "isos/old.iso").write_bytes(big)
+    assert pair.push().ok
+    os.rename(pair.primary.root / "isos/old.iso", pair.primary.root / "isos/new.iso")
+    result = pair.push()
+    assert result.ok, result.error
+    assert result.bytes_sent < 0.01 * len(big)
+    assert result.counts()["copy"] == 1 and result.files_sent == 0
+    assert pair.in_sync()
+
+
+def test_edit_in_big_file_goes_as_delta(pair: Pair) -> None:
+    data = bytearray(os.urandom(8 << 20))
+    (pair.primary.root / "big").write_bytes(data)
+    assert pair.push().ok
+    data[4_000_000:4_000_100] = b"Z" * 100
+    data[6_000_000:6_000_000] = b"inserted" * 100
+    (pair.primary.root / "big").write_bytes(data)
+    result = pair.push()
+    assert result.ok and result.counts()["delta"] == 1
+    assert result.bytes_sent < 0.02 * len(data)
+    assert pair.in_sync()
+
+
+def test_odd_names(pair: Pair) -> None:
+    root = os.fsencode(pair.primary.root)
+    for name in (b"with space", b"new\nline", b"caf\xe9", b"\xff\xfe.bin", b"-rf", b"*"):
+        with open(root + b"/" + name, "wb") as fh:
+            fh.write(name * 3)
+    os.mkdir(root + b"/d\x80ir")
+    with open(root + b"/d\x80ir/f\x81", "wb") as fh:
+        fh.write(b"deep")
+    assert pair.push().ok
+    assert pair.in_sync()
+
+
+def test_planted_symlink_on_edge_is_not_written_through(pair: Pair, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("untouched")
+    (pair.primary.root / "pool").mkdir()
+    (pair.primary.root / "pool/pkg.deb").write_text("package")
+    (pair.primary.root / "leaf").write_text("leaf")
+    # Someone planted links on the edge before the first sync.
+    os.symlink(outside, pair.edge.root / "pool")
+    os.symlink(outside / "canary", pair.edge.root / "leaf")
+    before = tree_listing(outside)
+    result = pair.push()
+    assert tree_listing(outside) == before
+    assert (outside / "canary").read_text() == "untouched"
+    assert not (outside / "pkg.deb").exists()
+    # Both planted links were replaced (unlinked, never followed) by what the
+    # primary has there: a real directory and a real file.
+    assert result.ok, result.error
+    assert not os.path.islink(pair.edge.root / "pool") and (pair.edge.root / "pool").is_dir()
+    assert not os.path.islink(pair.edge.root / "leaf")
+    assert pair.in_sync()
+
+
+def test_wrong_host_key_refused_nothing_written(pair: Pair) -> None:
+    populate(pair.primary.root)
+    pair.rewrite(known_hosts=pair.ssh.wrong_known_hosts(pair.primary.base / "bad_known_hosts"))
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == EXIT_FAILURE
+    assert "host key" in proc.stdout.lower() or "host key" in proc.stderr.lower()
+    assert list(pair.edge.root.iterdir()) == []
+    assert not pair.edge.state.exists()
+
+
+def test_unreachable_host_is_one_line_and_retried(pair: Pair) -> None:
+    populate(pair.primary.root)
+    with Relay("127.0.0.1", 1) as dead:  # nothing listens behind it
+        port = dead.port
+    pair.rewrite(port=port)
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == EXIT_FAILURE
+    assert "FAILED after 3 attempt(s)" in proc.stdout
+    assert proc.stderr.count("retry") == 2
+
+
+def test_deletion_guard(pair: Pair) -> None:
+    for i in range(20):
+        (pair.primary.root / f"f{i}").write_text(str(i))
+    assert pair.push().ok
+    for i in range(5):
+        os.unlink(pair.primary.root / f"f{i}")
+    pair.rewrite(max_delete="10%")
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == EXIT_FAILURE
+    assert "plan deletes 5 of 20 entries" in proc.stdout
+    assert len(list(pair.edge.root.iterdir())) == 20  # nothing changed
+    proc = pair.cli("run", "--once", "--force-deletes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pair.in_sync()
+
+
+def test_dry_run_changes_nothing_and_itemizes(pair: Pair) -> None:
+    populate(pair.primary.root)
+    assert pair.push().ok
+    (pair.primary.root / "added").write_text("new")
+    os.rename(pair.primary.root / "pool/main/h/hello/hello_1.0.deb", pair.primary.root / "hello.deb")
+    before = tree_listing(pair.edge.root)
+    proc = pair.cli("run", "--once", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "edge: new    added" in lines
+    assert "edge: copy   hello.deb  (from pool/main/h/hello/hello_1.0.deb)" in lines
+    assert "edge: delete pool/main/h/hello/hello_1.0.deb" in lines
+    assert tree_listing(pair.edge.root) == before
+    assert not list((pair.edge.state / "staging").iterdir())
+
+
+def test_filters_partial_mirror(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    pair = Pair(tmp_path, sshd, exclude="*.iso binary-arm64/")
+    r = pair.primary.root
+    (r / "dists/main/binary-amd64").mkdir(parents=True)
+    (r / "dists/main/binary-arm64").mkdir(parents=True)
+    (r / "dists/main/binary-amd64/Packages").write_text("amd64")
+    (r / "dists/main/binary-arm64/Packages").write_text("arm64")
+    (r / "big.iso").write_bytes(b"iso")
+    # The edge has an ISO of its own, which its filter excludes: never deleted.
+    (pair.edge.root / "local.iso").write_text("kept")
+    assert pair.push().ok
+    e = pair.edge.root
+    assert (e / "dists/main/binary-amd64/Packages").read_text() == "amd64"
+    assert not (e / "dists/main/binary-arm64").exists()
+    assert not (e / "big.iso").exists()
+    assert (e / "local.iso").read_text() == "kept"
+
+
+def test_lost_edge_manifest_full_comparison_sends_nothing(pair: Pair) -> None:
+    populate(pair.primary.root)
+    assert pair.push().ok
+    shutil.rmtree(pair.edge.state)
+    (pair.edge.root / "stray").write_text("not on the primary")
+    result = pair.push()
+    assert result.ok and result.full
+    assert result.files_sent == 0  # recognized by size, mtime and a local re-hash
+    assert pair.in_sync()  # and the stray file went
+
+
+def test_edge_edit_by_hand_is_repaired_on_full_comparison(pair: Pair) -> None:
+    populate(pair.primary.root)
+    assert pair.push().ok
+    (pair.edge.root / "README").write_text("vandalized\n")
+    shutil.rmtree(pair.edge.state)
+    result = pair.push()
+    assert result.ok and result.files_sent == 1
+    assert pair.in_sync()
