@@ -112,10 +112,22 @@ class SafeRoot:
         self.root = os.fspath(root)
         # Following a symlink here is deliberate: root is the operator's choice.
         self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        # The last directory walked to, kept open: callers go through a tree
+        # directory by directory, so most walks repeat the previous one and
+        # cost one dup() instead of an open per component.  Dropped on every
+        # change of the directory structure this object makes.
+        self._cache_key: tuple[bytes, ...] | None = None
+        self._cache_fd = -1
+
+    def _drop_cache(self) -> None:
+        if self._cache_fd >= 0:
+            os.close(self._cache_fd)
+        self._cache_key, self._cache_fd = None, -1
 
     # -- lifetime -----------------------------------------------------------
 
     def close(self) -> None:
+        self._drop_cache()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -145,6 +157,9 @@ class SafeRoot:
         """A new fd of the directory ``comps`` (a prefix of ``rel``'s components)."""
         if not comps:
             return os.dup(self._fd)
+        key = tuple(comps)
+        if key == self._cache_key:
+            return os.dup(self._cache_fd)
         fd = self._fd
         try:
             for i, comp in enumerate(comps):
@@ -171,6 +186,8 @@ class SafeRoot:
             if fd != self._fd:
                 os.close(fd)
             raise
+        self._drop_cache()
+        self._cache_key, self._cache_fd = key, os.dup(fd)
         return fd
 
     def _parent(self, rel: bytes, *, create: bool) -> tuple[int, bytes]:
@@ -261,6 +278,7 @@ class SafeRoot:
                 st = None
             if st is not None and stat.S_ISDIR(st.st_mode):
                 log.debug("replacing directory %s with a file", show(rel))
+                self._drop_cache()
                 _rmtree(pfd, leaf)
             os.rename(src_name, leaf, src_dir_fd=src_dir_fd, dst_dir_fd=pfd)
         finally:
@@ -280,6 +298,7 @@ class SafeRoot:
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 log.debug("replacing %s with a directory", show(rel))
+                self._drop_cache()
                 os.unlink(leaf, dir_fd=pfd)
                 st = None
             if st is None:
@@ -370,6 +389,7 @@ class SafeRoot:
                 # Linux says EISDIR for a directory; POSIX allows EPERM.
                 if err.errno not in (errno.EISDIR, errno.EPERM):
                     raise
+                self._drop_cache()  # a directory goes: no cached fd may outlive it
                 st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
                     raise

@@ -204,6 +204,8 @@ class Pusher:
         if welcome.get("type") != "welcome":
             raise ProtocolError(f"expected 'welcome', got {welcome.get('type')!r}")
         held = welcome.get("generation")
+        if welcome.get("repair"):
+            log.warning("%s: reports findings of 'syncd verify --repair': full comparison", self.mirror.name)
         if held is not None and (not isinstance(held, int) or isinstance(held, bool)):
             raise ProtocolError("welcome: generation is not an integer")
         target = self.manifest.generation
@@ -384,7 +386,8 @@ class Pusher:
 
     @staticmethod
     def _maybe_zstd(path: bytes, sample: bytes) -> bool | None:
-        if len(sample) < 512 or path.lower().endswith(COMPRESSED_SUFFIXES):
+        # Under 4 KiB the bytes saved do not pay for the attempt.
+        if len(sample) < 4096 or path.lower().endswith(COMPRESSED_SUFFIXES):
             return None
         import zstandard
 
