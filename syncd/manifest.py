@@ -26,81 +26,99 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from sqlalchemy import (
-    Column,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    event,
-    func,
-    select,
-)
-from sqlalchemy.exc import DatabaseError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+import sqlite3
 
 from .errors import ManifestError, SchemaError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.db"
+# Meta keys a mirror keeps about verification (values are JSON): why its
+# last generation was held back, and that ``syncd verify --repair`` found
+# files its upstream must repair (a full comparison on the next push).
+META_HELD_BACK = "held_back"
+META_REPAIR = "repair_requested"
 
 KIND_FILE = 0
 KIND_DIR = 1
 KIND_SYMLINK = 2
 KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink"}
 
-metadata = MetaData()
+class _Schema:
+    """The tables, declared with SQLAlchemy Core, built on first use.
 
-meta_table = Table(
-    "meta",
-    metadata,
-    Column("key", String, primary_key=True),
-    Column("value", String, nullable=False),
-)
+    Importing SQLAlchemy costs about 0.2 s; a scan or an agent session on an
+    existing manifest never needs it (their hot paths use the driver
+    connection), so neither pays for it.
+    """
 
-entries_table = Table(
-    "entries",
-    metadata,
-    Column("parent", LargeBinary, primary_key=True),
-    Column("name", LargeBinary, primary_key=True),
-    Column("kind", Integer, nullable=False),
-    Column("size", Integer, nullable=False),
-    Column("mtime_ns", Integer, nullable=False),
-    Column("ctime_ns", Integer, nullable=False),
-    Column("mode", Integer, nullable=False),  # permission bits (st_mode & 0o7777)
-    Column("ino", Integer, nullable=False),
-    Column("sha256", LargeBinary),  # files only
-    Column("target", LargeBinary),  # symlinks only
-    Column("generation", Integer, nullable=False),
-    Column("deleted", Integer, nullable=False),
-    sqlite_with_rowid=False,
-)
-Index("entries_by_generation", entries_table.c.generation)
-Index("entries_by_sha256", entries_table.c.sha256)
+    _built = None
 
-generations_table = Table(
-    "generations",
-    metadata,
-    Column("generation", Integer, primary_key=True),
-    Column("created_ns", Integer, nullable=False),
-    Column("changes", Integer, nullable=False),
-)
+    @classmethod
+    def get(cls):  # noqa: ANN206
+        if cls._built is None:
+            cls._built = cls._build()
+        return cls._built
 
-downstreams_table = Table(
-    "downstreams",
-    metadata,
-    Column("name", String, primary_key=True),
-    Column("generation", Integer),  # acknowledged: the downstream holds it, verified
-    Column("acked_ns", Integer),
-    Column("last_success_ns", Integer),
-    Column("last_error", String),
-    Column("last_error_ns", Integer),
-    Column("bytes_sent", Integer, nullable=False, default=0),
-    Column("files_sent", Integer, nullable=False, default=0),
-)
+    @staticmethod
+    def _build():  # noqa: ANN205
+        import types
+
+        from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table
+
+        metadata = MetaData()
+
+        meta_table = Table(
+            "meta",
+            metadata,
+            Column("key", String, primary_key=True),
+            Column("value", String, nullable=False),
+        )
+
+        entries_table = Table(
+            "entries",
+            metadata,
+            Column("parent", LargeBinary, primary_key=True),
+            Column("name", LargeBinary, primary_key=True),
+            Column("kind", Integer, nullable=False),
+            Column("size", Integer, nullable=False),
+            Column("mtime_ns", Integer, nullable=False),
+            Column("ctime_ns", Integer, nullable=False),
+            Column("mode", Integer, nullable=False),  # permission bits (st_mode & 0o7777)
+            Column("ino", Integer, nullable=False),
+            Column("sha256", LargeBinary),  # files only
+            Column("target", LargeBinary),  # symlinks only
+            Column("generation", Integer, nullable=False),
+            Column("deleted", Integer, nullable=False),
+            sqlite_with_rowid=False,
+        )
+        Index("entries_by_generation", entries_table.c.generation)
+        Index("entries_by_sha256", entries_table.c.sha256)
+
+        generations_table = Table(
+            "generations",
+            metadata,
+            Column("generation", Integer, primary_key=True),
+            Column("created_ns", Integer, nullable=False),
+            Column("changes", Integer, nullable=False),
+        )
+
+        downstreams_table = Table(
+            "downstreams",
+            metadata,
+            Column("name", String, primary_key=True),
+            Column("generation", Integer),  # acknowledged: the downstream holds it, verified
+            Column("acked_ns", Integer),
+            Column("last_success_ns", Integer),
+            Column("last_error", String),
+            Column("last_error_ns", Integer),
+            Column("bytes_sent", Integer, nullable=False, default=0),
+            Column("files_sent", Integer, nullable=False, default=0),
+        )
+        return types.SimpleNamespace(
+            metadata=metadata, meta=meta_table, entries=entries_table,
+            generations=generations_table, downstreams=downstreams_table,
+        )
+
 
 ENTRY_COLUMNS = (
     "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted"
@@ -146,7 +164,7 @@ class Stats:
     generation_created_ns: int | None
 
 
-def _set_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI callback
+def _set_pragmas(dbapi_conn, _record=None) -> None:  # noqa: ANN001 - also a DBAPI callback
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode survives a killed process (the invariant); only a
@@ -159,9 +177,24 @@ def _set_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI callback
 class Manifest:
     """An open manifest.  Not thread-safe: one per thread or guarded by the caller."""
 
-    def __init__(self, path: Path, engine) -> None:  # noqa: ANN001
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._engine = engine
+        self._engine_obj = None
+
+    @property
+    def _engine(self):  # noqa: ANN202 - a SQLAlchemy Engine, made on first use
+        if self._engine_obj is None:
+            from sqlalchemy import create_engine, event
+            from sqlalchemy.pool import NullPool
+
+            engine = create_engine(
+                f"sqlite:///{self.path}",
+                poolclass=NullPool,
+                connect_args={"check_same_thread": False, "timeout": 10},
+            )
+            event.listen(engine, "connect", _set_pragmas)
+            self._engine_obj = engine
+        return self._engine_obj
 
     # -- opening ------------------------------------------------------------
 
@@ -176,45 +209,28 @@ class Manifest:
                 state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             except OSError as err:
                 raise ManifestError(f"{state_dir}: cannot create state_dir: {err.strerror}") from err
-        engine = create_engine(
-            f"sqlite:///{path}",
-            poolclass=NullPool,
-            connect_args={"check_same_thread": False, "timeout": 10},
-        )
-        event.listen(engine, "connect", _set_pragmas)
-        manifest = cls(path, engine)
+        manifest = cls(path)
         manifest._check_or_create(node_name)
         return manifest
 
     def _check_or_create(self, node_name: str) -> None:
+        raw = self._raw()
         try:
-            with self._engine.begin() as conn:
-                tables = set(
-                    conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'").scalars()
-                )
-                if not tables:
-                    metadata.create_all(conn)
-                    conn.execute(
-                        meta_table.insert(),
-                        [
-                            {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                            {"key": "node", "value": node_name},
-                            {"key": "generation", "value": "0"},
-                            {"key": "created_ns", "value": str(time.time_ns())},
-                        ],
-                    )
-                    return
-                if "meta" not in tables:
-                    raise SchemaError(f"{self.path}: not a syncd manifest (no meta table)")
-                row = conn.execute(
-                    select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-                ).scalar()
-        except SchemaError:
-            raise
-        except DatabaseError as err:
-            raise ManifestError(f"{self.path}: cannot open manifest: {_reason(err)}") from err
+            tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            row = None
+            if "meta" in tables:
+                row = raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: cannot open manifest: {err}") from err
+        finally:
+            raw.close()
+        if not tables:
+            self._create(node_name)
+            return
+        if "meta" not in tables:
+            raise SchemaError(f"{self.path}: not a syncd manifest (no meta table)")
         try:
-            version = int(row)
+            version = int(row[0])
         except (TypeError, ValueError):
             raise SchemaError(f"{self.path}: manifest has no valid schema version") from None
         if version != SCHEMA_VERSION:
@@ -224,8 +240,28 @@ class Manifest:
                 f"this syncd reads version {SCHEMA_VERSION}"
             )
 
+    def _create(self, node_name: str) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        schema = _Schema.get()
+        try:
+            with self._engine.begin() as conn:
+                schema.metadata.create_all(conn)
+                conn.execute(
+                    schema.meta.insert(),
+                    [
+                        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                        {"key": "node", "value": node_name},
+                        {"key": "generation", "value": "0"},
+                        {"key": "created_ns", "value": str(time.time_ns())},
+                    ],
+                )
+        except SQLAlchemyError as err:
+            raise ManifestError(f"{self.path}: cannot create manifest: {_reason(err)}") from err
+
     def close(self) -> None:
-        self._engine.dispose()
+        if self._engine_obj is not None:
+            self._engine_obj.dispose()
 
     def __enter__(self) -> "Manifest":
         return self
@@ -240,13 +276,16 @@ class Manifest:
         return int(self._meta("generation") or 0)
 
     def _meta(self, key: str) -> str | None:
+        raw = self._raw()
         try:
-            with self._engine.connect() as conn:
-                return conn.execute(select(meta_table.c.value).where(meta_table.c.key == key)).scalar()
-        except SQLAlchemyError as err:
-            raise ManifestError(f"{self.path}: {_reason(err)}") from err
+            row = raw.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: {err}") from err
+        finally:
+            raw.close()
+        return row[0] if row else None
 
-    def iter_entries(self, *, include_deleted: bool = True) -> Iterator[tuple]:
+    def iter_entries(self, *, include_deleted: bool = True, with_sha256: bool = True) -> Iterator[tuple]:
         """Every row as a plain tuple in ``(parent, name)`` order, streamed.
 
         The rows come from one read transaction: a consistent snapshot even
@@ -256,7 +295,10 @@ class Manifest:
         raw = self._raw()
         try:
             raw.execute("BEGIN")
-            sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
+            # Without the hashes (NULL in their place) the rows are half the
+            # bytes: a rescan compares stat data only.
+            columns = ENTRY_COLUMNS if with_sha256 else ENTRY_COLUMNS.replace("sha256", "NULL")
+            sql = f"SELECT {columns} FROM entries"
             if not include_deleted:
                 sql += " WHERE deleted = 0"
             cur = raw.execute(sql + " ORDER BY parent, name")
@@ -289,6 +331,28 @@ class Manifest:
     def get_meta(self, key: str) -> str | None:
         return self._meta(key)
 
+    def delete_meta(self, key: str) -> None:
+        with self._engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (key,))
+
+    def invalidate(self, paths: Iterable[bytes]) -> int:
+        """Forget the stat data of these live rows (inode and ctime to 0).
+
+        The row no longer matches the file on disk, so the next comparison
+        re-hashes the file instead of trusting the row: how a mirror's
+        ``verify --repair`` hands a finding to its upstream's next push.
+        Returns how many rows changed.
+        """
+        n = 0
+        with self._engine.begin() as conn:
+            for path in paths:
+                parent, name = split(path)
+                n += conn.exec_driver_sql(
+                    "UPDATE entries SET ino = 0, ctime_ns = 0 WHERE parent = ? AND name = ? AND deleted = 0",
+                    (parent, name),
+                ).rowcount
+        return n
+
     def entries(self, *, include_deleted: bool = False) -> Iterator[Entry]:
         for row in self.iter_entries(include_deleted=include_deleted):
             yield Entry(*row)
@@ -308,7 +372,10 @@ class Manifest:
             raw.close()
 
     def stats(self) -> Stats:
-        e = entries_table
+        from sqlalchemy import func, select
+
+        schema = _Schema.get()
+        e, meta_table, generations_table = schema.entries, schema.meta, schema.generations
         with self._engine.connect() as conn:
             live = conn.execute(
                 select(e.c.kind, func.count(), func.coalesce(func.sum(e.c.size), 0))
@@ -335,8 +402,10 @@ class Manifest:
         )
 
     def downstreams(self) -> list[dict]:
+        from sqlalchemy import select
+
         with self._engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(downstreams_table)).all()]
+            return [dict(r._mapping) for r in conn.execute(select(_Schema.get().downstreams)).all()]
 
     # -- writing ------------------------------------------------------------
 
@@ -348,34 +417,33 @@ class Manifest:
         """Upsert a downstream's acknowledgement / result columns."""
         from sqlalchemy.dialects.sqlite import insert
 
-        stmt = insert(downstreams_table).values(name=name, **values)
+        stmt = insert(_Schema.get().downstreams).values(name=name, **values)
         stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
         with self._engine.begin() as conn:
             conn.execute(stmt)
 
     def _raw(self) -> "_RawConnection":
         try:
-            return _RawConnection(self._engine.raw_connection())
-        except SQLAlchemyError as err:
-            raise ManifestError(f"{self.path}: {_reason(err)}") from err
+            return _RawConnection(self.path)
+        except sqlite3.Error as err:
+            raise ManifestError(f"{self.path}: cannot open manifest: {err}") from err
 
 
 class _RawConnection:
-    """The sqlite3 connection under a pooled proxy, in autocommit mode.
+    """A sqlite3 connection in autocommit mode, for the bulk paths."""
 
-    The proxy must stay referenced: dropping it returns (with NullPool,
-    closes) the connection.
-    """
-
-    def __init__(self, proxy) -> None:  # noqa: ANN001
-        self._proxy = proxy
-        self._conn = proxy.driver_connection
-        self._conn.isolation_level = None  # we issue BEGIN/COMMIT ourselves
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        try:
+            _set_pragmas(self._conn)
+        except sqlite3.Error:
+            self._conn.close()
+            raise
         self.execute = self._conn.execute
         self.executemany = self._conn.executemany
 
     def close(self) -> None:
-        self._proxy.close()
+        self._conn.close()
 
 
 class ManifestReader:
@@ -415,6 +483,7 @@ class ManifestWriter:
         self._m = manifest
         self._raw = manifest._raw()
         self._pending: list[tuple] = []
+        self._tombstones: list[tuple] = []
         self._raw.execute("BEGIN IMMEDIATE")
 
     def upsert(self, row: tuple) -> None:
@@ -427,11 +496,36 @@ class ManifestWriter:
         self._flush()
         self._raw.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def tombstone(self, parent: bytes, name: bytes, generation: int) -> None:
+        """Mark a row deleted in ``generation``, keeping the rest (its hash too)."""
+        self._tombstones.append((generation, parent, name))
+        if len(self._tombstones) >= self.BATCH:
+            self._flush()
+
+    def sha256_of(self, parent: bytes, name: bytes) -> bytes | None:
+        row = self._raw.execute(
+            "SELECT sha256 FROM entries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return row[0] if row else None
+
+    def delete_meta(self, key: str) -> None:
+        self._flush()
+        self._raw.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def upsert_many(self, rows: Iterable[tuple]) -> None:
         for row in rows:
             self.upsert(row)
 
     def _flush(self) -> None:
+        if self._tombstones:
+            try:
+                self._raw.executemany(
+                    "UPDATE entries SET deleted = 1, generation = ? WHERE parent = ? AND name = ?",
+                    self._tombstones,
+                )
+            except Exception as err:
+                raise ManifestError(f"{self._m.path}: writing entries: {err}") from err
+            self._tombstones.clear()
         if self._pending:
             try:
                 self._raw.executemany(
@@ -494,6 +588,8 @@ __all__ = [
     "KIND_DIR",
     "KIND_SYMLINK",
     "KIND_NAMES",
+    "META_HELD_BACK",
+    "META_REPAIR",
     "join",
     "split",
     "fspath",

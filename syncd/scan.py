@@ -204,7 +204,7 @@ def scan(
     skip_prefixes: list[bytes] = []
 
     writer = manifest.writer()
-    rows = manifest.iter_entries()
+    rows = manifest.iter_entries(with_sha256=False)
 
     def tombstone(row: tuple) -> None:
         if row[_DELETED]:
@@ -212,7 +212,7 @@ def scan(
         for p in skip_prefixes:
             if row[_PARENT] == p or row[_PARENT].startswith(p + b"/"):
                 return
-        writer.upsert(row[:_GEN] + (gen, 1))
+        writer.tombstone(row[_PARENT], row[_NAME], gen)
         changed(DELETED, row)
 
     def finish_hash(job: tuple, outcome: object) -> None:
@@ -238,7 +238,7 @@ def scan(
         if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
             writer.upsert(row + (gen, 0))
             changed(ADDED, row)
-        elif old[_SHA] != digest:
+        elif writer.sha256_of(parent, name) != digest:
             writer.upsert(row + (gen, 0))
             changed(MODIFIED, row)
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
