@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.once:
         raise UsageError("run without --once (the daemon) is not available yet; use 'run --once'")
     from .manifest import Manifest
-    from .push import push_with_retries
+    from .push import push_tree
     from .scan import scan
 
     cfg = _load_config(args)
@@ -130,18 +131,144 @@ def cmd_run(args: argparse.Namespace) -> int:
             if manifest.get_meta("upstream") is None:
                 result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
                 log.info("scan: %s", result.summary())
-            results = []
-            for mirror in mirrors:
-                def show(item, _name=mirror.name):  # noqa: ANN001, ANN202
-                    out.write(f"{_name}: {item.line()}\n")
+                if not args.no_verify:
+                    _refuse_broken_release(cfg, manifest)
+            printing = threading.Lock()
 
-                results.append(push_with_retries(
-                    cfg, mirror, manifest, dry_run=args.dry_run, force_deletes=args.force_deletes,
-                    on_item=show if (args.dry_run or args.itemize) else None,
-                ))
+            def show(mirror: str, item) -> None:  # noqa: ANN001
+                with printing:
+                    out.write(f"{mirror}: {item.line()}\n")
+
+            results = push_tree(
+                cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
+                on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
+            )
+            manifest.set_meta("last_tree", json.dumps([r.to_wire() for r in results]))
+    # Tier by tier: each mirror, then (indented) what it reached below it.
     for r in results:
-        out.write(("(dry run) " if args.dry_run else "") + r.summary() + "\n")
-    return 0 if all(r.ok for r in results) else EXIT_FAILURE
+        for line in r.report():
+            out.write(("(dry run) " if args.dry_run else "") + line + "\n")
+    return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
+
+
+def _keyring(cfg):  # noqa: ANN001, ANN202
+    """The node's Keyring over its private GNUPGHOME, or None without ``[verify] keyring``."""
+    if cfg.verify.keyring is None:
+        return None
+    from .verify import Keyring
+
+    return Keyring(cfg.verify.keyring, cfg.verify.gnupghome or cfg.node.state_dir / "gnupg")
+
+
+def _check_index_group(cfg, manifest) -> tuple[list, int]:  # noqa: ANN001
+    """Findings on the node's own index group (signatures, Release/repomd
+    chains), and how many index files it has."""
+    from .manifest import KIND_FILE
+    from .plan import IndexMatcher
+    from .verify import DEFAULT_REQUIRE_SIGNED, verify_tree_group
+
+    matcher = IndexMatcher(cfg.node.index_patterns)
+    rels = [os.fsdecode(e.path) for e in manifest.entries() if e.kind == KIND_FILE and matcher(e.path)]
+    keyring = _keyring(cfg)
+    try:
+        findings = verify_tree_group(
+            cfg.node.root, rels, keyring=keyring,
+            require_signed=cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED, workers=cfg.node.hash_workers,
+        )
+    finally:
+        if keyring is not None:
+            keyring.close()
+    return findings, len(rels)
+
+
+def _refuse_broken_release(cfg, manifest) -> None:  # noqa: ANN001
+    """A primary does not push a release its own mirrors would hold back."""
+    from .errors import VerifyError
+
+    findings, _ = _check_index_group(cfg, manifest)
+    if not findings:
+        return
+    for f in findings:
+        log.error("verify: %s", f.message)
+    raise VerifyError(
+        f"{cfg.node.name}: refusing to push: {len(findings)} finding(s) in this node's own index group, "
+        f"first: {findings[0].message} (rerun with --no-verify to push anyway)"
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash the tree against the manifest, check the index group.
+
+    On a mirror, ``--repair`` forgets the stat data of every path with a
+    finding and asks the upstream for a full comparison on its next push
+    (the agent's welcome claims no generation), which re-hashes those files
+    and sends what differs.  A primary has nothing to repair from: with
+    ``--repair`` it only reports, like without.
+    """
+    from .manifest import KIND_FILE, META_HELD_BACK, META_REPAIR, Manifest
+    from .verify import Finding, FindingKind, hash_files
+
+    cfg = _load_config(args)
+    out = sys.stdout
+    root = os.fsencode(os.path.abspath(cfg.node.root))
+    findings: list = []
+    files = size = 0
+    with _state_lock(cfg, "verify"):
+        with Manifest.open(cfg.node.state_dir, cfg.node.name, create=False) as manifest:
+            upstream = manifest.get_meta("upstream")
+
+            def check(chunk: dict[str, tuple[str, bytes]]) -> None:
+                for where, got in hash_files(chunk, workers=cfg.node.hash_workers):
+                    rel, digest = chunk[where]
+                    if isinstance(got, FileNotFoundError):
+                        findings.append(Finding(rel, FindingKind.MISSING_FILE, f"{rel}: missing"))
+                    elif isinstance(got, OSError):
+                        findings.append(Finding(rel, FindingKind.ERROR, f"{rel}: cannot read: {got.strerror or got}"))
+                    elif got != digest:
+                        findings.append(Finding(
+                            rel, FindingKind.HASH_MISMATCH,
+                            f"{rel}: SHA-256 {got.hex()} differs from the manifest's {digest.hex()}"))
+
+            # Chunks keep memory bounded on a tree of millions of files.
+            chunk: dict[str, tuple[str, bytes]] = {}
+            for e in manifest.entries():
+                if e.kind != KIND_FILE:
+                    continue
+                files += 1
+                size += e.size
+                # fsdecode, not fspath: --repair encodes the name back.
+                chunk[os.fsdecode(root + b"/" + e.path)] = (os.fsdecode(e.path), e.sha256)
+                if len(chunk) >= 4096:
+                    check(chunk)
+                    chunk = {}
+            check(chunk)
+            group, n_index = _check_index_group(cfg, manifest)
+            findings = sorted(set(findings + group))
+            marked = 0
+            if findings and args.repair and upstream is not None:
+                marked = manifest.invalidate(os.fsencode(f.path) for f in findings)
+                manifest.set_meta(META_REPAIR, json.dumps({"at_ns": time.time_ns(), "findings": len(findings)}))
+            held = manifest.get_meta(META_HELD_BACK)
+    for f in findings:
+        line = f"{f.kind.value:<18}{f.message}\n"
+        out.write(line.encode("utf-8", "backslashreplace").decode("utf-8"))
+    if held:
+        info = json.loads(held)
+        out.write(f"note: generation {info.get('generation')} from {info.get('upstream')} was held back "
+                  f"({info.get('findings')} finding(s)); this node serves its last good generation\n")
+    where = f"mirror of {upstream}" if upstream is not None else "primary"
+    out.write(f"verify {cfg.node.name} ({where}): {files} files, {size} bytes re-hashed, {n_index} index files "
+              f"checked{' with signatures' if cfg.verify.keyring else ''}: {len(findings)} finding(s)\n")
+    if findings:
+        if upstream is None:
+            if args.repair:
+                out.write("repair: this node is a primary, there is nothing upstream to repair from; restore "
+                          "the files, or rescan ('syncd scan') if the changes are intended\n")
+        elif args.repair:
+            out.write(f"repair: {marked} file(s) marked; {upstream} repairs them on its next push\n")
+        else:
+            out.write(f"run 'syncd verify --repair' to have {upstream} repair them on its next push\n")
+    return EXIT_FAILURE if findings else 0
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -237,7 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-deletes", action="store_true", help="allow a plan that deletes more than max_delete")
     p.add_argument("--mirror", metavar="NAME[,NAME]", help="push only to these mirrors")
     p.add_argument("-i", "--itemize", action="store_true", help="print each change, like rsync -i")
+    p.add_argument("--no-cascade", action="store_true",
+                   help="push to the direct downstreams only; do not ask them to push on")
+    p.add_argument("--no-verify", action="store_true",
+                   help="push even if this node's own signatures or Release/repomd checksums fail")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="re-hash the tree against the manifest and check signatures")
+    p.add_argument("--repair", action="store_true",
+                   help="on a mirror: have its upstream repair the findings on its next push")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("agent", help="the remote end of a push, speaking the protocol on stdin/stdout")
     p.add_argument("--config", dest="agent_config", type=Path, default=None,

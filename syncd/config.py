@@ -39,6 +39,7 @@ class NodeConfig:
     exclude: tuple[str, ...] = ()
     max_delete: float = 0.10
     index_patterns: tuple[str, ...] = ()
+    parallel_pushes: int = 4
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,24 @@ class MirrorConfig:
     retries: int = 3
     retry_delay: float = 1.0
     io_timeout: float = 300.0
+    via: str | None = None
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
+    """``[verify]``: signature checks before publishing, and ``syncd verify``.
+
+    ``keyring`` None: no signature checks (SHA-256 and the Release/repomd
+    chain checks always run).  ``gnupghome`` None: ``state_dir/gnupg``.
+    ``require_signed`` None: ``verify.DEFAULT_REQUIRE_SIGNED``.  ``schedule``
+    is when the daemon runs ``verify`` by itself (on a mirror it marks its
+    findings for repair by its upstream).
+    """
+
     keyring: Path | None
+    gnupghome: Path | None = None
+    require_signed: tuple[str, ...] | None = None
+    schedule: str = "30 4 * * *"
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,7 @@ NODE_KEYS: dict[str, Key] = {
     "exclude": Key(_patterns, default=()),
     "max_delete": Key(_share, default=0.10),
     "index_patterns": Key(_globs, default=None),  # None: plan.DEFAULT_INDEX_PATTERNS
+    "parallel_pushes": Key(_int_range(1, 64), default=4),
 }
 
 MIRROR_KEYS: dict[str, Key] = {
@@ -204,10 +219,14 @@ MIRROR_KEYS: dict[str, Key] = {
     "retries": Key(_int_range(1, 100), default=3),
     "retry_delay": Key(_seconds, default=1.0),
     "io_timeout": Key(_seconds, default=300.0),
+    "via": Key(_name, default=None),
 }
 
 VERIFY_KEYS: dict[str, Key] = {
     "keyring": Key(_path, default=None),
+    "gnupghome": Key(_path, default=None),  # None: state_dir/gnupg
+    "require_signed": Key(_globs, default=None),  # None: verify.DEFAULT_REQUIRE_SIGNED
+    "schedule": Key(_cron, default="30 4 * * *"),
 }
 
 
@@ -282,6 +301,7 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
         exclude=node_values["exclude"],
         max_delete=node_values["max_delete"],
         index_patterns=node_values["index_patterns"] or _default_index_patterns(),
+        parallel_pushes=node_values["parallel_pushes"],
     )
     _check_dirs(cfg_path, node)
 
@@ -314,13 +334,30 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
                 retries=values["retries"],
                 retry_delay=values["retry_delay"],
                 io_timeout=values["io_timeout"],
+                via=values["via"],
             )
         )
+
+    names = {m.name: m for m in mirrors}
+    for m in mirrors:
+        if m.via is None:
+            continue
+        if m.via not in names:
+            raise ConfigError(f"{cfg_path}: [mirror:{m.name}] via: no [mirror:{m.via}] in this file")
+        if names[m.via].via is not None or m.via == m.name:
+            raise ConfigError(
+                f"{cfg_path}: [mirror:{m.name}] via: {m.via} must be a direct downstream (no via of its own)"
+            )
 
     verify = VerifyConfig(keyring=None)
     if parser.has_section("verify"):
         values = _section(cfg_path, parser, "verify", VERIFY_KEYS)
-        verify = VerifyConfig(keyring=values["keyring"])
+        verify = VerifyConfig(
+            keyring=values["keyring"],
+            gnupghome=values["gnupghome"],
+            require_signed=values["require_signed"],
+            schedule=values["schedule"],
+        )
         if verify.keyring is not None and not verify.keyring.is_file():
             raise ConfigError(f"{cfg_path}: [verify] keyring: no such file {verify.keyring}")
 

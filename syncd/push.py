@@ -63,11 +63,57 @@ class PushResult:
     items: list[planmod.Item] = field(default_factory=list)
     seconds: float = 0.0
     attempts: int = 0
+    # The downstream's own downstreams, as it reported them (cascade).
+    below: list["PushResult"] = field(default_factory=list)
+    # A failover push: this mirror is normally served by ``via``, which failed.
+    failover_from: str | None = None
+
+    def tree_ok(self) -> bool:
+        return self.ok and all(r.tree_ok() for r in self.below)
+
+    def to_wire(self) -> dict:
+        return {
+            "mirror": self.mirror, "ok": self.ok, "generation": self.generation,
+            "held_before": self.held_before, "error": self.error, "files_sent": self.files_sent,
+            "bytes_sent": self.bytes_sent, "ms": round(self.seconds * 1000), "attempts": self.attempts,
+            "summary": self.summary(), "failover_from": self.failover_from,
+            "below": [r.to_wire() for r in self.below],
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any, depth: int = 0) -> "PushResult":
+        if not isinstance(raw, dict) or depth > 16:
+            raise ProtocolError("cascaded: a result is not a dict (or nests too deep)")
+        r = cls(mirror=str(raw.get("mirror")), generation=int(raw.get("generation") or 0))
+        r.ok = raw.get("ok") is True
+        r.held_before = raw.get("held_before") if isinstance(raw.get("held_before"), int) else None
+        r.error = raw.get("error") if isinstance(raw.get("error"), str) else None
+        r.files_sent = int(raw.get("files_sent") or 0)
+        r.bytes_sent = int(raw.get("bytes_sent") or 0)
+        r.seconds = int(raw.get("ms") or 0) / 1000
+        r.attempts = int(raw.get("attempts") or 0)
+        r.failover_from = raw.get("failover_from") if isinstance(raw.get("failover_from"), str) else None
+        r._summary = raw.get("summary") if isinstance(raw.get("summary"), str) else None
+        r.below = [cls.from_wire(b, depth + 1) for b in raw.get("below") or []]
+        return r
+
+    def report(self, indent: str = "") -> list[str]:
+        """One line per mirror of the subtree, tier by tier."""
+        lines = [indent + self.summary()]
+        for r in self.below:
+            lines += r.report(indent + "  ")
+        return lines
 
     def counts(self) -> dict[str, int]:
         return planmod.summarize(self.items)
 
     def summary(self) -> str:
+        if getattr(self, "_summary", None):
+            return self._summary
+        prefix = f"(failover: {self.failover_from} failed) " if self.failover_from else ""
+        return prefix + self._own_summary()
+
+    def _own_summary(self) -> str:
         if not self.ok:
             return f"{self.mirror}: FAILED after {self.attempts} attempt(s): {self.error}"
         c = self.counts()
@@ -156,8 +202,10 @@ class Pusher:
         dry_run: bool = False,
         force_deletes: bool = False,
         open_session: Callable[[MirrorConfig], Any] | None = None,
-        on_item: Callable[[planmod.Item], None] | None = None,
+        on_item: Callable[[str, planmod.Item], None] | None = None,
+        cascade: bool = True,
     ) -> None:
+        self.cascade = cascade
         self.cfg = cfg
         self.mirror = mirror
         self.manifest = manifest
@@ -213,10 +261,10 @@ class Pusher:
         result.held_before = held
         full = held is None or held > target
         result.full = full
+        downstreams = welcome.get("downstreams") or []
         if held == target and not full:
-            w.message({"type": "bye"})
-            w.flush()
             result.ok = True
+            self._cascade(ch, result, downstreams)
             return
 
         w.message({
@@ -264,9 +312,28 @@ class Pusher:
             if msg["type"] == "committed":
                 break
             self._dispatch(ch, result, msg)
+        result.ok = True
+        self._cascade(ch, result, downstreams)
+
+    def _cascade(self, ch: _Channel, result: PushResult, downstreams: list) -> None:
+        """Have the downstream push on to its own downstreams, and wait for their report.
+
+        Asked even when the downstream already held the generation: the
+        push's promise is the whole tree below, and a subtree may be behind.
+        """
+        w = ch.writer
+        if downstreams and not self.dry_run and self.cascade:
+            w.message({"type": "cascade"})
+            w.flush()
+            while True:
+                msg = self._next(ch)  # "cascading" heartbeats keep io_timeout from firing
+                if msg["type"] == "cascaded":
+                    result.below = [PushResult.from_wire(r) for r in msg.get("results") or []]
+                    break
+                if msg["type"] != "cascading":
+                    raise ProtocolError(f"expected 'cascaded', got {msg['type']!r}")
         w.message({"type": "bye"})
         w.flush()
-        result.ok = True
 
     def _next(self, ch: _Channel) -> dict:
         return ch.next_message(self.mirror.io_timeout)
@@ -320,7 +387,7 @@ class Pusher:
         item = planmod.Item(action, path, entry.size if entry else 0, source if isinstance(source, bytes) else None)
         result.items.append(item)
         if self.on_item is not None:
-            self.on_item(item)
+            self.on_item(self.mirror.name, item)
         if need is None or self.dry_run:
             return
         if entry is None or entry.kind != KIND_FILE:
@@ -427,6 +494,45 @@ def _chunks(fd: int, offset: int = 0) -> Iterator[bytes]:
         yield chunk
 
 
+def push_tree(
+    cfg: Config,
+    manifest: Manifest,
+    *,
+    mirrors: Iterable[MirrorConfig] | None = None,
+    dry_run: bool = False,
+    force_deletes: bool = False,
+    on_item: Callable[[str, planmod.Item], None] | None = None,
+    cascade: bool = True,
+) -> list[PushResult]:
+    """Push to every direct downstream at once (each cascading to its subtree).
+
+    Siblings run concurrently (at most ``parallel_pushes``): one that fails or
+    hangs does not hold back the others.  A mirror with ``via = T`` is an edge
+    normally served by T; it is pushed to directly only while T fails
+    (failover), and left to T again once T succeeds.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    chosen = list(mirrors if mirrors is not None else cfg.mirrors)
+    direct = [m for m in chosen if not m.via]
+    standby = [m for m in chosen if m.via]
+
+    def one(m: MirrorConfig) -> PushResult:
+        return push_with_retries(cfg, m, manifest, dry_run=dry_run, force_deletes=force_deletes,
+                                 on_item=on_item, cascade=cascade)
+
+    with ThreadPoolExecutor(max_workers=max(1, cfg.node.parallel_pushes), thread_name_prefix="push") as pool:
+        results = list(pool.map(one, direct))
+        failed = {r.mirror for r in results if not r.ok}
+        takeover = [m for m in standby if m.via in failed]
+        for m in takeover:
+            log.warning("%s: %s failed; pushing to %s directly (failover)", cfg.node.name, m.via, m.name)
+        for m, r in zip(takeover, pool.map(one, takeover)):
+            r.failover_from = m.via
+            results.append(r)
+    return results
+
+
 def push_with_retries(
     cfg: Config,
     mirror: MirrorConfig,
@@ -434,9 +540,10 @@ def push_with_retries(
     *,
     dry_run: bool = False,
     force_deletes: bool = False,
-    on_item: Callable[[planmod.Item], None] | None = None,
+    on_item: Callable[[str, planmod.Item], None] | None = None,
     open_session: Callable[[MirrorConfig], Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    cascade: bool = True,
 ) -> PushResult:
     """Push, retrying a lost connection with exponential backoff and jitter.
 
@@ -448,9 +555,10 @@ def push_with_retries(
     for attempt in range(1, mirror.retries + 1):
         result.attempts = attempt
         result.items = []
+        result.below = []
         try:
             Pusher(cfg, mirror, manifest, dry_run=dry_run, force_deletes=force_deletes,
-                   on_item=on_item, open_session=open_session).run(result)
+                   on_item=on_item, open_session=open_session, cascade=cascade).run(result)
             break
         except SyncdError as err:
             result.error = str(err)
@@ -476,4 +584,4 @@ def push_with_retries(
     return result
 
 
-__all__ = ["PushResult", "Pusher", "push_with_retries", "filter_rules", "TransportError"]
+__all__ = ["PushResult", "Pusher", "push_tree", "push_with_retries", "filter_rules", "TransportError"]

@@ -943,6 +943,7 @@ def verify_index_group(
     clearsigned: Sequence[str] = DEFAULT_CLEARSIGNED,
     debian_release: Sequence[str] = DEFAULT_DEBIAN_RELEASE,
     workers: int | None = None,
+    require_sha256_list: bool = True,
 ) -> list[Finding]:
     """Everything that stops this group from being published; empty = publish.
 
@@ -951,7 +952,7 @@ def verify_index_group(
     return verify_index_group_report(
         files, keyring=keyring, require_signed=require_signed, expected_sha256=expected_sha256,
         detached_suffixes=detached_suffixes, clearsigned=clearsigned, debian_release=debian_release,
-        workers=workers).findings
+        workers=workers, require_sha256_list=require_sha256_list).findings
 
 
 def verify_index_group_report(
@@ -964,6 +965,7 @@ def verify_index_group_report(
     clearsigned: Sequence[str] = DEFAULT_CLEARSIGNED,
     debian_release: Sequence[str] = DEFAULT_DEBIAN_RELEASE,
     workers: int | None = None,
+    require_sha256_list: bool = True,
 ) -> GroupReport:
     """Verify one group: ``files`` maps each relative path, as it will be
     published, to where its bytes are now (staging or the published tree).
@@ -976,6 +978,10 @@ def verify_index_group_report(
       ``repodata/repomd.xml``'s checksums against the files of the group that
       they name (size and digest); files named but not in the group are not
       checked and are counted in ``absent``.
+    - A Release with no SHA256 list, named by no other Release, is
+      ``malformed_index`` unless ``require_sha256_list`` is False (a tree
+      checked without a keyring: such a Release has no chain to check, and
+      is not the archive's trust root).
 
     All files are hashed once, in one parallel pass; signatures are checked
     by several gpg processes at once.  Raises VerifyError only when the
@@ -1070,7 +1076,7 @@ def verify_index_group_report(
     # neither a signature nor a SHA256 list: the suite's Release names them,
     # and its signature covers them through that chain.
     named_by_any = set().union(*named.values()) if named else set()
-    for p in no_sha256:
+    for p in no_sha256 if require_sha256_list else ():
         if p not in named_by_any:
             findings.append(Finding(p, FindingKind.MALFORMED_INDEX, f"{p}: has no SHA256 field"))
     if keyring is not None:
@@ -1223,10 +1229,40 @@ def _run_checks(checks: Mapping[tuple[str, str], list[tuple[str, bytes, int | No
     return findings
 
 
+def verify_tree_group(
+    root: Path,
+    rels: Iterable[str],
+    *,
+    keyring: Keyring | None,
+    require_signed: Sequence[str] = DEFAULT_REQUIRE_SIGNED,
+    workers: int | None = None,
+) -> list[Finding]:
+    """The index group of a published tree (``syncd verify``, the primary's
+    check before a push): ``rels`` relative to ``root``.
+
+    Only regular files count: a path that is missing or no longer a file
+    is left out of the group, so it is reported only where an index names
+    it.  Without a keyring a Release without a SHA256 list is no finding
+    (see ``require_sha256_list``).
+    """
+    import stat as statmod
+
+    files: dict[str, Path] = {}
+    for rel in rels:
+        where = Path(root) / rel
+        try:
+            if statmod.S_ISREG(os.lstat(where).st_mode):
+                files[rel] = where
+        except OSError:
+            continue
+    return verify_index_group(files, keyring=keyring, require_signed=require_signed, workers=workers,
+                              require_sha256_list=keyring is not None)
+
+
 __all__ = [
     "DEFAULT_BUFFER", "DEFAULT_CLEARSIGNED", "DEFAULT_DEBIAN_RELEASE", "DEFAULT_DETACHED_SUFFIXES",
     "DEFAULT_REQUIRE_SIGNED", "Finding", "FindingKind", "GroupReport", "IndexEntry", "Keyring", "Release",
     "SigOutcome", "SigResult", "SignaturePlan", "check_hashes", "clearsigned_body", "default_workers",
     "hash_files", "parse_release", "parse_repomd", "plan_signatures", "render_release", "sha256_file",
-    "verify_index_group", "verify_index_group_report",
+    "verify_index_group", "verify_index_group_report", "verify_tree_group",
 ]

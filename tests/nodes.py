@@ -45,18 +45,17 @@ class Node:
         lines = ["[node]", f"name = {self.name}", f"root = {self.root}", f"state_dir = {self.state}"]
         lines += [f"{k} = {v}" for k, v in self.node_keys.items()]
         for down, keys in self.mirrors:
-            lines += [
-                "",
-                f"[mirror:{down.name}]",
-                f"host = {ssh.host}",
-                f"port = {port or ssh.port}",
-                f"user = {ssh.user}",
-                f"identity_file = {ssh.identity_file}",
-                f"known_hosts = {known_hosts or ssh.known_hosts}",
-                f"remote_command = {down.agent_command()}",
-                "retry_delay = 0.05",
-            ]
-            lines += [f"{k} = {v}" for k, v in keys.items()]
+            values = {
+                "host": ssh.host,
+                "port": port or ssh.port,
+                "user": ssh.user,
+                "identity_file": ssh.identity_file,
+                "known_hosts": known_hosts or ssh.known_hosts,
+                "remote_command": down.agent_command(),
+                "retry_delay": "0.05",
+            }
+            values.update(keys)  # a test's own keys win (a dead port, a via, ...)
+            lines += ["", f"[mirror:{down.name}]"] + [f"{k} = {v}" for k, v in values.items()]
         self.ini.write_text("\n".join(lines) + "\n")
         return self.ini
 
