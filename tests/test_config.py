@@ -173,3 +173,12 @@ def test_unknown_key_warns_with_closest_name(dirs, caplog) -> None:  # noqa: ANN
     text = caplog.text
     assert "[mirror:m1] identiy_file: unknown key ignored (did you mean identity_file?)" in text
     assert "unknown section [mirors:m2]" in text
+
+
+def test_every_key_is_documented_in_the_example_sync_ini() -> None:
+    """The example sync.ini at the repository root documents every key syncd reads."""
+    example = (Path(__file__).resolve().parent.parent / "sync.ini").read_text()
+    documented = {line.lstrip(";").split("=")[0].strip() for line in example.splitlines() if "=" in line}
+    for table in (config.NODE_KEYS, config.MIRROR_KEYS, config.VERIFY_KEYS):
+        missing = set(table) - documented
+        assert not missing, f"keys not documented in sync.ini: {sorted(missing)}"
