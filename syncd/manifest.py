@@ -502,6 +502,21 @@ class ManifestWriter:
         if len(self._tombstones) >= self.BATCH:
             self._flush()
 
+    def rows_in(self, parent: bytes) -> list[tuple]:
+        """The rows of one directory (hashes left out), as this transaction sees them."""
+        self._flush()
+        columns = ENTRY_COLUMNS.replace("sha256", "NULL")
+        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = ?", (parent,)).fetchall()
+
+    def live_under(self, path: bytes) -> list[tuple]:
+        """Live rows anywhere below directory ``path`` ('0' is the byte after '/')."""
+        self._flush()
+        columns = ENTRY_COLUMNS.replace("sha256", "NULL")
+        return self._raw.execute(
+            f"SELECT {columns} FROM entries WHERE deleted = 0 AND (parent = ? OR (parent >= ? AND parent < ?))",
+            (path, path + b"/", path + b"0"),
+        ).fetchall()
+
     def sha256_of(self, parent: bytes, name: bytes) -> bytes | None:
         row = self._raw.execute(
             "SELECT sha256 FROM entries WHERE parent = ? AND name = ?", (parent, name)

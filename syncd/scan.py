@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from .errors import ScanError
 from .manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest, fspath, join, split
@@ -179,8 +179,14 @@ def scan(
     *,
     workers: int = 2,
     on_change: Callable[[str, bytes], None] | None = None,
+    dirs: Iterable[bytes] | None = None,
 ) -> ScanResult:
     """Walk ``root`` and bring ``manifest`` up to date in one transaction.
+
+    With ``dirs`` (relative directory paths, ``b""`` for root), only those
+    directories are listed, each without descending, except into
+    directories that are new: what a watcher saw change, without walking
+    the tree.  A directory that vanished takes its whole subtree with it.
 
     The caller holds the state_dir lock.  Bumps the generation once if
     anything changed; a killed scan commits nothing.
@@ -203,8 +209,9 @@ def scan(
     batch_bytes = 0
     skip_prefixes: list[bytes] = []
 
+    partial = dirs is not None
     writer = manifest.writer()
-    rows = manifest.iter_entries(with_sha256=False)
+    rows = _no_rows() if partial else manifest.iter_entries(with_sha256=False)
 
     def tombstone(row: tuple) -> None:
         if row[_DELETED]:
@@ -214,6 +221,12 @@ def scan(
                 return
         writer.tombstone(row[_PARENT], row[_NAME], gen)
         changed(DELETED, row)
+        if partial and row[_KIND] == KIND_DIR:
+            # A full walk meets the rows below it on its way; a partial scan
+            # never lists this directory again, so they go now.
+            for below in writer.live_under(join(row[_PARENT], row[_NAME])):
+                writer.tombstone(below[_PARENT], below[_NAME], gen)
+                changed(DELETED, below)
 
     def finish_hash(job: tuple, outcome: object) -> None:
         rel, parent, name, old = job
@@ -265,15 +278,21 @@ def scan(
         batch, batch_bytes = [], 0
         drain(MAX_BATCHES_IN_FLIGHT)
 
-    heap: list[bytes] = [b""]
+    heap: list[bytes] = sorted(set(dirs)) if partial else [b""]
+    visited: set[bytes] = set()
     row = next(rows, None)
     try:
         while heap:
             d = heapq.heappop(heap)
+            old_rows: dict[bytes, tuple] = {}
+            if partial:
+                if d in visited:
+                    continue
+                visited.add(d)
+                old_rows = {r[_NAME]: r for r in writer.rows_in(d)}
             while row is not None and row[_PARENT] < d:
                 tombstone(row)
                 row = next(rows, None)
-            old_rows: dict[bytes, tuple] = {}
             while row is not None and row[_PARENT] == d:
                 old_rows[row[_NAME]] = row
                 row = next(rows, None)
@@ -282,6 +301,8 @@ def scan(
                 with os.scandir(dir_path) as it:
                     dirents = list(it)
             except (FileNotFoundError, NotADirectoryError):
+                if partial:
+                    continue  # gone: its parent's visit tombstones it and all below
                 dirents = []  # vanished since its parent was listed: its rows are deletions
                 if d:
                     parent, name = split(d)
@@ -307,6 +328,11 @@ def scan(
                 mode = st.st_mode
                 perm = stat.S_IMODE(mode)
                 fresh = old is None or old[_DELETED]
+                if partial and not fresh and old[_KIND] == KIND_DIR and not stat.S_ISDIR(mode):
+                    # A directory became a file or link: what was below it is gone.
+                    for below in writer.live_under(join(d, name)):
+                        writer.tombstone(below[_PARENT], below[_NAME], gen)
+                        changed(DELETED, below)
                 if stat.S_ISREG(mode):
                     if (
                         not fresh
@@ -324,8 +350,9 @@ def scan(
                         submit()
                 elif stat.S_ISDIR(mode):
                     rel = join(d, name)
-                    heapq.heappush(heap, rel)
                     new = (d, name, KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
+                    if not partial or fresh or old[_KIND] != KIND_DIR:
+                        heapq.heappush(heap, rel)
                     if fresh or old[_KIND] != KIND_DIR:
                         writer.upsert(new + (gen, 0))
                         changed(ADDED, new)
@@ -383,6 +410,10 @@ def scan(
             pool.shutdown(wait=True, cancel_futures=True)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _no_rows() -> Iterator[tuple]:
+    yield from ()
 
 
 def _human(n: float) -> str:

@@ -364,3 +364,59 @@ def test_manifest_equals_fresh_walk_after_random_mutations(ops: list, workers: i
             assert tree.last.changes == 0
         finally:
             tree.manifest.close()
+
+
+def touched_dirs(op: tuple) -> set[bytes]:
+    """What a watcher reports for one op: the directories whose entries changed.
+
+    Conservatively every ancestor of each path involved (a superset of the
+    parents that inotify names), never the untouched rest of the tree.
+    """
+    kind, rel, arg = op
+    paths = [rel] + ([arg] if kind == "rename" else [])
+    out: set[bytes] = set()
+    for p in paths:
+        parts = p.split(b"/")
+        for i in range(len(parts)):
+            out.add(b"/".join(parts[:i]))
+    return out
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=25))
+def test_partial_scans_of_touched_dirs_equal_a_fresh_walk(ops: list) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Tree(Path(tmp), workers=1)
+        try:
+            root = os.fsencode(tree.root)
+            tree.scan()
+            dirty: set[bytes] = set()
+            for op in ops + [("scan", b"", b"")]:
+                if op[0] == "scan":
+                    scan(tree.root, tree.manifest, workers=1, dirs=dirty)
+                    assert from_manifest(tree.manifest) == walk(root)
+                    dirty = set()
+                else:
+                    apply(root, op)
+                    dirty |= touched_dirs(op)
+        finally:
+            tree.manifest.close()
+
+
+def test_partial_scan_reads_only_the_dirs_it_is_given(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in ("a", "b", "c"):
+        (tree.root / d).mkdir()
+        (tree.root / d / "f").write_text(d)
+    tree.scan()
+    listed: list[bytes] = []
+    real = os.scandir
+
+    def spy(path):  # noqa: ANN001, ANN202
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(scan_mod.os, "scandir", spy)
+    (tree.root / "b" / "g").write_text("new")
+    result = scan(tree.root, tree.manifest, dirs=[b"b"])
+    assert result.counts[ADDED] == 1
+    assert listed == [tree.p("b")]
