@@ -69,6 +69,9 @@ from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, neg
 
 log = logging.getLogger(__name__)
 
+# A second push into this node (a daemon's reconcile meeting a cascade) waits
+# this long for the first to finish before it gives up.
+AGENT_LOCK_WAIT = 120.0
 # Seconds between "cascading" heartbeats while this node pushes to its subtree.
 CASCADE_HEARTBEAT = 5.0
 # Below this size a delta saves too little to pay for its signature round trip.
@@ -269,7 +272,7 @@ class Agent:
         self.writer.flush()
         negotiate(PROTOCOL_VERSION, self.reader.read_hello())
         self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with StateLock(self.state_dir, "agent"), Manifest.open(self.state_dir, self.cfg.node.name) as manifest:
+        with StateLock(self.state_dir, "agent", wait=AGENT_LOCK_WAIT), Manifest.open(self.state_dir, self.cfg.node.name) as manifest:
             self.manifest = manifest
             self.lookup = manifest.reader()
             self.root = SafeRoot(self.cfg.node.root)
@@ -609,6 +612,10 @@ class Agent:
             for path, is_dir in self._walk():
                 if path in self.plan.seen or self.plan.filter.excluded_path(path, is_dir):
                     continue
+                from .trace import protects  # this node's own trace file is not the upstream's to delete
+
+                if protects(self.cfg, path):
+                    continue
                 self.plan.deletes.append(path)
                 items.append([planmod.DELETE, path, None, None, None])
             self.plan.seen.clear()
@@ -662,6 +669,10 @@ class Agent:
             plan.generation, getattr(self, "client", "?"), published, len(plan.links), len(plan.metas),
             len(plan.deletes), time.monotonic() - started,
         )
+        from .trace import after_commit  # a no-op unless [node] trace is on
+
+        after_commit(self.cfg, self.root, self.staging_fd, generation=plan.generation,
+                     upstream=getattr(self, "client", "?"), started_monotonic=started)
         self.writer.message({
             "type": "committed", "generation": plan.generation,
             "published": published, "deleted": len(plan.deletes),

@@ -108,7 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .errors import UsageError
 
     if not args.once:
-        raise UsageError("run without --once (the daemon) is not available yet; use 'run --once'")
+        if args.dry_run or args.force_deletes or args.mirror:
+            raise UsageError("--dry-run, --force-deletes and --mirror go with --once")
+        from .daemon import run_daemon
+
+        return run_daemon(getattr(args, "config", None))
     from .manifest import Manifest
     from .push import push_tree
     from .scan import scan
@@ -279,16 +283,81 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .manifest import Manifest
+    """This node, then each downstream of the tree below it.
+
+    Direct mirrors come from the manifest's ``downstreams`` table (what each
+    acknowledged, and its last result); the mirrors below them from meta
+    ``last_tree``, the report of the last push through the tree: as fresh as
+    that push, and marked with its time (``as_of``).
+    """
+    from .manifest import META_HELD_BACK, Manifest
 
     cfg = _load_config(args)
     with Manifest.open(cfg.node.state_dir, cfg.node.name, create=False) as manifest:
         stats = manifest.stats()
         acked = {d["name"]: d for d in manifest.downstreams()}
+        raw_tree = manifest.get_meta("last_tree")
+        raw_held = manifest.get_meta(META_HELD_BACK)
+        upstream = manifest.get_meta("upstream")
+        # Generations this node made, oldest first: a lagging mirror's lag in
+        # seconds is the age of the first one it lacks.  (Read through the
+        # driver connection: the manifest has no public query for it yet.)
+        raw = manifest._raw()
+        try:
+            made = raw.execute("SELECT generation, created_ns FROM generations ORDER BY generation").fetchall()
+        finally:
+            raw.close()
     now_ns = time.time_ns()
+
+    def lag(held: int | None) -> tuple[int | None, float | None]:
+        if held is None:
+            return None, None
+        if held >= stats.generation:
+            return 0, 0.0
+        lacked = next((ns for g, ns in made if g > held), None)
+        return stats.generation - held, None if lacked is None else round((now_ns - lacked) / 1e9, 3)
+
+    def loads(text: str | None, what: str):  # noqa: ANN202 - whatever JSON it holds, or None
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            log.warning("%s: meta %s is not valid JSON; ignored", manifest.path, what)
+            return None
+
+    def below(raw_results: object, as_of: int | None) -> list[dict]:
+        """A ``last_tree`` subtree as status entries, nested the same way."""
+        out = []
+        for r in raw_results if isinstance(raw_results, list) else []:
+            if not isinstance(r, dict):
+                continue
+            ok = r.get("ok") is True
+            gen = r.get("generation") if isinstance(r.get("generation"), int) else None
+            before = r.get("held_before") if isinstance(r.get("held_before"), int) else None
+            held = gen if ok else before
+            lag_g, lag_s = lag(held)
+            out.append({
+                "name": str(r.get("mirror")),
+                "generation": held,
+                "lag_generations": lag_g,
+                "lag_seconds": lag_s,
+                "ok": ok,
+                "last_success": _iso(as_of) if ok else None,
+                "last_error": None if ok else r.get("error"),
+                "bytes_sent": int(r.get("bytes_sent") or 0),
+                "files_sent": int(r.get("files_sent") or 0),
+                "failover_from": r.get("failover_from"),
+                "as_of": _iso(as_of),
+                "below": below(r.get("below"), as_of),
+            })
+        return out
+
+    tree = {str(r.get("mirror")): r for r in (loads(raw_tree, "last_tree") or []) if isinstance(r, dict)}
     report = {
         "node": cfg.node.name,
         "root": str(cfg.node.root),
+        "upstream": upstream,
         "generation": stats.generation,
         "generation_age_s": (
             round((now_ns - stats.generation_created_ns) / 1e9, 3) if stats.generation_created_ns else None
@@ -298,36 +367,99 @@ def cmd_status(args: argparse.Namespace) -> int:
         "symlinks": stats.symlinks,
         "total_size": stats.total_size,
         "tombstones": stats.tombstones,
+        "held_back": None,
+        "prewarm": None,
         "mirrors": [],
     }
+    held_back = loads(raw_held, META_HELD_BACK)
+    if isinstance(held_back, dict):
+        report["held_back"] = dict(held_back, at=_iso(held_back.get("at_ns")
+                                                      if isinstance(held_back.get("at_ns"), int) else None))
+    progress = cfg.node.state_dir / "prewarm.json"
+    try:
+        text = progress.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = None
+    except OSError as err:
+        report["prewarm"] = {"error": f"{progress}: {err.strerror or err}"}
+        text = None
+    if text is not None:
+        # Written by a prewarm in progress (and rewritten as it goes): take
+        # whatever keys it has, show them as they are.
+        try:
+            state = json.loads(text)
+        except ValueError:
+            state = None
+        report["prewarm"] = state if isinstance(state, dict) else {"error": f"{progress}: not a JSON object"}
     for m in cfg.mirrors:
         d = acked.get(m.name, {})
         held = d.get("generation")
+        lag_g, lag_s = lag(held)
+        last_push = max((t for t in (d.get("last_success_ns"), d.get("last_error_ns")) if t is not None),
+                        default=None)
         report["mirrors"].append(
             {
                 "name": m.name,
                 "host": f"{m.host}:{m.port}",
                 "generation": held,
-                "lag_generations": None if held is None else stats.generation - held,
+                "lag_generations": lag_g,
+                "lag_seconds": lag_s,
                 "last_success": _iso(d.get("last_success_ns")),
                 "last_error": d.get("last_error"),
                 "last_error_at": _iso(d.get("last_error_ns")),
+                "bytes_sent": d.get("bytes_sent") or 0,
+                "files_sent": d.get("files_sent") or 0,
+                "via": m.via,
+                "below": below((tree.get(m.name) or {}).get("below"), last_push),
             }
         )
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"node {report['node']}: generation {report['generation']}, {stats.files} files, "
-          f"{stats.dirs} dirs, {stats.symlinks} symlinks, {stats.total_size} bytes")
-    for m in report["mirrors"]:
-        held = "never synced" if m["generation"] is None else f"generation {m['generation']} (lag {m['lag_generations']})"
-        line = f"  {m['name']:<20} {m['host']:<28} {held}"
+
+    def held_text(m: dict) -> str:
+        if m["generation"] is None:
+            return "never synced" if "host" in m else "generation unknown"
+        text = f"generation {m['generation']}"
+        if m["lag_generations"]:
+            ago = f", {m['lag_seconds']:.0f} s behind" if m["lag_seconds"] is not None else ""
+            text += f" (lag {m['lag_generations']}{ago})"
+        else:
+            text += " (current)"
+        return text
+
+    def show(m: dict, indent: str) -> None:
+        line = f"{indent}{m['name']:<{max(1, 22 - len(indent))}} "
+        line += f"{m['host']:<28} " if "host" in m else ""
+        line += held_text(m)
         if m["last_success"]:
             line += f", last success {m['last_success']}"
+            if m["files_sent"] or m["bytes_sent"]:
+                line += f" ({m['files_sent']} files, {m['bytes_sent']} bytes)"
         if m["last_error"]:
-            line += f", last error {m['last_error_at']}: {m['last_error']}"
+            at = m.get("last_error_at") or m.get("as_of")
+            line += f", last error{' ' + at if at else ''}: {m['last_error']}"
         print(line)
+        for sub in m["below"]:
+            show(sub, indent + "  ")
+
+    print(f"node {report['node']}: generation {report['generation']}, {stats.files} files, "
+          f"{stats.dirs} dirs, {stats.symlinks} symlinks, {stats.total_size} bytes"
+          + (f", mirror of {upstream}" if upstream else ""))
+    hb = report["held_back"]
+    if hb:
+        first = hb.get("first") if isinstance(hb.get("first"), list) else []
+        print(f"  held back: generation {hb.get('generation')} from {hb.get('upstream')}"
+              f"{' at ' + hb['at'] if hb.get('at') else ''}: {hb.get('findings')} finding(s)"
+              + (f", first: {first[0]}" if first else "") + "; serving the last good generation")
+    pw = report["prewarm"]
+    if pw is not None:
+        done = pw.get("phase") in ("done", "failed")
+        fields = ", ".join(f"{k} {v}" for k, v in sorted(pw.items()) if not isinstance(v, (dict, list)))
+        print(f"  {'last prewarm' if done else 'prewarm in progress'}: {fields}")
+    for m in report["mirrors"]:
+        show(m, "  ")
     return 0
 
 

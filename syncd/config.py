@@ -40,6 +40,11 @@ class NodeConfig:
     max_delete: float = 0.10
     index_patterns: tuple[str, ...] = ()
     parallel_pushes: int = 4
+    watch: bool = True
+    watch_debounce: float = 0.1
+    scan_interval: float = 300.0
+    trace: bool = False
+    trace_dir: str = "project/trace"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class MirrorConfig:
     retry_delay: float = 1.0
     io_timeout: float = 300.0
     via: str | None = None
+    bwlimit: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,28 @@ def _globs(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def _bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("expected yes or no")
+
+
+def _rate(raw: str) -> int:
+    """Bytes per second: 0 (no limit), or a number with K, M or G (powers of 1024)."""
+    text = raw.strip().upper().removesuffix("B/S").removesuffix("/S")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise ValueError("expected bytes per second such as 0, 500K, 20M or 1G") from None
+    if value < 0:
+        raise ValueError("expected a rate of 0 (no limit) or more")
+    return int(value)
+
+
 def _share(raw: str) -> float:
     text = raw.strip()
     try:
@@ -202,6 +230,12 @@ NODE_KEYS: dict[str, Key] = {
     "max_delete": Key(_share, default=0.10),
     "index_patterns": Key(_globs, default=None),  # None: plan.DEFAULT_INDEX_PATTERNS
     "parallel_pushes": Key(_int_range(1, 64), default=4),
+    "watch": Key(_bool, default=True),
+    "watch_debounce": Key(_seconds, default=0.1),
+    "scan_interval": Key(_seconds, default=300.0),
+    # Parsers live in trace.py, imported only when a config sets the key.
+    "trace": Key(lambda raw: __import__("syncd.trace").trace.parse_bool(raw), default=False),
+    "trace_dir": Key(lambda raw: __import__("syncd.trace").trace.parse_dir(raw), default="project/trace"),
 }
 
 MIRROR_KEYS: dict[str, Key] = {
@@ -220,6 +254,7 @@ MIRROR_KEYS: dict[str, Key] = {
     "retry_delay": Key(_seconds, default=1.0),
     "io_timeout": Key(_seconds, default=300.0),
     "via": Key(_name, default=None),
+    "bwlimit": Key(_rate, default=0),
 }
 
 VERIFY_KEYS: dict[str, Key] = {
@@ -302,6 +337,11 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
         max_delete=node_values["max_delete"],
         index_patterns=node_values["index_patterns"] or _default_index_patterns(),
         parallel_pushes=node_values["parallel_pushes"],
+        watch=node_values["watch"],
+        watch_debounce=node_values["watch_debounce"],
+        scan_interval=node_values["scan_interval"],
+        trace=node_values["trace"],
+        trace_dir=node_values["trace_dir"],
     )
     _check_dirs(cfg_path, node)
 
@@ -335,6 +375,7 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
                 retry_delay=values["retry_delay"],
                 io_timeout=values["io_timeout"],
                 via=values["via"],
+                bwlimit=values["bwlimit"],
             )
         )
 

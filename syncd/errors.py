@@ -117,3 +117,7 @@ class RemoteError(SyncdError):
 
 class DiskFullError(SyncdError):
     """No space left while staging or publishing: nothing partial was published."""
+
+
+class StoppedError(SyncdError):
+    """A push ended early because the daemon is stopping; nothing half-done was published."""

@@ -15,12 +15,27 @@ from .errors import LockedError, ManifestError
 
 
 class StateLock:
-    def __init__(self, state_dir: Path, purpose: str = "syncd") -> None:
-        self.path = Path(state_dir) / "lock"
+    def __init__(self, state_dir: Path, purpose: str = "syncd", *, wait: float = 0.0,
+                 name: str = "lock") -> None:
+        self.path = Path(state_dir) / name
         self.purpose = purpose
+        self.wait = wait
         self._fd: int | None = None
 
     def acquire(self) -> "StateLock":
+        """Take the lock; with ``wait``, keep trying that many seconds first."""
+        import time
+
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return self._try()
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _try(self) -> "StateLock":
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as err:

@@ -28,6 +28,7 @@ from . import plan as planmod
 from .config import Config, MirrorConfig
 from .errors import (
     ConnectionLostError,
+    StoppedError,
     ProtocolError,
     RemoteError,
     SyncdError,
@@ -135,16 +136,37 @@ def filter_rules(cfg: Config, mirror: MirrorConfig) -> list[str]:
     return [f"+ {p}" for p in includes] + [f"- {p}" for p in excludes]
 
 
+class _TokenBucket:
+    """A send rate limit in bytes per second, with one second of burst."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = time.monotonic()
+
+    def take(self, n: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= n
+        if self.tokens < 0:
+            time.sleep(-self.tokens / self.rate)
+
+
 class _Channel:
     """Frames both ways over a session; a thread reads the agent's answers."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, bwlimit: int = 0) -> None:
         self.session = session
         self.sent = 0
         self.received = 0
+        bucket = _TokenBucket(bwlimit) if bwlimit else None
 
         def send_all(data: Any) -> None:
-            self.sent += memoryview(data).nbytes
+            n = memoryview(data).nbytes
+            if bucket is not None:
+                bucket.take(n)
+            self.sent += n
             session.send_all(data)
 
         def recv(n: int) -> bytes:
@@ -204,8 +226,12 @@ class Pusher:
         open_session: Callable[[MirrorConfig], Any] | None = None,
         on_item: Callable[[str, planmod.Item], None] | None = None,
         cascade: bool = True,
+        force_full: bool = False,
+        stop: threading.Event | None = None,
     ) -> None:
         self.cascade = cascade
+        self.force_full = force_full
+        self.stop = stop
         self.cfg = cfg
         self.mirror = mirror
         self.manifest = manifest
@@ -223,7 +249,7 @@ class Pusher:
         started = time.monotonic()
         session = self._open_session(self.mirror)
         try:
-            ch = _Channel(session)
+            ch = _Channel(session, self.mirror.bwlimit)
             try:
                 self._session(ch, result)
             finally:
@@ -259,7 +285,9 @@ class Pusher:
         target = self.manifest.generation
         result.generation = target
         result.held_before = held
-        full = held is None or held > target
+        # A scheduled reconcile compares everything, repairing drift that no
+        # generation lists (hand edits, bit rot caught by the edge's stat data).
+        full = held is None or held > target or self.force_full
         result.full = full
         downstreams = welcome.get("downstreams") or []
         if held == target and not full:
@@ -283,6 +311,7 @@ class Pusher:
         outstanding = 0
         batch_no = 0
         for batch in _batches(self._filtered(rows), BATCH_ROWS):
+            self._check_stop()
             batch_no += 1
             w.message({"type": "entries", "batch": batch_no, "rows": [_wire(e) for e in batch]})
             for e in batch:
@@ -424,6 +453,7 @@ class Pusher:
                 sig = decode_signature(signature)
                 w.message(dict(header, how="delta"))
                 for piece in iter_delta(sig, _chunks(fd)):
+                    self._check_stop()
                     w.data(stream, piece)
             else:
                 first = os.pread(fd, CHUNK, 0)
@@ -432,6 +462,7 @@ class Pusher:
                     w.message(dict(header, how="whole"))
                     w.data(stream, first)
                     for chunk in _chunks(fd, len(first)):
+                        self._check_stop()
                         w.data(stream, chunk)
                 else:
                     w.message(dict(header, how="zstd"))
@@ -440,6 +471,7 @@ class Pusher:
                     cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
                     w.data(stream, cobj.compress(first))
                     for chunk in _chunks(fd, len(first)):
+                        self._check_stop()
                         out = cobj.compress(chunk)
                         if out:
                             w.data(stream, out)
@@ -450,6 +482,13 @@ class Pusher:
         result.files_sent += 1
         self.awaiting += 1
         self._unacked.add(entry.path)
+
+    def _check_stop(self) -> None:
+        # Checked between chunks (1 MiB at most): a stop ends the session at
+        # once; the agent publishes nothing of an uncommitted generation and
+        # discards the partial file.
+        if self.stop is not None and self.stop.is_set():
+            raise StoppedError(f"{self.mirror.name}: push stopped (the daemon is shutting down)")
 
     @staticmethod
     def _maybe_zstd(path: bytes, sample: bytes) -> bool | None:
@@ -544,6 +583,8 @@ def push_with_retries(
     open_session: Callable[[MirrorConfig], Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     cascade: bool = True,
+    force_full: bool = False,
+    stop: threading.Event | None = None,
 ) -> PushResult:
     """Push, retrying a lost connection with exponential backoff and jitter.
 
@@ -558,15 +599,20 @@ def push_with_retries(
         result.below = []
         try:
             Pusher(cfg, mirror, manifest, dry_run=dry_run, force_deletes=force_deletes,
-                   on_item=on_item, open_session=open_session, cascade=cascade).run(result)
+                   on_item=on_item, open_session=open_session, cascade=cascade,
+                   force_full=force_full, stop=stop).run(result)
             break
         except SyncdError as err:
             result.error = str(err)
-            if not err.retryable or attempt == mirror.retries:
+            if not err.retryable or attempt == mirror.retries or (stop is not None and stop.is_set()):
                 break
             delay = min(mirror.retry_delay * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.5)
             log.warning("%s: %s; retry %d of %d in %.1f s", mirror.name, err, attempt, mirror.retries - 1, delay)
-            sleep(delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    break
+            else:
+                sleep(delay)
     if not dry_run:
         now = time.time_ns()
         if result.ok:

@@ -213,14 +213,23 @@ def test_disk_full_is_one_line_and_publishes_nothing(tmp_path: Path) -> None:
             time.sleep(0.1)
 
 
-def test_agent_refuses_second_session_on_locked_state(edge) -> None:  # noqa: ANN001
+def test_second_session_waits_for_the_first(edge) -> None:  # noqa: ANN001
+    """Two pushes into one node (a reconcile meeting a cascade) queue, not fail."""
+    import threading
+
     first = Peer(edge.ini)
-    second = LocalSession(SYNCD + ["agent", "--config", str(edge.ini)])
-    w = FrameWriter(second.send_all)
-    w.hello()
-    w.flush()
-    code = second.exit_status(timeout=30)
-    assert code == 3 and "locked by PID" in second.stderr_tail()
-    second.close()
+    got: dict = {}
+
+    def second_session() -> None:
+        peer = Peer(edge.ini)  # blocks in the agent's lock wait until the first ends
+        got["welcome"] = peer.welcome
+        got["code"] = peer.finish()
+
+    t = threading.Thread(target=second_session)
+    t.start()
+    t.join(1.5)
+    assert t.is_alive() and "welcome" not in got  # still waiting for the lock
     assert first.finish() == 0
+    t.join(30)
+    assert got["welcome"]["type"] == "welcome" and got["code"] == 0
     assert tree_listing(edge.root) == {}

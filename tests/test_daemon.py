@@ -1,0 +1,195 @@
+"""The daemon (`syncd run`) over a real sshd: watch, push, merge, stop, reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nodes import SYNCD, Node, make_node, tree_listing
+
+pytest_plugins = ["tests.sshd"]
+
+
+class Daemon:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.log = node.base / "daemon.log"
+        self.fh = open(self.log, "wb")
+        self.proc = subprocess.Popen(SYNCD + ["-v", "-c", str(node.ini), "run"],
+                                     stdout=self.fh, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text()):
+            assert self.proc.poll() is None, f"daemon exited: {self.text()[-2000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {self.text()[-2000:]}"
+            time.sleep(0.05)
+
+    def pushes_to(self, mirror: str) -> int:
+        return len(re.findall(rf"syncd.push: {re.escape(mirror)}: generation ", self.text()))
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.fh.close()
+
+
+@pytest.fixture
+def daemons():  # noqa: ANN201
+    started: list[Daemon] = []
+
+    def start(node: Node) -> Daemon:
+        d = Daemon(node)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def wait_until(check, timeout: float = 30, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def publish(root: Path, rel: str, data: bytes) -> None:
+    """As a mirror's archive tooling does: write aside, rename into place."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    os.rename(tmp, path)
+
+
+def three_tiers(base: Path, ssh, **keys) -> tuple[Node, Node, Node]:  # noqa: ANN001
+    primary = make_node(base, "primary", max_delete="100%", **keys)
+    tier1 = make_node(base, "tier1", max_delete="100%")
+    tier2 = make_node(base, "tier2", max_delete="100%")
+    primary.mirrors = [(tier1, {})]
+    tier1.mirrors = [(tier2, {})]
+    tier2.write()
+    tier1.write(ssh)
+    primary.write(ssh)
+    return primary, tier1, tier2
+
+
+def same(a: Node, b: Node) -> bool:
+    return tree_listing(a.root) == tree_listing(b.root)
+
+
+def test_daemons_carry_a_file_from_primary_to_tier2(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    publish(primary.root, "dists/stable/Release", b"Origin: test\nSuite: stable\n")
+    p = daemons(primary)
+    daemons(tier1)  # a mirror's daemon: scheduled reconciles only; pushes arrive through its agent
+    wait_until(lambda: same(primary, tier2), what="the initial sync to reach tier 2")
+    publish(primary.root, "pool/main/h/hello_1.0.deb", os.urandom(100_000))
+    wait_until(lambda: same(primary, tier2), what="the new file to reach tier 2")
+    assert p.stop() == 0
+
+
+def test_burst_of_writes_coalesces_into_few_pushes(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    p = daemons(primary)
+    p.wait_log("daemon ready")
+    wait_until(lambda: p.pushes_to("tier1") >= 1 or "tier1: generation" in p.text(), what="first push")
+    before = p.pushes_to("tier1")
+    for i in range(1000):
+        publish(primary.root, f"burst/d{i % 10}/f{i:04d}", b"x" * (i % 100))
+    wait_until(lambda: same(primary, tier2) and p.pushes_to("tier1") > before, timeout=60,
+               what="the burst to reach tier 2")
+    time.sleep(1)  # any straggling push would show by now
+    pushes = p.pushes_to("tier1") - before
+    assert 1 <= pushes <= 10, f"{pushes} pushes for one burst"
+
+
+def test_push_arriving_during_a_push_is_merged_not_lost(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, _ = three_tiers(tmp_path, sshd)
+    primary.mirrors = [(tier1, {"bwlimit": "2M"})]  # a slow link: the first push takes a while
+    primary.write(sshd)
+    p = daemons(primary)
+    p.wait_log("daemon ready")
+    publish(primary.root, "big.iso", os.urandom(6 << 20))
+    wait_until(lambda: (tier1.state / "staging").exists() and any((tier1.state / "staging").iterdir()),
+               what="the first push to be under way")
+    publish(primary.root, "late.txt", b"written while the first push runs")
+    wait_until(lambda: same(primary, tier1), timeout=60, what="both files on tier 1")
+    assert (tier1.root / "late.txt").read_bytes() == b"written while the first push runs"
+
+
+def test_sigterm_mid_push_leaves_mirrors_consistent(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    primary.mirrors = [(tier1, {"bwlimit": "2M"})]
+    primary.write(sshd)
+    publish(primary.root, "small.txt", b"v1")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier1), what="the first sync")
+    before = tree_listing(tier1.root)
+    publish(primary.root, "big.iso", os.urandom(8 << 20))
+    wait_until(lambda: any(n.startswith("tmp.") for n in os.listdir(tier1.state / "staging")),
+               what="the big file to be arriving")
+    started = time.monotonic()
+    assert p.stop(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    # Nothing of the interrupted generation is visible, nothing partial.
+    assert tree_listing(tier1.root) == before
+    # And a plain rerun converges.
+    proc = subprocess.run(SYNCD + ["-c", str(primary.ini), "run", "--once"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert same(primary, tier1) and same(primary, tier2)
+
+
+def test_sighup_reloads_the_config(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, _ = three_tiers(tmp_path, sshd)
+    extra = make_node(tmp_path, "extra", max_delete="100%")
+    extra.write()
+    publish(primary.root, "a.txt", b"a")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier1), what="the first sync")
+    assert list(extra.root.iterdir()) == []
+    primary.mirrors.append((extra, {}))
+    primary.write(sshd)
+    p.proc.send_signal(signal.SIGHUP)
+    p.wait_log("config reloaded")
+    wait_until(lambda: same(primary, extra), what="the new mirror to be filled")
+    # A broken config on reload is refused, the daemon keeps running.
+    primary.ini.write_text(primary.ini.read_text() + "\n[mirror:broken]\nport = x\n")
+    p.proc.send_signal(signal.SIGHUP)
+    p.wait_log("reload refused")
+    publish(primary.root, "b.txt", b"b")
+    wait_until(lambda: same(primary, extra), what="pushes to go on after a refused reload")
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, _, _ = three_tiers(tmp_path, sshd)
+    p = daemons(primary)
+    p.wait_log("daemon ready")
+    proc = subprocess.run(SYNCD + ["-c", str(primary.ini), "run"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 3
+    assert "another syncd daemon" in proc.stderr and f"PID {p.proc.pid}" in proc.stderr
+
+
+def test_without_watches_a_periodic_scan_carries_changes(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, _ = three_tiers(tmp_path, sshd, watch="no", scan_interval="0.5")
+    p = daemons(primary)
+    p.wait_log("scanning root every")
+    publish(primary.root, "x.txt", b"x")
+    wait_until(lambda: same(primary, tier1), what="the periodic scan to push")
