@@ -116,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .manifest import Manifest
     from .push import push_tree
     from .scan import scan
+    from .verify import refuse_broken_release
 
     cfg = _load_config(args)
     mirrors = cfg.mirrors
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
                 log.info("scan: %s", result.summary())
                 if not args.no_verify:
-                    _refuse_broken_release(cfg, manifest)
+                    refuse_broken_release(cfg, manifest)
             printing = threading.Lock()
 
             def show(mirror: str, item) -> None:  # noqa: ANN001
@@ -155,51 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
 
 
-def _keyring(cfg):  # noqa: ANN001, ANN202
-    """The node's Keyring over its private GNUPGHOME, or None without ``[verify] keyring``."""
-    if cfg.verify.keyring is None:
-        return None
-    from .verify import Keyring
-
-    return Keyring(cfg.verify.keyring, cfg.verify.gnupghome or cfg.node.state_dir / "gnupg")
-
-
-def _check_index_group(cfg, manifest) -> tuple[list, int]:  # noqa: ANN001
-    """Findings on the node's own index group (signatures, Release/repomd
-    chains), and how many index files it has."""
-    from .manifest import KIND_FILE
-    from .plan import IndexMatcher
-    from .verify import DEFAULT_REQUIRE_SIGNED, verify_tree_group
-
-    matcher = IndexMatcher(cfg.node.index_patterns)
-    rels = [os.fsdecode(e.path) for e in manifest.entries() if e.kind == KIND_FILE and matcher(e.path)]
-    keyring = _keyring(cfg)
-    try:
-        findings = verify_tree_group(
-            cfg.node.root, rels, keyring=keyring,
-            require_signed=cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED, workers=cfg.node.hash_workers,
-        )
-    finally:
-        if keyring is not None:
-            keyring.close()
-    return findings, len(rels)
-
-
-def _refuse_broken_release(cfg, manifest) -> None:  # noqa: ANN001
-    """A primary does not push a release its own mirrors would hold back."""
-    from .errors import VerifyError
-
-    findings, _ = _check_index_group(cfg, manifest)
-    if not findings:
-        return
-    for f in findings:
-        log.error("verify: %s", f.message)
-    raise VerifyError(
-        f"{cfg.node.name}: refusing to push: {len(findings)} finding(s) in this node's own index group, "
-        f"first: {findings[0].message} (rerun with --no-verify to push anyway)"
-    )
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-hash the tree against the manifest, check the index group.
 
@@ -210,7 +166,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ``--repair`` it only reports, like without.
     """
     from .manifest import KIND_FILE, META_HELD_BACK, META_REPAIR, Manifest
-    from .verify import Finding, FindingKind, hash_files
+    from .verify import Finding, FindingKind, check_own_index_group, hash_files
 
     cfg = _load_config(args)
     out = sys.stdout
@@ -246,7 +202,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     check(chunk)
                     chunk = {}
             check(chunk)
-            group, n_index = _check_index_group(cfg, manifest)
+            group, n_index = check_own_index_group(cfg, manifest)
             findings = sorted(set(findings + group))
             marked = 0
             if findings and args.repair and upstream is not None:

@@ -17,6 +17,9 @@
   uncommitted generation), the daemon exits within 10 s.  SIGHUP: reload
   sync.ini (a broken file is logged and the old config kept).  A lock file
   (``state_dir/daemon.lock``) keeps a second daemon off the same state_dir.
+- A primary checks each new generation's own index group (signatures,
+  Release/repomd chains) before pushing it, as ``run --once`` does; a
+  failing generation is not pushed, and the ERROR log says why.
 - systemd: READY, WATCHDOG, RELOADING, STOPPING and STATUS through
   ``syncd.notify``.
 """
@@ -125,6 +128,8 @@ class Daemon:
         self.watching = False
         self.scans = 0
         self.next_full_scan = 0.0
+        self.checked_generation: int | None = None
+        self.release_ok = False
 
     # -- life ----------------------------------------------------------------
 
@@ -288,8 +293,30 @@ class Daemon:
             w.start()
 
     def _request_all(self, *, full: bool = False) -> None:
+        if self.primary and not self._release_ok():
+            return
         for w in self.workers.values():
             w.request(full=full)
+
+    def _release_ok(self) -> bool:
+        """A primary does not push a generation whose own index group fails its checks.
+
+        Checked once per generation; the next scan that changes the tree
+        (a fixed release) checks again.
+        """
+        from .verify import refuse_broken_release
+
+        gen = self.manifest.generation
+        if self.checked_generation != gen:
+            try:
+                refuse_broken_release(self.cfg, self.manifest)
+                self.release_ok = True
+            except SyncdError as err:
+                log.error("%s", err)
+                notify.status(f"generation {gen} not pushed: its own checks failed")
+                self.release_ok = False
+            self.checked_generation = gen
+        return self.release_ok
 
     def pushed(self, worker: MirrorWorker, result: PushResult) -> None:
         # A failed tier-1 hands its edges (mirrors with via = it) to us.

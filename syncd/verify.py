@@ -1266,3 +1266,46 @@ __all__ = [
     "hash_files", "parse_release", "parse_repomd", "plan_signatures", "render_release", "sha256_file",
     "verify_index_group", "verify_index_group_report", "verify_tree_group",
 ]
+
+
+# -- a node's own index group (run --once on a primary, the daemon, syncd verify) --
+
+
+def node_keyring(cfg):  # noqa: ANN001, ANN202
+    """The node's Keyring over its private GNUPGHOME, or None without ``[verify] keyring``."""
+    if cfg.verify.keyring is None:
+        return None
+    return Keyring(cfg.verify.keyring, cfg.verify.gnupghome or cfg.node.state_dir / "gnupg")
+
+
+def check_own_index_group(cfg, manifest) -> tuple[list, int]:  # noqa: ANN001
+    """Findings on the node's own index group (signatures, Release/repomd
+    chains), and how many index files it has."""
+    from .manifest import KIND_FILE
+    from .plan import IndexMatcher
+
+    matcher = IndexMatcher(cfg.node.index_patterns)
+    rels = [os.fsdecode(e.path) for e in manifest.entries() if e.kind == KIND_FILE and matcher(e.path)]
+    keyring = node_keyring(cfg)
+    try:
+        findings = verify_tree_group(
+            cfg.node.root, rels, keyring=keyring,
+            require_signed=cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED, workers=cfg.node.hash_workers,
+        )
+    finally:
+        if keyring is not None:
+            keyring.close()
+    return findings, len(rels)
+
+
+def refuse_broken_release(cfg, manifest) -> None:  # noqa: ANN001
+    """A primary does not push a release its own mirrors would hold back."""
+    findings, _ = check_own_index_group(cfg, manifest)
+    if not findings:
+        return
+    for f in findings:
+        log.error("verify: %s", f.message)
+    raise VerifyError(
+        f"{cfg.node.name}: refusing to push: {len(findings)} finding(s) in this node's own index group, "
+        f"first: {findings[0].message} (rerun with --no-verify to push anyway)"
+    )

@@ -193,3 +193,24 @@ def test_without_watches_a_periodic_scan_carries_changes(tmp_path: Path, sshd, d
     p.wait_log("scanning root every")
     publish(primary.root, "x.txt", b"x")
     wait_until(lambda: same(primary, tier1), what="the periodic scan to push")
+
+
+def test_primary_daemon_does_not_push_a_release_failing_its_own_checks(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, _ = three_tiers(tmp_path, sshd)
+    publish(primary.root, "dists/stable/Release", b"Origin: test\n")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier1), what="the first sync")
+    good = tree_listing(tier1.root)
+    # A Release whose SHA256 list names a Packages that does not match.
+    publish(primary.root, "dists/stable/main/Packages", b"Package: a\n")
+    publish(primary.root, "dists/stable/Release",
+            b"Origin: test\nSHA256:\n " + b"0" * 64 + b" 11 main/Packages\n")
+    p.wait_log("refusing to push")
+    time.sleep(1)
+    assert tree_listing(tier1.root) == good
+    # The fixed release goes out.
+    import hashlib
+
+    digest = hashlib.sha256(b"Package: a\n").hexdigest().encode()
+    publish(primary.root, "dists/stable/Release", b"Origin: test\nSHA256:\n " + digest + b" 11 main/Packages\n")
+    wait_until(lambda: same(primary, tier1), what="the fixed release")
