@@ -544,10 +544,7 @@ class Agent:
         except (OSError, UnsafePathError):
             return None
         try:
-            h = hashlib.sha256()
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-            return h.digest()
+            return verifymod.sha256_file(fd)
         finally:
             os.close(fd)
 
@@ -583,10 +580,7 @@ class Agent:
     def _sha256_at(dir_fd: int, name: str) -> bytes:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
-            h = hashlib.sha256()
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-            return h.digest()
+            return verifymod.sha256_file(fd)
         finally:
             os.close(fd)
 
