@@ -1030,7 +1030,7 @@ def _delta_format_error() -> type:
     return DeltaFormatError
 
 
-def _widen_pipes() -> None:
+def grow_pipe(fd: int) -> None:
     """Let sshd hand us 1 MiB per read instead of the default 64 KiB pipe.
 
     A full 64 KiB pipe stalls sshd, which then withholds the SSH window from
@@ -1038,12 +1038,27 @@ def _widen_pipes() -> None:
     """
     import fcntl
 
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-    for fd in (0, 1):
-        try:
-            fcntl.fcntl(fd, setpipe, 1 << 20)
-        except OSError:
-            pass  # not a pipe (a socket, a file in tests), or above pipe-max-size
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass  # not a pipe (a socket, a file in tests), or above pipe-max-size
+
+
+def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None]]:
+    """``recv`` and ``send_all`` over fds 0 and 1: the SSH exec channel of a remote end."""
+    grow_pipe(0)
+    grow_pipe(1)
+
+    def recv(n: int) -> bytes:
+        return os.read(0, n)
+
+    def send_all(data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(1, view)
+            view = view[n:]
+
+    return recv, send_all
 
 
 def _warm_cascade_imports() -> None:
@@ -1057,19 +1072,9 @@ def _warm_cascade_imports() -> None:
 
 def serve_stdio(cfg: Config) -> int:
     """Run one session on fds 0 and 1 (the SSH exec channel)."""
-    _widen_pipes()
+    recv, send_all = stdio()
     if cfg.mirrors:
         import threading
 
         threading.Thread(target=_warm_cascade_imports, name="warm-imports", daemon=True).start()
-
-    def recv(n: int) -> bytes:
-        return os.read(0, n)
-
-    def send_all(data: Any) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(1, view)
-            view = view[n:]
-
     return Agent(cfg, recv, send_all).serve()

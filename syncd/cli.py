@@ -232,9 +232,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if args.stage:
+        from .stager import serve_stage_stdio
+
+        return serve_stage_stdio(cfg)
     from .agent import serve_stdio
 
-    cfg = _load_config(args)
     return serve_stdio(cfg)
 
 
@@ -466,7 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agent", help="the remote end of a push, speaking the protocol on stdin/stdout")
     p.add_argument("--config", dest="agent_config", type=Path, default=None,
                    help="config file (the same as -c)")
+    p.add_argument("--stage", action="store_true",
+                   help="stage-only mode for prewarm's parallel streams: writes only state_dir/staging")
     p.set_defaults(func=cmd_agent)
+
+    from .prewarm import add_parser as add_prewarm
+
+    add_prewarm(sub)
 
     p = sub.add_parser("status", help="generation, size and per-downstream state")
     p.add_argument("--json", action="store_true", help="machine-readable output")

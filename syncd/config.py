@@ -179,17 +179,15 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected yes or no")
 
 
-def _rate(raw: str) -> int:
-    """Bytes per second: 0 (no limit), or a number with K, M or G (powers of 1024)."""
-    text = raw.strip().upper().removesuffix("B/S").removesuffix("/S")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    try:
-        value = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise ValueError("expected bytes per second such as 0, 500K, 20M or 1G") from None
-    if value < 0:
-        raise ValueError("expected a rate of 0 (no limit) or more")
-    return int(value)
+def parse_rate(raw: str) -> int:
+    """Bytes per second: ``0`` (no limit), or e.g. ``50M``, ``1.5G``, ``800K``
+    (powers of 1000) or ``64Mi`` (powers of 1024); a trailing ``B`` or ``/s`` is allowed."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGkmg]i?)?[Bb]?(?:/s)?\s*", raw)
+    if not m:
+        raise ValueError("expected bytes per second such as 0, 800K, 50M, 1.5G or 64Mi")
+    unit = (m.group(2) or "").upper()
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30}[unit]
+    return int(float(m.group(1)) * scale)
 
 
 def _share(raw: str) -> float:
@@ -254,7 +252,7 @@ MIRROR_KEYS: dict[str, Key] = {
     "retry_delay": Key(_seconds, default=1.0),
     "io_timeout": Key(_seconds, default=300.0),
     "via": Key(_name, default=None),
-    "bwlimit": Key(_rate, default=0),
+    "bwlimit": Key(parse_rate, default=0),
 }
 
 VERIFY_KEYS: dict[str, Key] = {

@@ -40,6 +40,7 @@ from syncd.errors import (
     AuthenticationError,
     ConnectionLostError,
     HostKeyError,
+    SyncdError,
     TransportError,
 )
 
@@ -506,3 +507,51 @@ class LocalSession(_StreamBase):
             self._proc.wait()
         self._stderr_thread.join(5)
         self._proc.stderr.close()
+
+
+# -- the OpenSSH client as a transport (prewarm's parallel streams) ----------------
+
+
+def open_openssh_session(mirror: MirrorLike) -> "LocalSession":
+    """A session through the OpenSSH client binary instead of paramiko.
+
+    Each prewarm stream is one process; with paramiko that process spends
+    most of its core packetizing and encrypting in Python, while ``ssh``
+    encrypts in C at several times the rate (DESIGN.md: 530 MB/s against
+    about 300).  The same promises as syncd.transport: only the mirror's
+    ``known_hosts`` is trusted and an unknown key is refused
+    (StrictHostKeyChecking), the mirror's key only, no prompts, no user
+    ssh_config, GCM ciphers first.
+    """
+    user = mirror.user or getpass.getuser()
+    known = os.path.expanduser(str(mirror.known_hosts or "~/.ssh/known_hosts"))
+    argv = ["ssh", "-F", "/dev/null", "-T", "-x", "-a", "-p", str(mirror.port or 22), "-l", user,
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no", "-o", "Compression=no",
+            "-o", f"ConnectTimeout={max(1, int(mirror.connect_timeout))}",
+            "-c", ",".join(PREFERRED_CIPHERS)]
+    if mirror.keepalive:
+        argv += ["-o", f"ServerAliveInterval={int(mirror.keepalive)}", "-o", "ServerAliveCountMax=4"]
+    if mirror.identity_file is not None:
+        argv += ["-i", os.path.expanduser(str(mirror.identity_file)), "-o", "IdentitiesOnly=yes"]
+    argv += [mirror.host, mirror.remote_command]
+    session = LocalSession(argv, label=f"{user}@{mirror.host}:{mirror.port or 22}")
+    from .agent import grow_pipe  # one definition of the 1 MiB pipes, on both ends
+
+    for fd in (session._stdin_fd, session._stdout_fd):
+        grow_pipe(fd)
+    return session
+
+
+def openssh_error(session: "LocalSession", err: SyncdError) -> SyncdError:
+    """What an ssh client that exited before the handshake meant, from its stderr."""
+    session.close()
+    tail = session.stderr_tail().strip()
+    last = tail.splitlines()[-1] if tail else str(err)
+    if "Host key verification failed" in tail or "REMOTE HOST IDENTIFICATION HAS CHANGED" in tail:
+        return HostKeyError(f"{session.label}: host key refused: {last}")
+    if "Permission denied" in tail:
+        return AuthenticationError(f"{session.label}: {last}")
+    if tail:
+        return ConnectionLostError(f"{session.label}: {err} ({last})")
+    return err

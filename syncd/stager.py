@@ -1,0 +1,569 @@
+"""The stage-only agent mode: ``syncd agent --stage``, for prewarming.
+
+One process per parallel stream.  It speaks the framing of docs/protocol.md
+with its own small set of messages (section 7 of that file) in one of two
+roles, chosen by the client's ``hello``:
+
+- ``edge``: it receives objects into ``state_dir/staging``, content-addressed
+  by SHA-256, exactly where the push agent looks for them; a later push finds
+  them there and asks for nothing.  It never touches ``root`` and never takes
+  the state_dir lock: every name it creates is derived from a SHA-256, so
+  several stagers (and a push agent) can share the directory.  Small objects
+  arrive whole into a private temporary name, are hashed, fsynced and renamed
+  to ``<sha256hex>``.  Large objects arrive as ranges written with ``pwrite``
+  into ``partial.<sha256hex>``; each range is hashed on arrival, made durable,
+  then appended to ``partial.<sha256hex>.ranges``.  That record is what a
+  resumed prewarm asks for, so a killed run resends only unrecorded ranges.
+  A partial file reaches its content name only after its whole SHA-256 has
+  been checked.
+- ``source``: it serves byte ranges of files in its ``root`` by path and
+  SHA-256, after checking that its manifest holds that content at that path
+  and the file still has the recorded size and mtime.  The prewarming node
+  relays them to an edge's stager.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import threading
+from typing import Any, Callable
+
+from .config import Config
+from .errors import DiskFullError, ManifestError, ProtocolError, SyncdError, UnsafePathError
+from .fsops import SafeRoot, validate_name
+from .manifest import KIND_FILE, Manifest, fspath
+from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+# A source serves at most this much per request: the relaying node holds no
+# more than one range per stream in memory.
+MAX_RANGE = 64 << 20
+PIPE_SIZE = 1 << 20
+# Commits (fdatasync, then rename or record) run beside the receiving loop;
+# a bound keeps the open files and the unacknowledged work small.
+COMMIT_THREADS = 2
+COMMITS_IN_FLIGHT = 8
+TEMP_PREFIX = "stage."
+PARTIAL_PREFIX = "partial."
+RANGES_SUFFIX = ".ranges"
+# Compression, as the pusher decides it: zstd only where a sample shrinks.
+ZSTD_LEVEL = 1
+ZSTD_MIN_GAIN = 0.9
+
+
+def zstd_pays(path: bytes, sample: bytes) -> bool:
+    from .push import COMPRESSED_SUFFIXES
+
+    if len(sample) < 512 or path.lower().endswith(COMPRESSED_SUFFIXES):
+        return False
+    import zstandard
+
+    head = sample[: 256 * 1024]
+    return len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(head)) < ZSTD_MIN_GAIN * len(head)
+
+
+def covered(ranges: list[tuple[int, int]], size: int) -> bool:
+    """Whether the (offset, length) ranges cover [0, size) without a gap."""
+    end = 0
+    for off, length in sorted(ranges):
+        if off > end:
+            return False
+        end = max(end, off + length)
+    return end >= size
+
+
+def read_ranges(staging_fd: int, hexname: str) -> list[tuple[int, int]]:
+    """The verified ranges recorded for a partial object (torn last line ignored)."""
+    try:
+        fd = os.open(PARTIAL_PREFIX + hexname + RANGES_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=staging_fd)
+    except FileNotFoundError:
+        return []
+    try:
+        data = b""
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+    out = []
+    for line in data.split(b"\n"):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def _field(msg: dict, key: str, kind: type) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{msg.get('type')!r} message: field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+class _Put:
+    """One object or range arriving on a stream."""
+
+    def __init__(self, stager: "Stager", msg: dict) -> None:
+        self.stager = stager
+        self.sha256 = _field(msg, "sha256", bytes)
+        self.size = _field(msg, "size", int)
+        self.offset = _field(msg, "offset", int)
+        self.length = _field(msg, "length", int)
+        how = _field(msg, "how", str)
+        if len(self.sha256) != 32 or self.size < 0 or self.offset < 0 or self.length < 0 \
+                or self.offset + self.length > self.size:
+            raise ProtocolError("put: bad object name or range")
+        if how not in ("whole", "zstd"):
+            raise ProtocolError(f"put: unknown encoding {how!r}")
+        self.hex = self.sha256.hex()
+        self.whole = self.offset == 0 and self.length == self.size
+        sfd = stager.staging_fd
+        if self.whole:
+            self.name = stager.new_tmp()
+            self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              0o600, dir_fd=sfd)
+        else:
+            self.name = PARTIAL_PREFIX + self.hex
+            self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+            if os.fstat(self.fd).st_size != self.size:
+                # Every writer of this object sets the same size: concurrent
+                # stagers agree, and a stale larger file is cut to size.
+                os.ftruncate(self.fd, self.size)
+        self.pos = self.offset
+        self.hasher = hashlib.sha256()
+        if how == "zstd":
+            import zstandard
+
+            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(self._write), write_size=CHUNK)
+            self.feed = self._zw.write
+        else:
+            self._zw = None
+            self.feed = self._write
+
+    def _write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.pos + len(view) > self.offset + self.length:
+            raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
+        self.hasher.update(view)
+        n_total = len(view)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, self.pos)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(f"disk full staging {self.hex} in {self.stager.staging}") from err
+                raise
+            view = view[n:]
+            self.pos += n
+        return n_total
+
+    def check(self, trailer: Any) -> bool:
+        """True when the range (or whole object) arrived intact."""
+        if self._zw is not None:
+            self._zw.flush()
+        digest = trailer.get("sha256") if isinstance(trailer, dict) else None
+        return self.pos == self.offset + self.length and (
+            self.hasher.digest() == (self.sha256 if self.whole else digest))
+
+    def commit(self) -> None:
+        """Make the checked bytes durable, then name (whole) or record (range) them."""
+        try:
+            os.fdatasync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        sfd = self.stager.staging_fd
+        if self.whole:
+            os.rename(self.name, self.hex, src_dir_fd=sfd, dst_dir_fd=sfd)
+            return
+        # Durable data first, then its record: a recorded range is never lost.
+        rfd = os.open(self.name + RANGES_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+        try:
+            os.write(rfd, f"{self.offset} {self.length}\n".encode())
+            os.fdatasync(rfd)
+        finally:
+            os.close(rfd)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.whole:
+            try:
+                os.unlink(self.name, dir_fd=self.stager.staging_fd)
+            except FileNotFoundError:
+                pass
+
+
+class _Sink:
+    def __init__(self, write: Callable[[Any], int]) -> None:
+        self.write = write
+
+
+class Stager:
+    """One stage-only session over ``recv`` / ``send_all``."""
+
+    def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None]) -> None:
+        self.cfg = cfg
+        self.reader = FrameReader(recv)
+        self.writer = FrameWriter(send_all)
+        self.staging = cfg.node.state_dir / "staging"
+        self.puts: dict[int, _Put] = {}
+        self.role: str | None = None
+        self.manifest: Manifest | None = None
+        self.root: SafeRoot | None = None
+        self._tmp_n = 0
+        # The writer is shared with the commit threads, which send the acks.
+        self.wlock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(COMMITS_IN_FLIGHT)
+        self._commit_error: BaseException | None = None
+
+    def _send(self, msg: dict) -> None:
+        with self.wlock:
+            self.writer.message(msg)
+            self.writer.flush()
+
+    def serve(self) -> int:
+        self.writer.hello()
+        self.writer.flush()
+        negotiate(PROTOCOL_VERSION, self.reader.read_hello())
+        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._clean_dead_temps()
+            return self._loop()
+        finally:
+            if self._pool is not None:
+                # What arrived is made durable and named even when the client
+                # is gone: a resumed prewarm then finds it.
+                self._pool.shutdown(wait=True)
+            for put in self.puts.values():
+                put.discard()
+            os.close(self.staging_fd)
+            if self.root is not None:
+                self.root.close()
+            if self.manifest is not None:
+                self.manifest.close()
+
+    def new_tmp(self) -> str:
+        self._tmp_n += 1
+        return f"{TEMP_PREFIX}{os.getpid()}.{self._tmp_n}"
+
+    def _clean_dead_temps(self) -> None:
+        # Not the push agent's "tmp.*": it removes those at its start, which
+        # would pull files from under a stager running beside it.  Ours carry
+        # their writer's PID and go only when that process is gone.
+        for entry in os.scandir(self.staging_fd):
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            pid = entry.name.split(".")[1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.unlink(entry.name, dir_fd=self.staging_fd)
+                except FileNotFoundError:
+                    pass
+
+    def _loop(self) -> int:
+        try:
+            while True:
+                frame = self.reader.read_frame()
+                if frame is None:
+                    return 0
+                if frame.kind is FrameType.MESSAGE:
+                    if not isinstance(frame.payload, dict) or not isinstance(frame.payload.get("type"), str):
+                        raise ProtocolError("a MESSAGE frame without a 'type'")
+                    if self._message(frame.payload):
+                        self._drain()
+                        return 0
+                    with self.wlock:
+                        self.writer.flush()
+                    continue
+                elif frame.kind is FrameType.DATA:
+                    put = self.puts.get(frame.stream)
+                    if put is None:
+                        raise ProtocolError(f"DATA for stream {frame.stream}, which no 'put' opened")
+                    put.feed(frame.payload)
+                    continue
+                else:
+                    self._end(frame.stream, frame.payload)
+                if self._commit_error is not None:
+                    raise self._commit_error
+        except SyncdError as err:
+            log.error("%s", err)
+            self._send_error(err)
+            return err.exit_status
+        except OSError as err:
+            message = f"{os.strerror(err.errno) if err.errno else err} {err.filename or ''}".strip()
+            log.error("%s", message)
+            self._send_error(SyncdError(message))
+            return 1
+
+    def _drain(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._commit_error is not None:
+            raise self._commit_error
+        with self.wlock:
+            self.writer.flush()
+
+    def _send_error(self, err: SyncdError) -> None:
+        try:
+            self._send({"type": "error", "kind": type(err).__name__, "message": str(err)})
+        except OSError:
+            pass
+
+    def _open_manifest(self) -> Manifest | None:
+        try:
+            return Manifest.open(self.cfg.node.state_dir, self.cfg.node.name, create=False)
+        except ManifestError:
+            return None
+
+    def _message(self, msg: dict) -> bool:
+        kind = msg["type"]
+        if kind == "hello":
+            role = msg.get("role")
+            if role not in ("edge", "source"):
+                raise ProtocolError(f"hello: unknown role {role!r}")
+            self.role = role
+            self.manifest = self._open_manifest()
+            held = self.manifest.get_meta("upstream_generation") if self.manifest else None
+            self.writer.message({
+                "type": "welcome", "node": self.cfg.node.name,
+                "generation": None if held is None else int(held),
+                "upstream": self.manifest.get_meta("upstream") if self.manifest else None,
+            })
+            self.root = SafeRoot(self.cfg.node.root) if os.path.isdir(self.cfg.node.root) else None
+        elif kind == "have":
+            self._have(msg)
+        elif kind == "put":
+            self._need_role("edge", kind)
+            stream = _field(msg, "stream", int)
+            if stream in self.puts:
+                raise ProtocolError(f"stream {stream} opened twice")
+            self.puts[stream] = _Put(self, msg)
+        elif kind == "get":
+            self._need_role("source", kind)
+            self._get(msg)
+        elif kind == "bye":
+            return True
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}")
+        return False
+
+    def _need_role(self, role: str, kind: str) -> None:
+        if self.role != role:
+            raise ProtocolError(f"{kind!r} needs role {role!r} (hello said {self.role!r})")
+
+    # -- edge role ---------------------------------------------------------------
+
+    def _have(self, msg: dict) -> None:
+        """Per object: "staged", "published" (root already holds it at that
+        path), "partial" with its verified ranges, or "none"."""
+        self._need_role("edge", "have")
+        objects = msg.get("objects")
+        if not isinstance(objects, list):
+            raise ProtocolError("have: objects is not a list")
+        answers = []
+        for raw in objects:
+            if not (isinstance(raw, list) and len(raw) == 4 and isinstance(raw[0], bytes) and len(raw[0]) == 32
+                    and isinstance(raw[1], int) and isinstance(raw[2], bytes) and isinstance(raw[3], int)):
+                raise ProtocolError("have: an object is not [sha256, size, path, mtime_ns]")
+            sha, size, path, mtime_ns = raw
+            validate_name(path)
+            hexname = sha.hex()
+            if self._is_file(hexname):
+                answers.append(["staged", []])
+            elif self._published(path, sha, size, mtime_ns):
+                answers.append(["published", []])
+            else:
+                ranges = read_ranges(self.staging_fd, hexname)
+                answers.append(["partial", [list(r) for r in ranges]] if ranges else ["none", []])
+        with self.wlock:
+            self.writer.message({"type": "have", "batch": msg.get("batch"), "objects": answers})
+
+    def _is_file(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=self.staging_fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _published(self, path: bytes, sha: bytes, size: int, mtime_ns: int) -> bool:
+        # A stale mirror: the same size and mtime at the same path is worth a
+        # local re-hash, far cheaper than the bytes on the wire.
+        if self.root is None:
+            return False
+        st = self.root.lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return False
+        try:
+            fd = self.root.open_read(path)
+        except (OSError, UnsafePathError):
+            return False
+        try:
+            h = hashlib.sha256()
+            while chunk := os.read(fd, CHUNK):
+                h.update(chunk)
+            return h.digest() == sha
+        finally:
+            os.close(fd)
+
+    def _end(self, stream: int, trailer: Any) -> None:
+        put = self.puts.pop(stream, None)
+        if put is None:
+            raise ProtocolError(f"END for stream {stream}, which no 'put' opened")
+        try:
+            ok = put.check(trailer)
+        except BaseException:
+            put.discard()
+            raise
+        if not ok:
+            put.discard()
+            log.warning("%s [%d+%d]: received bytes do not match their SHA-256", put.hex, put.offset, put.length)
+            self._send({"type": "put_failed", "sha256": put.sha256, "offset": put.offset,
+                        "error": "received bytes do not match their SHA-256"})
+            return
+        # fdatasync waits on the disk: a thread does it, and the rename or
+        # record after it, while this one goes on receiving.
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="stage-commit")
+        self._slots.acquire()
+        self._pool.submit(self._commit, put)
+
+    def _commit(self, put: _Put) -> None:
+        try:
+            put.commit()
+            staged = put.whole or self._finalize(put.hex, put.sha256, put.size)
+            self._send({"type": "put_ok", "sha256": put.sha256, "offset": put.offset,
+                        "length": put.length, "staged": bool(staged)})
+        except BaseException as err:  # noqa: BLE001 - raised by the receiving thread
+            put.discard()
+            if self._commit_error is None:
+                self._commit_error = err
+        finally:
+            self._slots.release()
+
+    def _finalize(self, hexname: str, sha: bytes, size: int) -> bool:
+        """Stage a partial object once its ranges cover it and its SHA-256 matches."""
+        if not covered(read_ranges(self.staging_fd, hexname), size):
+            return False
+        sfd = self.staging_fd
+        partial = PARTIAL_PREFIX + hexname
+        try:
+            fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+        except FileNotFoundError:
+            return False  # another stager finished it first
+        try:
+            # Two stagers may both see the last range recorded: one hashes
+            # and renames, the other finds the name gone.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                now = os.stat(partial, dir_fd=sfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if now.st_ino != os.fstat(fd).st_ino:
+                return False
+            h = hashlib.sha256()
+            offset = 0
+            while chunk := os.pread(fd, 8 * CHUNK, offset):
+                h.update(chunk)
+                offset += len(chunk)
+            if offset != size or h.digest() != sha:
+                log.warning("%s: assembled object does not match its SHA-256; discarded", hexname)
+                for name in (partial, partial + RANGES_SUFFIX):
+                    try:
+                        os.unlink(name, dir_fd=sfd)
+                    except FileNotFoundError:
+                        pass
+                return False
+            os.fsync(fd)
+            os.rename(partial, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
+            try:
+                os.unlink(partial + RANGES_SUFFIX, dir_fd=sfd)
+            except FileNotFoundError:
+                pass
+            os.fsync(sfd)
+            return True
+        finally:
+            os.close(fd)
+
+    # -- source role ---------------------------------------------------------------
+
+    def _get(self, msg: dict) -> None:
+        stream = _field(msg, "stream", int)
+        path = validate_name(_field(msg, "path", bytes))
+        sha = _field(msg, "sha256", bytes)
+        offset = _field(msg, "offset", int)
+        length = _field(msg, "length", int)
+        if offset < 0 or not 0 <= length <= MAX_RANGE:
+            raise ProtocolError(f"get {fspath(path)}: range out of bounds")
+        problem = None
+        entry = self.manifest.lookup(path) if self.manifest else None
+        if entry is None or entry.deleted or entry.kind != KIND_FILE or entry.sha256 != sha:
+            problem = "not this content in this mirror's manifest"
+        elif self.root is None:
+            problem = "no root"
+        fd = -1
+        if problem is None:
+            try:
+                fd = self.root.open_read(path)
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns) or offset + length > st.st_size:
+                    problem = "changed since its manifest row"
+            except (OSError, UnsafePathError) as err:
+                problem = f"cannot read: {err}"
+        if problem is not None:
+            if fd >= 0:
+                os.close(fd)
+            self.writer.message({"type": "get_failed", "stream": stream, "path": path, "error": problem})
+            return
+        try:
+            first = os.pread(fd, min(CHUNK, length), offset)
+            packed = zstd_pays(path, first)
+            self.writer.message({"type": "range", "stream": stream, "how": "zstd" if packed else "whole"})
+            h = hashlib.sha256()
+            pos = offset
+            end = offset + length
+            cobj = None
+            if packed:
+                import zstandard
+
+                cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+            chunk = first
+            while True:
+                if len(chunk) == 0 and pos < end:
+                    raise SyncdError(f"{fspath(path)}: shrank while being read")
+                h.update(chunk)
+                pos += len(chunk)
+                out = cobj.compress(chunk) if cobj else chunk
+                if out:
+                    self.writer.data(stream, out)
+                if pos >= end:
+                    break
+                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+            if cobj is not None:
+                tail = cobj.flush()
+                if tail:
+                    self.writer.data(stream, tail)
+            self.writer.end(stream, {"sha256": h.digest()})
+        finally:
+            os.close(fd)
+        self.writer.flush()
+
+
+def serve_stage_stdio(cfg: Config) -> int:
+    """Run one stage-only session on fds 0 and 1 (``syncd agent --stage``)."""
+    from .agent import stdio
+
+    recv, send_all = stdio()
+    return Stager(cfg, recv, send_all).serve()
