@@ -231,9 +231,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if findings else 0
 
 
+def _forced_stage_request() -> bool:
+    """Under a forced command (``command=`` in authorized_keys) sshd runs the
+    configured agent whatever the client asked for, and puts the request in
+    $SSH_ORIGINAL_COMMAND: prewarm's streams ask for ``agent --stage`` there.
+    The stage-only mode writes nothing but staging, so honouring it widens
+    nothing."""
+    import shlex
+
+    try:
+        words = shlex.split(os.environ.get("SSH_ORIGINAL_COMMAND", ""))
+    except ValueError:
+        return False
+    return "agent" in words and "--stage" in words
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
-    if args.stage:
+    if args.stage or _forced_stage_request():
         from .stager import serve_stage_stdio
 
         return serve_stage_stdio(cfg)

@@ -233,3 +233,26 @@ def test_second_session_waits_for_the_first(edge) -> None:  # noqa: ANN001
     t.join(30)
     assert got["welcome"]["type"] == "welcome" and got["code"] == 0
     assert tree_listing(edge.root) == {}
+
+
+def test_forced_command_serves_the_stage_mode_when_asked(edge, monkeypatch) -> None:  # noqa: ANN001
+    """authorized_keys' command= runs plain `syncd agent`; a prewarm stream's
+    request for `agent --stage` arrives in $SSH_ORIGINAL_COMMAND."""
+    env = dict(os.environ, SSH_ORIGINAL_COMMAND="syncd agent --stage --config /x/sync.ini")
+    session = LocalSession(SYNCD + ["agent", "--config", str(edge.ini)], env=env)
+    w = FrameWriter(session.send_all)
+    r = FrameReader(session.recv)
+    w.hello()
+    w.message({"type": "hello", "node": "p", "mirror": "edge", "role": "edge"})
+    w.message({"type": "have", "batch": 1, "objects": []})  # a stager's message, unknown to the agent
+    w.flush()
+    negotiate(PROTOCOL_VERSION, r.read_hello())
+    kinds = []
+    while len(kinds) < 2:
+        frame = r.read_frame()
+        assert frame is not None, session.stderr_tail()
+        kinds.append(frame.payload["type"])
+    assert kinds == ["welcome", "have"]
+    session.close_write()
+    assert session.exit_status(timeout=30) == 0
+    session.close()
