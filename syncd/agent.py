@@ -220,6 +220,7 @@ class _Incoming:
             self._close_fds()
         obj = self.sha256.hex()
         os.rename(self.tmp, obj, src_dir_fd=self.agent.staging_fd, dst_dir_fd=self.agent.staging_fd)
+        self.agent.verified_now.add(obj)
         return obj
 
     def _close_fds(self) -> None:
@@ -262,6 +263,8 @@ class Agent:
         self.staging = self.state_dir / "staging"
         self.plan = _Plan()
         self.incoming: dict[int, _Incoming] = {}
+        # Staged objects whose SHA-256 this session computed from the bytes it wrote.
+        self.verified_now: set[str] = set()
         self.index = planmod.IndexMatcher(cfg.node.index_patterns)
         self._keyring: verifymod.Keyring | None = None
 
@@ -566,6 +569,7 @@ class Agent:
                     os.unlink(tmp, dir_fd=self.staging_fd)
                     continue
                 os.rename(tmp, row.sha256.hex(), src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+                self.verified_now.add(row.sha256.hex())
                 return cand.path
             except (OSError, UnsafePathError) as err:
                 if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -794,8 +798,10 @@ class Agent:
         """The gate before publishing: findings (empty: publish) and the
         staged objects found corrupt (already removed from staging).
 
-        Every staged object is re-hashed, not only the index files: an object
-        staged by an earlier session has waited in staging since.  The index
+        Every staged object that this session did not itself verify is
+        re-hashed: one staged by an earlier session (a killed push, a
+        prewarm) has waited in staging since, unsynced.  The ones this session
+        received or copied were hashed from the very bytes written.  The index
         group is checked only when this generation changes, adds or deletes an
         index file; otherwise the group on the edge is the one checked when it
         was published.  Files of the group that this generation leaves alone
@@ -809,7 +815,7 @@ class Agent:
         first_path: dict[str, bytes] = {}
         for row in plan.files:
             first_path.setdefault(row.sha256.hex(), row.path)
-        objects = {self.staging / name: name for name in first_path}
+        objects = {self.staging / name: name for name in first_path if name not in self.verified_now}
         for where, got in verifymod.hash_files(objects, workers=self.cfg.node.hash_workers):
             name = objects[where]
             rel = fspath(first_path[name])

@@ -258,3 +258,22 @@ def test_edge_edit_by_hand_is_repaired_on_full_comparison(pair: Pair) -> None:
     result = pair.push()
     assert result.ok and result.files_sent == 1
     assert pair.in_sync()
+
+
+def test_corrupt_leftover_in_staging_is_caught_and_resent(pair: Pair) -> None:
+    """An object left in staging by an earlier session (as a power cut could
+    leave one) is trusted by name when planning but re-hashed at commit."""
+    import hashlib
+
+    data = os.urandom(300_000)
+    (pair.primary.root / "pkg.deb").write_bytes(data)
+    staging = pair.edge.state / "staging"
+    staging.mkdir(parents=True)
+    (staging / hashlib.sha256(data).hexdigest()).write_bytes(b"not the content" * 100)
+    first = pair.push()
+    assert not first.ok and "differs from its SHA-256" in first.error
+    assert not (pair.edge.root / "pkg.deb").exists()
+    second = pair.push()
+    assert second.ok, second.error
+    assert second.files_sent == 1
+    assert pair.in_sync()
