@@ -47,7 +47,14 @@ def notify(*assignments: str) -> bool:
     payload = "\n".join(assignments).encode("utf-8")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(payload, address)
+            # Never wait: a receiver that stopped reading fills its queue, and
+            # a blocking send would then stop the daemon's main loop (pushes
+            # included).  A status line dropped costs nothing.
+            sock.sendto(payload, socket.MSG_DONTWAIT, address)
+    except BlockingIOError:
+        log.debug("sd_notify to %s: the receiver's queue is full; dropped %r",
+                  os.environ.get("NOTIFY_SOCKET"), assignments)
+        return False
     except OSError as err:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), err)
         return False

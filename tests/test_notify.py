@@ -92,3 +92,26 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert notify.watchdog_interval() is None
     monkeypatch.setenv("WATCHDOG_USEC", "soon")
     assert notify.watchdog_interval() is None
+
+
+def test_a_receiver_that_stops_reading_never_blocks_the_sender(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The daemon's main loop calls notify(); a full queue must not stop it."""
+    import socket as socketmod
+    import threading
+
+    from syncd import notify
+
+    path = tmp_path / "notify.sock"
+    receiver = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    receiver.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(5000):  # far more than an unread datagram queue holds
+            notify.status(f"generation {i}")
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(20), "notify() blocked on a receiver that does not read"
+    receiver.close()
