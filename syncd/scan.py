@@ -315,10 +315,11 @@ def scan(
                 result.unreadable.append(d)
                 skip_prefixes.append(d)
                 continue
+            result.entries += len(dirents)
+            pop = old_rows.pop
             for de in dirents:
                 name = de.name
-                result.entries += 1
-                old = old_rows.pop(name, None)
+                old = pop(name, None)
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -326,6 +327,16 @@ def scan(
                         tombstone(old)
                     continue
                 mode = st.st_mode
+                # The common case first, in one comparison: a live file row
+                # whose (kind, size, mtime, ctime, mode, inode) all still hold.
+                if (
+                    old is not None
+                    and not old[_DELETED]
+                    and old[_KIND:_SHA] == (KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                            mode & 0o7777, st.st_ino)
+                    and mode & 0o170000 == stat.S_IFREG
+                ):
+                    continue
                 perm = stat.S_IMODE(mode)
                 fresh = old is None or old[_DELETED]
                 if partial and not fresh and old[_KIND] == KIND_DIR and not stat.S_ISDIR(mode):
