@@ -170,13 +170,19 @@ def _globs(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def _trace_dir(raw: str) -> str:
+    from .trace import parse_dir
+
+    return parse_dir(raw)
+
+
 def _bool(raw: str) -> bool:
     text = raw.strip().lower()
     if text in ("yes", "true", "on", "1"):
         return True
     if text in ("no", "false", "off", "0"):
         return False
-    raise ValueError("expected yes or no")
+    raise ValueError("expected yes or no (true/false, on/off, 1/0)")
 
 
 def parse_rate(raw: str) -> int:
@@ -232,8 +238,8 @@ NODE_KEYS: dict[str, Key] = {
     "watch_debounce": Key(_seconds, default=0.1),
     "scan_interval": Key(_seconds, default=300.0),
     # Parsers live in trace.py, imported only when a config sets the key.
-    "trace": Key(lambda raw: __import__("syncd.trace").trace.parse_bool(raw), default=False),
-    "trace_dir": Key(lambda raw: __import__("syncd.trace").trace.parse_dir(raw), default="project/trace"),
+    "trace": Key(_bool, default=False),
+    "trace_dir": Key(_trace_dir, default="project/trace"),
 }
 
 MIRROR_KEYS: dict[str, Key] = {

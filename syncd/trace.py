@@ -51,16 +51,6 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def parse_bool(raw: str) -> bool:
-    """A config boolean, spelled as configparser's getboolean accepts it."""
-    value = raw.strip().lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if value in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("expected yes or no (true/false, on/off, 1/0)")
-
-
 def parse_dir(raw: str) -> str:
     """A directory relative to root: no leading '/', no '..', no empty parts."""
     value = raw.strip().rstrip("/")
@@ -169,5 +159,5 @@ def after_commit(cfg: "Config", root: "SafeRoot", staging_fd: int, *, generation
     return True
 
 
-__all__ = ["DEFAULT_TRACE_DIR", "after_commit", "date_u", "parse_bool", "parse_dir", "protects", "render",
+__all__ = ["DEFAULT_TRACE_DIR", "after_commit", "date_u", "parse_dir", "protects", "render",
            "rfc2822", "trace_path", "write"]
