@@ -275,7 +275,13 @@ class Agent:
         self.writer.flush()
         negotiate(PROTOCOL_VERSION, self.reader.read_hello())
         self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with StateLock(self.state_dir, "agent", wait=AGENT_LOCK_WAIT), Manifest.open(self.state_dir, self.cfg.node.name) as manifest:
+        # The lock is taken per push (at begin) and let go at its end, not for
+        # the session: an upstream daemon keeps its session to this node open
+        # between pushes, and must not lock this node out meanwhile.
+        self.lock = StateLock(self.state_dir, "agent", wait=AGENT_LOCK_WAIT)
+        self.locked = False
+        self.links: dict = {}  # this node's own downstreams, kept for the session (cascade)
+        with Manifest.open(self.state_dir, self.cfg.node.name) as manifest:
             self.manifest = manifest
             self.lookup = manifest.reader()
             self.root = SafeRoot(self.cfg.node.root)
@@ -285,8 +291,11 @@ class Agent:
             try:
                 return self._loop()
             finally:
+                for link in self.links.values():
+                    link.close()
                 for inc in self.incoming.values():
                     inc.discard()
+                self._unlock()
                 if getattr(self, "_pfd", None) is not None:
                     os.close(self._pfd)
                 os.close(self.staging_fd)
@@ -395,7 +404,7 @@ class Agent:
         beater = threading.Thread(target=beat, name="cascade-heartbeat", daemon=True)
         beater.start()
         try:
-            results = push_tree(self.cfg, self.manifest)
+            results = push_tree(self.cfg, self.manifest, links=self.links)
         finally:
             done.set()
             beater.join()
@@ -423,7 +432,17 @@ class Agent:
 
     # -- planning -------------------------------------------------------------------
 
+    def _unlock(self) -> None:
+        if self.locked:
+            self.lock.release()
+            self.locked = False
+
     def _begin(self, msg: dict) -> None:
+        if self.incoming or self.plan.rows:
+            raise ProtocolError("begin in the middle of a push")
+        if not self.locked:
+            self.lock.acquire()  # waits for another push into this node to end
+            self.locked = True
         rules = msg.get("filter") or []
         if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
             raise ProtocolError("begin: filter is not a list of rules")
@@ -645,6 +664,16 @@ class Agent:
     # -- publishing --------------------------------------------------------------------
 
     def _commit(self, msg: dict) -> None:
+        try:
+            self._commit_locked(msg)
+        finally:
+            self._unlock()
+            # Directories may have been replaced: no cached fd outlives a push.
+            if getattr(self, "_pfd", None) is not None:
+                os.close(self._pfd)
+                self._pfd = self._pfd_key = None
+
+    def _commit_locked(self, msg: dict) -> None:
         plan = self.plan
         if _field(msg, "generation", int) != plan.generation:
             raise ProtocolError("commit: generation differs from begin")
@@ -961,12 +990,40 @@ class Agent:
         return f"tmp.{os.getpid()}.{self._tmp_n}"
 
     def _clean_temps(self, *, everything: bool = False) -> None:
+        """Remove temporary files of processes that are gone (and with
+        ``everything``, this process's own and every staged object).
+
+        Another agent or a prewarm stager may be writing into staging right
+        now: its ``tmp.PID.N`` / ``stage.PID.N`` files and ``partial.*``
+        assemblies are left alone while its process lives.
+        """
+        me = os.getpid()
         for entry in os.scandir(self.staging_fd):
-            if everything or entry.name.startswith("tmp."):
-                try:
-                    os.unlink(entry.name, dir_fd=self.staging_fd)
-                except FileNotFoundError:
-                    pass
+            name = entry.name
+            kind, _, rest = name.partition(".")
+            if kind in ("tmp", "stage"):
+                digits = rest.partition(".")[0]
+                pid = int(digits) if digits.isdigit() else None
+                if pid is not None and pid != me and _alive(pid):
+                    continue  # another live process is writing it
+                if pid == me and not everything:
+                    continue
+            elif kind == "partial" or not everything:
+                continue
+            try:
+                os.unlink(name, dir_fd=self.staging_fd)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process, alive
+    return True
 
 
 def _index_order(path: bytes) -> tuple:

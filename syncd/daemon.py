@@ -6,7 +6,9 @@
   generation is pushed to every downstream at once.  Where watches cannot be
   placed (the inotify watch limit, ``watch = no``), a periodic full scan
   takes their place, and the log says so once.
-- One worker thread per downstream.  A push requested while one runs is
+- One worker thread per downstream, with its SSH session and the remote
+  agent kept open between pushes (a lost one is opened again by the next
+  push, with the usual retries).  A push requested while one runs is
   merged into a single next push, never dropped.  At most
   ``parallel_pushes`` run at the same time.  A failed push is retried with
   exponential backoff and jitter.
@@ -42,7 +44,7 @@ from .config import Config, MirrorConfig
 from .errors import ConfigError, LockedError, SyncdError
 from .lock import StateLock
 from .manifest import Manifest
-from .push import PushResult, push_with_retries
+from .push import Link, PushResult, push_with_retries
 from .scan import scan
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ class MirrorWorker(threading.Thread):
         self.failures = 0
         self.last: PushResult | None = None
         self.pushes = 0
+        # The session and remote agent stay open between pushes: a push then
+        # costs no SSH handshake and no interpreter start on the mirror.
+        self.link = Link(mirror)
 
     def request(self, *, full: bool = False) -> None:
         with self.cond:
@@ -84,6 +89,7 @@ class MirrorWorker(threading.Thread):
                 while not self.pending and not self.quit:
                     self.cond.wait()
                 if self.quit:
+                    self.link.close()
                     return
                 full, self.pending, self.full = self.full, False, False
             if self.mirror.via is not None:
@@ -92,9 +98,10 @@ class MirrorWorker(threading.Thread):
                     continue  # its tier-1 serves it; only a failure there makes it ours
             with self.d.slots:
                 if self.d.stop.is_set():
+                    self.link.close()
                     return
                 result = push_with_retries(
-                    self.d.cfg, self.mirror, self.d.manifest, force_full=full, stop=self.d.stop,
+                    self.d.cfg, self.mirror, self.d.manifest, force_full=full, stop=self.d.stop, link=self.link,
                 )
             self.pushes += 1
             self.last = result

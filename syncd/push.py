@@ -212,6 +212,58 @@ class _Channel:
         return item
 
 
+class Link:
+    """A session to one mirror's agent, opened on first use and kept between pushes.
+
+    The daemon keeps one per downstream, and a cascading agent one per
+    downstream of its own for as long as its own session lasts: a push then
+    costs neither an SSH handshake nor the start of a remote interpreter.
+    Anything that goes wrong mid-push drops the link (``drop``); the next
+    push opens a new one.
+    """
+
+    def __init__(self, mirror: MirrorConfig, open_session: Callable[[MirrorConfig], Any] | None = None) -> None:
+        if open_session is None:
+            from .transport import open_session as open_session
+        self.mirror = mirror
+        self._open_session = open_session
+        self._session: Any = None
+        self._ch: _Channel | None = None
+        self.stderr_tail = ""
+
+    def channel(self) -> _Channel:
+        if self._ch is None:
+            session = self._open_session(self.mirror)
+            try:
+                ch = _Channel(session, self.mirror.bwlimit)
+                ch.writer.hello()
+                ch.writer.flush()
+                negotiate(PROTOCOL_VERSION, ch.reader.read_hello())
+                ch.start()
+            except BaseException:
+                session.close()
+                raise
+            self._session, self._ch = session, ch
+        return self._ch
+
+    def close(self) -> None:
+        """End the session politely (``bye``), as at a daemon's stop or reload."""
+        if self._ch is not None:
+            try:
+                self._ch.writer.message({"type": "bye"})
+                self._ch.writer.flush()
+            except (OSError, SyncdError):
+                pass
+        self.drop()
+
+    def drop(self) -> None:
+        if self._session is not None:
+            if hasattr(self._session, "stderr_tail"):
+                self.stderr_tail = self._session.stderr_tail().strip()
+            self._session.close()
+        self._session = self._ch = None
+
+
 class Pusher:
     """One push of ``manifest``'s current generation to ``mirror``."""
 
@@ -245,35 +297,43 @@ class Pusher:
             from .transport import open_session as open_session
         self._open_session = open_session
 
-    def run(self, result: PushResult) -> None:
+    def run(self, result: PushResult, link: "Link | None" = None) -> None:
+        """One push; over ``link`` when given (kept open afterwards), else over
+        a session of its own, closed at the end."""
         started = time.monotonic()
-        session = self._open_session(self.mirror)
+        own = link is None
+        if own:
+            link = Link(self.mirror, self._open_session)
+        self.keep_open = not own
         try:
-            ch = _Channel(session, self.mirror.bwlimit)
+            ch = link.channel()
+            sent, received = ch.sent, ch.received
             try:
                 self._session(ch, result)
             finally:
-                result.bytes_sent += ch.sent
-                result.bytes_received += ch.received
-        except (ProtocolError, ConnectionLostError) as err:
-            # An agent that died says why on its stderr: quote its last line.
-            tail = session.stderr_tail().strip() if hasattr(session, "stderr_tail") else ""
-            if tail:
-                raise type(err)(f"{err} (agent stderr: {tail.splitlines()[-1]})") from err
+                result.bytes_sent += ch.sent - sent
+                result.bytes_received += ch.received - received
+            if not self.keep_open and not own:
+                link.drop()  # the agent ended its session (a dry run's abort)
+        except BaseException as err:
+            link.drop()  # a push that did not end cleanly leaves the link unusable
+            if isinstance(err, (ProtocolError, ConnectionLostError)) and link.stderr_tail:
+                # An agent that died says why on its stderr: quote its last line.
+                raise type(err)(f"{err} (agent stderr: {link.stderr_tail.splitlines()[-1]})") from err
             raise
         finally:
-            session.close()
+            if own:
+                link.drop()
             result.seconds += time.monotonic() - started
 
     # -- the session -------------------------------------------------------------------
 
     def _session(self, ch: _Channel, result: PushResult) -> None:
         w = ch.writer
-        w.hello()
+        # On a kept link too: the agent's welcome says what it holds now
+        # (another upstream, a failover, may have pushed to it meanwhile).
         w.message({"type": "hello", "node": self.cfg.node.name, "mirror": self.mirror.name})
         w.flush()
-        negotiate(PROTOCOL_VERSION, ch.reader.read_hello())
-        ch.start()
         welcome = ch.next_message(self.mirror.io_timeout)
         if welcome.get("type") != "welcome":
             raise ProtocolError(f"expected 'welcome', got {welcome.get('type')!r}")
@@ -333,6 +393,7 @@ class Pusher:
             w.message({"type": "abort"})
             w.flush()
             result.ok = True
+            self.keep_open = False  # abort ends the agent's session
             return
         w.message({"type": "commit", "generation": target})
         w.flush()
@@ -361,8 +422,9 @@ class Pusher:
                     break
                 if msg["type"] != "cascading":
                     raise ProtocolError(f"expected 'cascaded', got {msg['type']!r}")
-        w.message({"type": "bye"})
-        w.flush()
+        if not self.keep_open:
+            w.message({"type": "bye"})
+            w.flush()
 
     def _next(self, ch: _Channel) -> dict:
         return ch.next_message(self.mirror.io_timeout)
@@ -542,6 +604,7 @@ def push_tree(
     force_deletes: bool = False,
     on_item: Callable[[str, planmod.Item], None] | None = None,
     cascade: bool = True,
+    links: dict[str, Link] | None = None,
 ) -> list[PushResult]:
     """Push to every direct downstream at once (each cascading to its subtree).
 
@@ -557,8 +620,15 @@ def push_tree(
     standby = [m for m in chosen if m.via]
 
     def one(m: MirrorConfig) -> PushResult:
+        link = None
+        if links is not None:
+            link = links.get(m.name)
+            if link is None or link.mirror != m:
+                if link is not None:
+                    link.close()  # the mirror's settings changed: a new session
+                link = links[m.name] = Link(m)
         return push_with_retries(cfg, m, manifest, dry_run=dry_run, force_deletes=force_deletes,
-                                 on_item=on_item, cascade=cascade)
+                                 on_item=on_item, cascade=cascade, link=link)
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.node.parallel_pushes), thread_name_prefix="push") as pool:
         results = list(pool.map(one, direct))
@@ -585,6 +655,7 @@ def push_with_retries(
     cascade: bool = True,
     force_full: bool = False,
     stop: threading.Event | None = None,
+    link: Link | None = None,
 ) -> PushResult:
     """Push, retrying a lost connection with exponential backoff and jitter.
 
@@ -600,7 +671,7 @@ def push_with_retries(
         try:
             Pusher(cfg, mirror, manifest, dry_run=dry_run, force_deletes=force_deletes,
                    on_item=on_item, open_session=open_session, cascade=cascade,
-                   force_full=force_full, stop=stop).run(result)
+                   force_full=force_full, stop=stop).run(result, link)
             break
         except SyncdError as err:
             result.error = str(err)
@@ -630,4 +701,4 @@ def push_with_retries(
     return result
 
 
-__all__ = ["PushResult", "Pusher", "push_tree", "push_with_retries", "filter_rules", "TransportError"]
+__all__ = ["Link", "PushResult", "Pusher", "push_tree", "push_with_retries", "filter_rules", "TransportError"]

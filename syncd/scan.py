@@ -289,6 +289,11 @@ def scan(
                 if d in visited:
                     continue
                 visited.add(d)
+                if not _real_dir(root_b, d):
+                    # A symlink (or a file) now stands where the watcher saw a
+                    # directory: never list through it.  Its parent's visit
+                    # records what is there.
+                    continue
                 old_rows = {r[_NAME]: r for r in writer.rows_in(d)}
             while row is not None and row[_PARENT] < d:
                 tombstone(row)
@@ -421,6 +426,19 @@ def scan(
             pool.shutdown(wait=True, cancel_futures=True)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _real_dir(root: bytes, rel: bytes) -> bool:
+    """Every component of ``rel`` is a directory, none a symlink (lstat each)."""
+    path = root
+    for part in rel.split(b"/") if rel else ():
+        path += b"/" + part
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _no_rows() -> Iterator[tuple]:

@@ -213,25 +213,33 @@ def test_disk_full_is_one_line_and_publishes_nothing(tmp_path: Path) -> None:
             time.sleep(0.1)
 
 
-def test_second_session_waits_for_the_first(edge) -> None:  # noqa: ANN001
-    """Two pushes into one node (a reconcile meeting a cascade) queue, not fail."""
+def test_second_push_waits_for_the_first(edge) -> None:  # noqa: ANN001
+    """Two pushes into one node (a reconcile meeting a cascade) queue, not fail.
+
+    The lock is per push: both sessions are welcomed at once, the second
+    push's begin waits until the first push ends.
+    """
     import threading
 
     first = Peer(edge.ini)
+    first.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"a", b"A")]})
+    assert first.message()["type"] == "needs"  # the first push holds the lock now
     got: dict = {}
 
-    def second_session() -> None:
-        peer = Peer(edge.ini)  # blocks in the agent's lock wait until the first ends
+    def second_push() -> None:
+        peer = Peer(edge.ini)
         got["welcome"] = peer.welcome
+        peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"b", b"B")]})
+        got["needs"] = peer.message()
         got["code"] = peer.finish()
 
-    t = threading.Thread(target=second_session)
+    t = threading.Thread(target=second_push)
     t.start()
     t.join(1.5)
-    assert t.is_alive() and "welcome" not in got  # still waiting for the lock
-    assert first.finish() == 0
+    assert t.is_alive() and "welcome" in got and "needs" not in got  # welcomed, waiting to begin
+    assert first.finish() == 0  # the first push ends (nothing committed)
     t.join(30)
-    assert got["welcome"]["type"] == "welcome" and got["code"] == 0
+    assert got["needs"]["type"] == "needs" and got["code"] == 0
     assert tree_listing(edge.root) == {}
 
 

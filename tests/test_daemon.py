@@ -214,3 +214,35 @@ def test_primary_daemon_does_not_push_a_release_failing_its_own_checks(tmp_path:
     digest = hashlib.sha256(b"Package: a\n").hexdigest().encode()
     publish(primary.root, "dists/stable/Release", b"Origin: test\nSHA256:\n " + digest + b" 11 main/Packages\n")
     wait_until(lambda: same(primary, tier1), what="the fixed release")
+
+
+def _logins(ssh) -> int:  # noqa: ANN001
+    return ssh.log_file.read_text(errors="replace").count("Accepted publickey")
+
+
+def test_daemon_keeps_its_sessions_open_between_pushes(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    publish(primary.root, "first.txt", b"1")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier2), what="the first sync")
+    logins = _logins(sshd)
+    for i in range(5):
+        publish(primary.root, f"pool/f{i}", os.urandom(1000))
+        wait_until(lambda: same(primary, tier2), what=f"file {i} on tier 2")
+    # Five pushes through two hops, and not one new SSH login: primary -> tier1
+    # and tier1's cascade -> tier2 both reused their sessions.
+    assert _logins(sshd) == logins
+    assert p.pushes_to("tier1") >= 5
+
+
+def test_a_lost_session_is_opened_again(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    publish(primary.root, "first.txt", b"1")
+    daemons(primary)
+    wait_until(lambda: same(primary, tier2), what="the first sync")
+    # The mirror's agent dies between pushes (a reboot, an OOM kill).
+    out = subprocess.run(["pgrep", "-f", f"agent --config {tier1.ini}"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    publish(primary.root, "second.txt", b"2")
+    wait_until(lambda: same(primary, tier2), what="the push after the agent died")

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from syncd import scan as scan_mod
@@ -384,6 +384,8 @@ def touched_dirs(op: tuple) -> set[bytes]:
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=25))
+@example(ops=[("write", b"b", b""), ("symlink", b"c\xff", b"a"), ("write", b"a/a", b""),
+              ("write", b"c\xff/a", b"")])  # a dirty "directory" that is a symlink to one
 def test_partial_scans_of_touched_dirs_equal_a_fresh_walk(ops: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree(Path(tmp), workers=1)
