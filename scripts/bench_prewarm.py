@@ -31,13 +31,10 @@ import sys
 import tempfile
 import time
 
-from benchutil import REPO, SYNCD, compare_trees, human, listing, run_measured, table, write_ini
+from benchutil import REPO, SYNCD, SshRig, compare_trees, human, listing, run_measured, table, write_ini
 
 sys.path.insert(0, str(REPO))
-from tests.relay import Relay  # noqa: E402
-from tests.sshd import start_sshd  # noqa: E402
 
-CIPHER = "aes128-gcm@openssh.com"
 
 
 def make_tree(root: pathlib.Path, small: int, small_mib: int, big: int, big_mib: int) -> int:
@@ -57,24 +54,10 @@ def make_tree(root: pathlib.Path, small: int, small_mib: int, big: int, big_mib:
     return total
 
 
-class Bench:
+class Bench(SshRig):
     def __init__(self, work: pathlib.Path) -> None:
-        self.work = work
-        self.sshd = start_sshd(work / "ssh")
-        self.relay = Relay(self.sshd.host, self.sshd.port)
-        self.known_hosts = self.sshd.known_hosts_for(self.relay.port)
+        super().__init__(work)
         self.rows: list[list[object]] = []
-
-    def stop(self) -> None:
-        try:
-            self.relay.stop()
-        finally:
-            self.sshd.stop()
-
-    def ssh_command(self) -> str:
-        return (f"ssh -F /dev/null -p {self.relay.port} -i {self.sshd.identity_file} -o IdentitiesOnly=yes "
-                f"-o UserKnownHostsFile={self.known_hosts} -o GlobalKnownHostsFile=/dev/null "
-                f"-o StrictHostKeyChecking=yes -o BatchMode=yes -c {CIPHER}")
 
     def counted(self, argv: list[str]):  # noqa: ANN201
         os.sync()

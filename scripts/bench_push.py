@@ -48,15 +48,12 @@ import tempfile
 import time
 
 from benchutil import (
-    REPO, SYNCD, Measured, Pool, compare_trees, flat_tree, human, listing, run_measured, table,
-    write_file, write_ini,
+    CIPHER, REPO, SYNCD, Measured, Pool, SshRig, compare_trees, flat_tree, human, listing, run_measured,
+    table, write_file, write_ini,
 )
 
 sys.path.insert(0, str(REPO))
-from tests.relay import Relay  # noqa: E402
-from tests.sshd import start_sshd  # noqa: E402
 
-CIPHER = "aes128-gcm@openssh.com"
 # run --once logs its scan's summary at INFO ("scan: ... hashed in X s").
 _SCAN_SECONDS = re.compile(r"scan: .*hashed in ([0-9.]+) s")
 SYLLABLES = ("ab", "bel", "cor", "da", "el", "fu", "gri", "ho", "ix", "jo", "ka", "lu", "mo", "nex",
@@ -168,30 +165,12 @@ class MirrorTree:
 # -- the two tools -------------------------------------------------------------
 
 
-class Bench:
+class Bench(SshRig):
     def __init__(self, work: pathlib.Path, scan_first: bool) -> None:
-        self.work = work
         self.scan_first = scan_first
         self.rows: list[dict] = []
         self.syncd_missing = _syncd_push_missing()
-        self.sshd = start_sshd(work / "ssh")
-        try:
-            self.relay = Relay(self.sshd.host, self.sshd.port)
-            self.known_hosts = self.sshd.known_hosts_for(self.relay.port)
-        except BaseException:
-            self.sshd.stop()
-            raise
-
-    def stop(self) -> None:
-        try:
-            self.relay.stop()
-        finally:
-            self.sshd.stop()
-
-    def ssh_command(self) -> str:
-        return (f"ssh -F /dev/null -p {self.relay.port} -i {self.sshd.identity_file} -o IdentitiesOnly=yes "
-                f"-o UserKnownHostsFile={self.known_hosts} -o GlobalKnownHostsFile=/dev/null "
-                f"-o StrictHostKeyChecking=yes -o BatchMode=yes -c {CIPHER}")
+        super().__init__(work)
 
     def _counted(self, run) -> tuple[list[Measured], dict[str, int]]:
         # Neither tool pays for the other's write-back: start each with no dirty pages.

@@ -237,3 +237,36 @@ def table(headers: list[str], rows: list[list[object]], left: tuple[int, ...] = 
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+CIPHER = "aes128-gcm@openssh.com"
+
+
+class SshRig:
+    """One sshd on 127.0.0.1 with a byte-counting relay in front, shared by
+    every tool a benchmark compares, so they cross the same link."""
+
+    def __init__(self, work: pathlib.Path) -> None:
+        from tests.relay import Relay
+        from tests.sshd import start_sshd
+
+        self.work = work
+        self.sshd = start_sshd(work / "ssh")
+        try:
+            self.relay = Relay(self.sshd.host, self.sshd.port)
+            self.known_hosts = self.sshd.known_hosts_for(self.relay.port)
+        except BaseException:
+            self.sshd.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            self.relay.stop()
+        finally:
+            self.sshd.stop()
+
+    def ssh_command(self) -> str:
+        """OpenSSH through the relay, as rsync's -e gets it: same key, host key check and cipher as syncd."""
+        return (f"ssh -F /dev/null -p {self.relay.port} -i {self.sshd.identity_file} -o IdentitiesOnly=yes "
+                f"-o UserKnownHostsFile={self.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+                f"-o StrictHostKeyChecking=yes -o BatchMode=yes -c {CIPHER}")
