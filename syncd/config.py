@@ -43,6 +43,7 @@ class NodeConfig:
     watch: bool = True
     watch_debounce: float = 0.1
     scan_interval: float = 300.0
+    metrics_listen: str | None = None
     trace: bool = False
     trace_dir: str = "project/trace"
 
@@ -176,6 +177,13 @@ def _trace_dir(raw: str) -> str:
     return parse_dir(raw)
 
 
+def _listen(raw: str) -> str:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9109")
+    return raw.strip()
+
+
 def _bool(raw: str) -> bool:
     text = raw.strip().lower()
     if text in ("yes", "true", "on", "1"):
@@ -237,6 +245,7 @@ NODE_KEYS: dict[str, Key] = {
     "watch": Key(_bool, default=True),
     "watch_debounce": Key(_seconds, default=0.1),
     "scan_interval": Key(_seconds, default=300.0),
+    "metrics_listen": Key(_listen, default=None),
     # Parsers live in trace.py, imported only when a config sets the key.
     "trace": Key(_bool, default=False),
     "trace_dir": Key(_trace_dir, default="project/trace"),
@@ -344,6 +353,7 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
         watch=node_values["watch"],
         watch_debounce=node_values["watch_debounce"],
         scan_interval=node_values["scan_interval"],
+        metrics_listen=node_values["metrics_listen"],
         trace=node_values["trace"],
         trace_dir=node_values["trace_dir"],
     )

@@ -23,7 +23,7 @@
   Release/repomd chains) before pushing it, as ``run --once`` does; a
   failing generation is not pushed, and the ERROR log says why.
 - systemd: READY, WATCHDOG, RELOADING, STOPPING and STATUS through
-  ``syncd.notify``.
+  ``syncd.notify``; Prometheus metrics on ``metrics_listen`` when set.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class Daemon:
         self.watching = False
         self.scans = 0
         self.next_full_scan = 0.0
+        self.metrics = None
         self.checked_generation: int | None = None
         self.release_ok = False
 
@@ -149,6 +150,17 @@ class Daemon:
             raise LockedError(f"another syncd daemon runs on this state_dir: {err}") from None
         self.manifest = Manifest.open(node.state_dir, node.name)
         self.primary = self.manifest.get_meta("upstream") is None
+        if node.metrics_listen:
+            from .metrics import Metrics
+
+            self.metrics = Metrics(node.name)
+            try:
+                self.metrics.serve(node.metrics_listen)
+            except OSError as err:
+                daemon_lock.release()
+                raise SyncdError(f"[node] metrics_listen {node.metrics_listen}: cannot listen: "
+                                 f"{err.strerror or err}") from err
+            self.metrics.generation.set(self.manifest.generation)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -224,6 +236,8 @@ class Daemon:
             w.join(max(0.0, deadline - time.monotonic()))
         if self.observer is not None:
             self.observer.join(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.stop()
 
     # -- scanning ---------------------------------------------------------------
 
@@ -233,6 +247,8 @@ class Daemon:
         with StateLock(node.state_dir, "daemon scan", wait=60.0):
             result = scan(node.root, self.manifest, workers=node.hash_workers, dirs=dirs)
         self.scans += 1
+        if self.metrics is not None:
+            self.metrics.scanned(self.manifest.generation)
         if result.changes:
             log.info("%s: %s", node.name, result.summary())
         if self.manifest.generation != before:
@@ -326,6 +342,8 @@ class Daemon:
         return self.release_ok
 
     def pushed(self, worker: MirrorWorker, result: PushResult) -> None:
+        if self.metrics is not None:
+            self.metrics.pushed(result, self.manifest.generation)
         # A failed tier-1 hands its edges (mirrors with via = it) to us.
         if not result.ok:
             for w in self.workers.values():

@@ -110,6 +110,9 @@ BAD = [
     ("bad-node-name", "[node]\nname = ../x\nroot = {root}\nstate_dir = {state}\n", "[node] name: expected a name"),
     ("state-in-root", "[node]\nname = a\nroot = {root}\nstate_dir = {root}/.state\n", "inside root"),
     ("keyring-missing", NODE + "[verify]\nkeyring = {root}/none.gpg\n", "[verify] keyring: no such file"),
+    ("bad-listen", NODE + "metrics_listen = nowhere\n", "[node] metrics_listen: expected HOST:PORT"),
+    ("bad-bwlimit", NODE + "[mirror:m1]\nhost = h\nbwlimit = fast\n", "[mirror:m1] bwlimit: expected bytes per second"),
+    ("bad-watch", NODE + "watch = maybe\n", "[node] watch: expected yes or no"),
     ("not-utf8", None, "not valid UTF-8"),
     ("no-file", None, "no such config file"),
 ]

@@ -246,3 +246,27 @@ def test_a_lost_session_is_opened_again(tmp_path: Path, sshd, daemons) -> None: 
         os.kill(int(pid), signal.SIGKILL)
     publish(primary.root, "second.txt", b"2")
     wait_until(lambda: same(primary, tier2), what="the push after the agent died")
+
+
+def test_metrics_listener(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    primary, tier1, _ = three_tiers(tmp_path, sshd, metrics_listen=f"127.0.0.1:{port}")
+    publish(primary.root, "a.txt", b"a")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier1), what="the first sync")
+    p.wait_log("syncd.push: tier1: generation")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    wait_until(lambda: 'syncd_pushes_total{mirror="tier1",result="ok"}' in scrape(), what="push metrics")
+    text = scrape()
+    assert 'syncd_mirror_lag_generations{mirror="tier1"} 0.0' in text
+    assert "syncd_generation 1.0" in text
+    assert 'syncd_push_bytes_total{mirror="tier1"}' in text
