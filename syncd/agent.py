@@ -82,8 +82,8 @@ ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, gen
 FINDINGS_QUOTED = 5
 
 
-@dataclass
-class _Row:
+@dataclass(slots=True)
+class _Row:  # slots: a full comparison holds one per path until commit
     path: bytes
     kind: int
     size: int

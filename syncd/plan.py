@@ -111,11 +111,6 @@ def deletion_order(paths: Iterable[bytes]) -> list[bytes]:
     return sorted(paths, key=lambda p: (-depth(p), p))
 
 
-def creation_order(paths: Iterable[bytes]) -> list[bytes]:
-    """Parents before children."""
-    return sorted(paths, key=lambda p: (depth(p), p))
-
-
 # -- itemized plans (``run --dry-run``) -----------------------------------------
 
 # What the agent will do with one path, as the agent decides it.
