@@ -29,7 +29,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 
 from benchutil import REPO, SYNCD, SshRig, compare_trees, human, listing, run_measured, table, write_ini
 
@@ -63,14 +62,7 @@ class Bench(SshRig):
         os.sync()
         self.relay.reset_counts()
         m = run_measured(argv)
-        last, deadline = None, time.monotonic() + 2
-        while time.monotonic() < deadline:
-            now = self.relay.counts()
-            if now == last:
-                break
-            last = now
-            time.sleep(0.05)
-        return m, self.relay.counts()
+        return m, self.settled_counts()
 
     def primary_ini(self, src: pathlib.Path, edges: list[str]) -> pathlib.Path:
         mirrors = {}

@@ -177,15 +177,7 @@ class Bench(SshRig):
         os.sync()
         self.relay.reset_counts()
         results = run()
-        # The relay may still be pumping the last bytes of a closed connection.
-        last, deadline = None, time.monotonic() + 2
-        while time.monotonic() < deadline:
-            now = self.relay.counts()
-            if now == last:
-                break
-            last = now
-            time.sleep(0.05)
-        return results, self.relay.counts()
+        return results, self.settled_counts()
 
     def rsync(self, step: str, src: pathlib.Path, dst: pathlib.Path) -> dict:
         argv = ["rsync", "-a", "--delete", "-e", self.ssh_command(), f"{src}/",

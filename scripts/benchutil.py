@@ -265,6 +265,20 @@ class SshRig:
         finally:
             self.sshd.stop()
 
+    def settled_counts(self) -> dict[str, int]:
+        """The relay's byte counts once they stop moving: it may still be
+        pumping the last bytes of a connection the tool already closed."""
+        import time
+
+        last, deadline = None, time.monotonic() + 2
+        while time.monotonic() < deadline:
+            now = self.relay.counts()
+            if now == last:
+                break
+            last = now
+            time.sleep(0.05)
+        return self.relay.counts()
+
     def ssh_command(self) -> str:
         """OpenSSH through the relay, as rsync's -e gets it: same key, host key check and cipher as syncd."""
         return (f"ssh -F /dev/null -p {self.relay.port} -i {self.sshd.identity_file} -o IdentitiesOnly=yes "

@@ -340,23 +340,12 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
     if not parser.has_section("node"):
         raise ConfigError(f"{cfg_path}: missing section [node]")
     node_values = _section(cfg_path, parser, "node", NODE_KEYS)
-    node = NodeConfig(
-        name=node_values["name"],
-        root=node_values["root"],
-        state_dir=node_values["state_dir"],
-        hash_workers=node_values["hash_workers"] or _default_workers(),
-        include=node_values["include"],
-        exclude=node_values["exclude"],
-        max_delete=node_values["max_delete"],
-        index_patterns=node_values["index_patterns"] or _default_index_patterns(),
-        parallel_pushes=node_values["parallel_pushes"],
-        watch=node_values["watch"],
-        watch_debounce=node_values["watch_debounce"],
-        scan_interval=node_values["scan_interval"],
-        metrics_listen=node_values["metrics_listen"],
-        trace=node_values["trace"],
-        trace_dir=node_values["trace_dir"],
-    )
+    # Fields come from the key table; only derived defaults are spelled out.
+    node = NodeConfig(**{
+        **node_values,
+        "hash_workers": node_values["hash_workers"] or _default_workers(),
+        "index_patterns": node_values["index_patterns"] or _default_index_patterns(),
+    })
     _check_dirs(cfg_path, node)
 
     mirrors = []
@@ -371,27 +360,12 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
         if name == node.name:
             raise ConfigError(f"{cfg_path}: [{section}]: a mirror cannot have this node's own name")
         values = _section(cfg_path, parser, section, MIRROR_KEYS)
-        mirrors.append(
-            MirrorConfig(
-                name=name,
-                host=values["host"],
-                port=values["port"],
-                user=values["user"] or getpass.getuser(),
-                identity_file=values["identity_file"],
-                known_hosts=Path(os.path.expanduser(values["known_hosts"])),
-                remote_command=values["remote_command"],
-                schedule=values["schedule"],
-                connect_timeout=values["connect_timeout"],
-                keepalive=values["keepalive"],
-                include=values["include"],
-                exclude=values["exclude"],
-                retries=values["retries"],
-                retry_delay=values["retry_delay"],
-                io_timeout=values["io_timeout"],
-                via=values["via"],
-                bwlimit=values["bwlimit"],
-            )
-        )
+        mirrors.append(MirrorConfig(**{
+            **values,
+            "name": name,
+            "user": values["user"] or getpass.getuser(),
+            "known_hosts": Path(os.path.expanduser(values["known_hosts"])),
+        }))
 
     names = {m.name: m for m in mirrors}
     for m in mirrors:
