@@ -296,8 +296,6 @@ class Agent:
                 for inc in self.incoming.values():
                     inc.discard()
                 self._unlock()
-                if getattr(self, "_pfd", None) is not None:
-                    os.close(self._pfd)
                 os.close(self.staging_fd)
                 self.root.close()
                 self.lookup.close()
@@ -496,26 +494,12 @@ class Agent:
                 return None
             return [planmod.DIR, row.path, None, None, None]
         if row.kind == KIND_SYMLINK:
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                try:
-                    if os.readlink(row.path, dir_fd=self._parent_fd(row.path)) == row.target:
-                        return None
-                except OSError:
-                    pass
+            if st is not None and stat.S_ISLNK(st.st_mode) and self.root.readlink(row.path) == row.target:
+                return None
             plan.links.append(row)
             return [planmod.LINK, row.path, None, None, None]
         return self._decide_file(row, st)
 
-    def _parent_fd(self, path: bytes) -> int:
-        # Cached per parent: decisions come in path order, so this is one open per directory.
-        parent, _ = split(path)
-        if getattr(self, "_pfd_key", None) != parent:
-            if getattr(self, "_pfd", None) is not None:
-                os.close(self._pfd)
-                self._pfd = None
-            self._pfd = self.root.open_dir(parent)
-            self._pfd_key = parent
-        return self._pfd
 
     def _decide_file(self, row: _Row, st: os.stat_result | None) -> list | None:
         plan = self.plan
@@ -668,10 +652,6 @@ class Agent:
             self._commit_locked(msg)
         finally:
             self._unlock()
-            # Directories may have been replaced: no cached fd outlives a push.
-            if getattr(self, "_pfd", None) is not None:
-                os.close(self._pfd)
-                self._pfd = self._pfd_key = None
 
     def _commit_locked(self, msg: dict) -> None:
         plan = self.plan
@@ -715,23 +695,22 @@ class Agent:
         for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):
             root.ensure_dir(row.path, row.mode)
         # 2. Data files and links, then 3. the index group, together.
-        uses: dict[str, int] = {}
-        for row in plan.files:
-            uses[row.sha256.hex()] = uses.get(row.sha256.hex(), 0) + 1
-        data = [r for r in plan.files + plan.links + plan.metas if not self.index(r.path)]
-        index = sorted((r for r in plan.files + plan.links + plan.metas if self.index(r.path)),
-                       key=lambda r: _index_order(r.path))
+        uses = _object_uses(plan.files)
+        data: list[_Row] = []
+        index: list[_Row] = []
+        for r in plan.files + plan.links + plan.metas:
+            (index if self.index(r.path) else data).append(r)
+        index.sort(key=lambda r: _index_order(r.path))
+        meta_only = {id(r) for r in plan.metas}  # by identity: a set, not a scan per row
         published = 0
         for group in (data, index):
             touched: set[bytes] = set()
             for row in group:
                 touched.add(split(row.path)[0])
-                if row in plan.metas:
+                if id(row) in meta_only:
                     root.set_meta(row.path, mode=row.mode, mtime_ns=row.mtime_ns)
                 elif row.kind == KIND_SYMLINK:
-                    tmp = self._new_tmp()
-                    os.symlink(row.target, tmp, dir_fd=self.staging_fd)
-                    root.publish(self.staging_fd, tmp.encode(), row.path)
+                    self._publish_link(row)
                 else:
                     self._publish_file(row, uses)
                     published += 1
@@ -774,6 +753,12 @@ class Agent:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _publish_link(self, row: _Row) -> None:
+        """A symlink, made in staging and renamed into place like a file."""
+        tmp = self._new_tmp()
+        os.symlink(row.target, tmp, dir_fd=self.staging_fd)
+        self.root.publish(self.staging_fd, tmp.encode(), row.path)
 
     def _publish_file(self, row: _Row, uses: dict[str, int]) -> None:
         obj = row.sha256.hex()
@@ -938,9 +923,7 @@ class Agent:
             if root.lstat(row.path) is None:
                 root.ensure_dir(row.path, row.mode)
                 went_live.append(row)
-        uses: dict[str, int] = {}
-        for row in plan.files:
-            uses[row.sha256.hex()] = uses.get(row.sha256.hex(), 0) + 1
+        uses = _object_uses(plan.files)
         touched: set[bytes] = set()
         for row in plan.files + plan.links:
             if self.index(row.path) or root.lstat(row.path) is not None:
@@ -952,9 +935,7 @@ class Agent:
             if parent and (pst is None or not stat.S_ISDIR(pst.st_mode)):
                 continue
             if row.kind == KIND_SYMLINK:
-                tmp = self._new_tmp()
-                os.symlink(row.target, tmp, dir_fd=self.staging_fd)
-                root.publish(self.staging_fd, tmp.encode(), row.path)
+                self._publish_link(row)
             else:
                 self._publish_file(row, uses)
             went_live.append(row)
@@ -1014,6 +995,15 @@ class Agent:
                 os.unlink(name, dir_fd=self.staging_fd)
             except FileNotFoundError:
                 pass
+
+
+def _object_uses(files: list[_Row]) -> dict[str, int]:
+    """How many paths each staged object is published under."""
+    uses: dict[str, int] = {}
+    for row in files:
+        name = row.sha256.hex()
+        uses[name] = uses.get(name, 0) + 1
+    return uses
 
 
 def _alive(pid: int) -> bool:

@@ -231,6 +231,22 @@ class SafeRoot:
         validate_name(rel)
         return self._walk(rel, rel.split(b"/"), create, mode)
 
+    def readlink(self, rel: bytes) -> bytes | None:
+        """The target of the symlink ``rel``, or None when ``rel`` is absent,
+        not a symlink, or below a symlink.  The target is read, never followed."""
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        try:
+            pfd = self._walk(rel, parents, False)
+        except (FileNotFoundError, UnsafePathError):
+            return None
+        try:
+            return os.readlink(leaf, dir_fd=pfd)
+        except OSError:  # absent (ENOENT) or not a symlink (EINVAL)
+            return None
+        finally:
+            os.close(pfd)
+
     def open_read(self, rel: bytes) -> int:
         """A read-only fd on the regular file ``rel``; the caller closes it.
 

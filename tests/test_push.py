@@ -277,3 +277,21 @@ def test_corrupt_leftover_in_staging_is_caught_and_resent(pair: Pair) -> None:
     assert second.ok, second.error
     assert second.files_sent == 1
     assert pair.in_sync()
+
+
+def test_unchanged_symlink_below_root_is_left_alone(pair: Pair) -> None:
+    (pair.primary.root / "dists/stable").mkdir(parents=True)
+    os.symlink("stable", pair.primary.root / "dists/current")
+    os.symlink("dists", pair.primary.root / "top")
+    assert pair.push().ok
+    before = os.lstat(pair.edge.root / "dists/current").st_ino
+    (pair.primary.root / "other").write_text("a change elsewhere")
+    cfg = configmod.load(pair.primary.ini)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        scan(cfg.node.root, m)
+        # A full comparison lists every row, the unchanged links included.
+        result = push_with_retries(cfg, cfg.mirrors[0], m, force_full=True)
+    assert result.ok, result.error
+    assert result.counts()["link"] == 0, [i.line() for i in result.items]
+    assert os.lstat(pair.edge.root / "dists/current").st_ino == before
+    assert pair.in_sync()
