@@ -704,9 +704,7 @@ class Agent:
         meta_only = {id(r) for r in plan.metas}  # by identity: a set, not a scan per row
         published = 0
         for group in (data, index):
-            touched: set[bytes] = set()
             for row in group:
-                touched.add(split(row.path)[0])
                 if id(row) in meta_only:
                     root.set_meta(row.path, mode=row.mode, mtime_ns=row.mtime_ns)
                 elif row.kind == KIND_SYMLINK:
@@ -715,16 +713,18 @@ class Agent:
                     self._publish_file(row, uses)
                     published += 1
             # The renames of this group are durable before the next group
-            # (the indices) can reference them.
-            self._fsync_dirs(touched)
+            # (the indices) can reference them: one syncfs (a journal commit,
+            # the data being on disk already) instead of an fsync per directory.
+            if group:
+                syncfs(self.staging_fd)
         # 4. Deletions, deepest first: after the indices that referenced them.
         for path in planmod.deletion_order(set(plan.deletes)):
             root.remove(path)
         # 5. Directory mtimes last: publishing above touched them.
         for row in sorted(plan.dirs, key=lambda r: (-planmod.depth(r.path), r.path)):
             root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
-        self._fsync_dirs({split(p)[0] for p in plan.deletes})
-        # The manifest says "generation G is here" only once it is, durably.
+        # The manifest says "generation G is here" only once it is, durably
+        # (deletions and directory metadata included).
         syncfs(self.staging_fd)
         self._record(plan)
         self._drop_objects(uses)
@@ -742,17 +742,6 @@ class Agent:
                     os.unlink(name, dir_fd=self.staging_fd)
                 except FileNotFoundError:
                     pass
-
-    def _fsync_dirs(self, dirs: set[bytes]) -> None:
-        for d in dirs:
-            try:
-                fd = self.root.open_dir(d)
-            except (OSError, UnsafePathError):
-                continue  # removed since (a deleted directory): nothing to make durable
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def _publish_link(self, row: _Row) -> None:
         """A symlink, made in staging and renamed into place like a file."""
@@ -924,7 +913,7 @@ class Agent:
                 root.ensure_dir(row.path, row.mode)
                 went_live.append(row)
         uses = _object_uses(plan.files)
-        touched: set[bytes] = set()
+        touched = False
         for row in plan.files + plan.links:
             if self.index(row.path) or root.lstat(row.path) is not None:
                 continue
@@ -939,8 +928,9 @@ class Agent:
             else:
                 self._publish_file(row, uses)
             went_live.append(row)
-            touched.add(parent)
-        self._fsync_dirs(touched)
+            touched = True
+        if touched:
+            syncfs(self.staging_fd)
         self._drop_objects(uses)
         held = self.manifest.get_meta("upstream_generation")
         client = getattr(self, "client", "?")

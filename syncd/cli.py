@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_daemon(getattr(args, "config", None))
     from .manifest import Manifest
-    from .push import push_tree
+    from .push import Link, push_tree
     from .scan import scan
     from .verify import refuse_broken_release
 
@@ -130,30 +130,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{cfg.path}: no [mirror:NAME] section: nothing to push to")
     out = sys.stdout
     with _state_lock(cfg, "run --once"):
-        with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
-            # A mirror's manifest is written by its agent from its upstream's
-            # rows; only a node that publishes by itself scans its root.
-            if manifest.get_meta("upstream") is None:
-                result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
-                log.info("scan: %s", result.summary())
-                if not args.no_verify:
-                    refuse_broken_release(cfg, manifest)
-            printing = threading.Lock()
+        # The SSH handshakes and the remote agents' start (a quarter second
+        # each) run while this node scans.  A mirror with ``via`` is reached
+        # only on failover: not opened ahead.
+        links = {m.name: Link(m) for m in mirrors if not m.via}
+        for link in links.values():
+            link.open_in_background()
+        try:
+            with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
+                # A mirror's manifest is written by its agent from its upstream's
+                # rows; only a node that publishes by itself scans its root.
+                if manifest.get_meta("upstream") is None:
+                    result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
+                    log.info("scan: %s", result.summary())
+                    if not args.no_verify:
+                        refuse_broken_release(cfg, manifest)
+                printing = threading.Lock()
 
-            def show(mirror: str, item) -> None:  # noqa: ANN001
-                with printing:
-                    out.write(f"{mirror}: {item.line()}\n")
+                def show(mirror: str, item) -> None:  # noqa: ANN001
+                    with printing:
+                        out.write(f"{mirror}: {item.line()}\n")
 
-            results = push_tree(
-                cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
-                on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
-            )
-            manifest.set_meta("last_tree", json.dumps([r.to_wire() for r in results]))
+                results = push_tree(
+                    cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
+                    on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
+                    links=links,
+                )
+                manifest.set_meta("last_tree", json.dumps([r.to_wire() for r in results]))
+        finally:
+            for link in links.values():
+                link.close()
     # Tier by tier: each mirror, then (indented) what it reached below it.
     for r in results:
         for line in r.report():
             out.write(("(dry run) " if args.dry_run else "") + line + "\n")
     return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
+
+
+def cmd_prewarm(args: argparse.Namespace) -> int:
+    from .prewarm import cmd_prewarm as run_prewarm  # imported only for this command
+
+    return run_prewarm(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -489,9 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage-only mode for prewarm's parallel streams: writes only state_dir/staging")
     p.set_defaults(func=cmd_agent)
 
-    from .prewarm import add_parser as add_prewarm
-
-    add_prewarm(sub)
+    p = sub.add_parser("prewarm", help="fill a new or stale downstream, in parallel and resumably")
+    p.add_argument("name", metavar="NAME", help="the [mirror:NAME] to fill")
+    p.add_argument("--from", dest="sources", metavar="MIRROR,...",
+                   help="sources to consider: other [mirror:X] sections holding this node's generation, "
+                        "'self' for this node (default: probe every other mirror, fall back to self)")
+    p.add_argument("--streams", type=int, metavar="N",
+                   help="parallel SSH streams (default: from the link and the cores: "
+                        "min(4, cores) on a LAN (TCP RTT under 2 ms), else min(4, 2 x cores))")
+    p.add_argument("--bwlimit", metavar="RATE", help="total rate limit in bytes/s, e.g. 50M, 1.5G, 800K")
+    p.add_argument("--probe-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up on a source probe after this long (default 15)")
+    p.add_argument("--transport", choices=("auto", "openssh", "paramiko"), default="auto",
+                   help="SSH client for the parallel streams (default: OpenSSH's ssh when installed)")
+    p.set_defaults(func=cmd_prewarm)
 
     p = sub.add_parser("status", help="generation, size and per-downstream state")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -100,6 +100,9 @@ def _split(rel: bytes) -> tuple[list[bytes], bytes]:
     return parts[:-1], parts[-1]
 
 
+_DIR_CACHE = 64  # directory fds a SafeRoot keeps open
+
+
 class SafeRoot:
     """``root`` opened once as a directory fd; every operation is relative to it.
 
@@ -112,17 +115,17 @@ class SafeRoot:
         self.root = os.fspath(root)
         # Following a symlink here is deliberate: root is the operator's choice.
         self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
-        # The last directory walked to, kept open: callers go through a tree
-        # directory by directory, so most walks repeat the previous one and
-        # cost one dup() instead of an open per component.  Dropped on every
-        # change of the directory structure this object makes.
-        self._cache_key: tuple[bytes, ...] | None = None
-        self._cache_fd = -1
+        # Directories walked to, kept open (least recently used first): a
+        # walk starts from the longest cached prefix of its path, so going
+        # through a tree costs about one open per new directory instead of
+        # one per component.  Dropped on every change of the directory
+        # structure this object makes.
+        self._dirs: dict[tuple[bytes, ...], int] = {}
 
     def _drop_cache(self) -> None:
-        if self._cache_fd >= 0:
-            os.close(self._cache_fd)
-        self._cache_key, self._cache_fd = None, -1
+        dirs, self._dirs = self._dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -157,12 +160,23 @@ class SafeRoot:
         """A new fd of the directory ``comps`` (a prefix of ``rel``'s components)."""
         if not comps:
             return os.dup(self._fd)
+        dirs = self._dirs
         key = tuple(comps)
-        if key == self._cache_key:
-            return os.dup(self._cache_fd)
-        fd = self._fd
+        start = len(comps)
+        while start and (cached := dirs.get(key[:start])) is None:
+            start -= 1
+        if start:
+            # Most recently used last: re-insert.
+            del dirs[key[:start]]
+            dirs[key[:start]] = cached
+            if start == len(comps):
+                return os.dup(cached)
+            fd = os.dup(cached)
+        else:
+            fd = self._fd
         try:
-            for i, comp in enumerate(comps):
+            for i in range(start, len(comps)):
+                comp = comps[i]
                 try:
                     try:
                         nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
@@ -182,12 +196,14 @@ class SafeRoot:
                 if fd != self._fd:
                     os.close(fd)
                 fd = nfd
+                # Every directory on the way is cached: siblings share it.
+                if len(dirs) >= _DIR_CACHE:
+                    os.close(dirs.pop(next(iter(dirs))))
+                dirs[key[: i + 1]] = os.dup(fd)
         except BaseException:
             if fd != self._fd:
                 os.close(fd)
             raise
-        self._drop_cache()
-        self._cache_key, self._cache_fd = key, os.dup(fd)
         return fd
 
     def _parent(self, rel: bytes, *, create: bool) -> tuple[int, bytes]:

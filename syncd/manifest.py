@@ -21,6 +21,7 @@ Layout (``state_dir/manifest.db``, WAL mode):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,11 @@ class _Schema:
             generations=generations_table, downstreams=downstreams_table,
         )
 
+
+# The downstreams table's columns besides ``name`` (record_downstream checks against them).
+DOWNSTREAM_COLUMNS = frozenset({
+    "generation", "acked_ns", "last_success_ns", "last_error", "last_error_ns", "bytes_sent", "files_sent",
+})
 
 ENTRY_COLUMNS = (
     "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted"
@@ -314,10 +320,10 @@ class Manifest:
 
     def lookup(self, path: bytes) -> Entry | None:
         parent, name = split(path)
-        with self._engine.connect() as conn:
-            row = conn.exec_driver_sql(
+        with self._raw_write() as raw:
+            row = raw.execute(
                 f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", (parent, name)
-            ).first()
+            ).fetchone()
         return Entry(*row) if row else None
 
     def reader(self) -> "ManifestReader":
@@ -325,15 +331,15 @@ class Manifest:
         return ManifestReader(self)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._engine.begin() as conn:
-            conn.exec_driver_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        with self._raw_write() as raw:
+            raw.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
         return self._meta(key)
 
     def delete_meta(self, key: str) -> None:
-        with self._engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM meta WHERE key = ?", (key,))
+        with self._raw_write() as raw:
+            raw.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def invalidate(self, paths: Iterable[bytes]) -> int:
         """Forget the stat data of these live rows (inode and ctime to 0).
@@ -344,10 +350,10 @@ class Manifest:
         Returns how many rows changed.
         """
         n = 0
-        with self._engine.begin() as conn:
+        with self._raw_write() as raw:
             for path in paths:
                 parent, name = split(path)
-                n += conn.exec_driver_sql(
+                n += raw.execute(
                     "UPDATE entries SET ino = 0, ctime_ns = 0 WHERE parent = ? AND name = ? AND deleted = 0",
                     (parent, name),
                 ).rowcount
@@ -415,12 +421,40 @@ class Manifest:
 
     def record_downstream(self, name: str, **values: object) -> None:
         """Upsert a downstream's acknowledgement / result columns."""
-        from sqlalchemy.dialects.sqlite import insert
+        unknown = set(values) - DOWNSTREAM_COLUMNS
+        if unknown:
+            raise ValueError(f"record_downstream: no column {sorted(unknown)[0]!r}")
+        # A new row needs the NOT NULL counters; an update sets only what was given.
+        inserted = {"bytes_sent": 0, "files_sent": 0, **values}
+        cols = list(inserted)
+        sql = (
+            f"INSERT INTO downstreams (name{''.join(', ' + c for c in cols)}) "
+            f"VALUES (?{', ?' * len(cols)})"
+        )
+        if values:
+            sql += f" ON CONFLICT (name) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in values)}"
+        else:
+            sql += " ON CONFLICT (name) DO NOTHING"
+        with self._raw_write() as raw:
+            raw.execute(sql, (name, *inserted.values()))
 
-        stmt = insert(_Schema.get().downstreams).values(name=name, **values)
-        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
-        with self._engine.begin() as conn:
-            conn.execute(stmt)
+    @contextlib.contextmanager
+    def _raw_write(self) -> Iterator["_RawConnection"]:
+        """One short transaction on a raw connection: the small writes (meta,
+        acknowledgements) without the cost of importing SQLAlchemy."""
+        raw = self._raw()
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield raw
+            except BaseException:
+                raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise ManifestError(f"{self.path}: {err}") from err
+        finally:
+            raw.close()
 
     def _raw(self) -> "_RawConnection":
         try:

@@ -63,7 +63,7 @@ BATCH_FILES = 256
 HAVE_BATCH = 1000
 CHUNK = 1 << 20
 PROBE_BYTES = 4 << 20
-PROBE_TIMEOUT = 15.0
+PROBE_TIMEOUT = 15.0  # seconds; `prewarm --probe-timeout` (its help says 15)
 # A throughput sample stops after this long, whatever has arrived.
 PROBE_SECONDS = 1.5
 PROGRESS_FILE = "prewarm.json"
@@ -957,24 +957,6 @@ def read_progress(state_dir: os.PathLike | str) -> dict | None:
 # -- command line ---------------------------------------------------------------------
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("prewarm", help="fill a new or stale downstream, in parallel and resumably")
-    p.add_argument("name", metavar="NAME", help="the [mirror:NAME] to fill")
-    p.add_argument("--from", dest="sources", metavar="MIRROR,...",
-                   help="sources to consider: other [mirror:X] sections holding this node's generation, "
-                        "'self' for this node (default: probe every other mirror, fall back to self)")
-    p.add_argument("--streams", type=int, metavar="N",
-                   help="parallel SSH streams (default: from the link and the cores: "
-                        "min(4, cores) on a LAN (TCP RTT under 2 ms), else min(4, 2 x cores))")
-    p.add_argument("--bwlimit", metavar="RATE", help="total rate limit in bytes/s, e.g. 50M, 1.5G, 800K")
-    p.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT, metavar="SECONDS",
-                   help="give up on a source probe after this long (default %(default)s)")
-    p.add_argument("--transport", choices=("auto", "openssh", "paramiko"), default="auto",
-                   help="SSH client for the parallel streams (default: OpenSSH's ssh when installed)")
-    p.set_defaults(func=cmd_prewarm)
-    return p
-
-
 def cmd_prewarm(args: argparse.Namespace) -> int:
     from . import config as configmod
     from .errors import EXIT_FAILURE
@@ -999,7 +981,7 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         out.flush()
 
     result = prewarm(cfg, args.name, sources=sources, streams=args.streams, bwlimit=bwlimit,
-                     probe_timeout=args.probe_timeout, tty=tty, transport=args.transport, on_probes=show)
+                     probe_timeout=args.probe_timeout or PROBE_TIMEOUT, tty=tty, transport=args.transport, on_probes=show)
     out.write(result.summary() + "\n")
     if result.push is not None:
         out.write(result.push.summary() + "\n")

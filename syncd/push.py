@@ -230,8 +230,30 @@ class Link:
         self._session: Any = None
         self._ch: _Channel | None = None
         self.stderr_tail = ""
+        self._opener: threading.Thread | None = None
+        self._early_error: BaseException | None = None
+
+    def open_in_background(self) -> None:
+        """Start the SSH handshake and the agent now, in a thread: ``run
+        --once`` overlaps them with its scan.  The first :meth:`channel`
+        waits for it, and raises what it met (once: a retry opens anew)."""
+
+        def opener() -> None:
+            try:
+                self.channel()
+            except BaseException as err:  # handed to channel()
+                self._early_error = err
+
+        self._opener = threading.Thread(target=opener, name=f"connect-{self.mirror.name}", daemon=True)
+        self._opener.start()
 
     def channel(self) -> _Channel:
+        if self._opener is not None and self._opener is not threading.current_thread():
+            opener, self._opener = self._opener, None
+            opener.join()
+            err, self._early_error = self._early_error, None
+            if err is not None:
+                raise err
         if self._ch is None:
             session = self._open_session(self.mirror)
             try:

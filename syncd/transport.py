@@ -22,9 +22,14 @@ import pathlib
 import socket
 import subprocess
 import threading
+import sys
 from typing import Any, Protocol
 
-import paramiko
+# paramiko.config imports invoke (0.04 s, with asyncio and unittest.mock) only
+# for ssh_config's "Match exec"; syncd never reads an ssh_config (a mirror's
+# settings come from sync.ini), so the import is declined up front.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
+import paramiko  # noqa: E402
 from paramiko.packet import Packetizer
 from paramiko.hostkeys import InvalidHostKey
 from paramiko.pkey import UnknownKeyType
@@ -409,6 +414,13 @@ class Session(_StreamBase):
         try:
             self._channel.close()
         except (OSError, EOFError, SSHException):
+            pass
+        # paramiko's transport thread polls its socket every 0.1 s for the
+        # stop flag; ending the socket first lets it go at once (the channel
+        # close above is already in the kernel's send buffer).
+        try:
+            self._transport.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
             pass
         self._client.close()
         self._stderr_thread.join(5)

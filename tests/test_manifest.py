@@ -121,3 +121,15 @@ def test_lock_names_the_holder(tmp_path: Path) -> None:
         except LockedError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_downstream_columns_match_the_schema(tmp_path: Path) -> None:
+    from syncd.manifest import DOWNSTREAM_COLUMNS, _Schema
+
+    assert DOWNSTREAM_COLUMNS == {c.name for c in _Schema.get().downstreams.columns} - {"name"}
+    with Manifest.open(tmp_path, "primary") as m:
+        m.record_downstream("new", last_error="unreachable", last_error_ns=1)
+        (d,) = m.downstreams()
+        assert (d["bytes_sent"], d["files_sent"], d["generation"]) == (0, 0, None)
+        with pytest.raises(ValueError, match="no column"):
+            m.record_downstream("new", nonsense=1)
