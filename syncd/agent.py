@@ -34,7 +34,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,13 @@ COPY_CHUNK = 8 << 20
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
+# Threads that stage arriving files (create, decompress or patch, hash, write:
+# the GIL is released for the syscalls and the hashing), while the main
+# thread reads and parses frames.  A file goes to one of them whole.
+STAGING_WORKERS = 2
+# Chunks (each at most a frame body) waiting for one staging thread: memory
+# stays bounded by this, not by file sizes.
+STAGING_QUEUE = 16
 
 
 @dataclass(slots=True)
@@ -155,8 +164,11 @@ class _Incoming:
         if self.how not in ("whole", "zstd", "delta"):
             raise ProtocolError(f"file {fspath(self.path)}: unknown encoding {self.how!r}")
         self.tmp = agent._new_tmp()
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=agent.staging_fd)
+        # Created by the staging thread at the first write (creating a file
+        # is one of the slower steps per small file).
+        self.fd: int | None = None
+        self.worker: "_Stager | None" = None
+        self.dead = False  # failed, or its session did: the staging thread drops the rest
         self.hasher = hashlib.sha256()
         self.written = 0
         self.old_fd: int | None = None
@@ -178,11 +190,18 @@ class _Incoming:
                                     max_output=self.size)
             self._sink = self._patcher.feed
 
+    def _open(self) -> None:
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=self.agent.staging_fd)
+
     def _write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         if self.written + len(view) > self.size:
             raise PatchMismatchError(f"{fspath(self.path)}: more bytes than the announced {self.size}")
-        self.hasher.update(view)
+        if self.fd is None:
+            self._open()
+        if self.how != "delta":  # the patcher hashes its output itself
+            self.hasher.update(view)
         while view:
             try:
                 n = os.write(self.fd, view)
@@ -201,11 +220,16 @@ class _Incoming:
     def finish(self) -> bytes | None:
         """Close the stream; returns the staged object name, or None if it failed."""
         try:
+            if self.fd is None:
+                self._open()  # an empty file
+            digest = None
             if self.how == "zstd":
                 self._zw.flush()
             elif self.how == "delta":
-                self._patcher.finish()
-            if self.written != self.size or self.hasher.digest() != self.sha256:
+                digest = self._patcher.finish()
+            if digest is None:
+                digest = self.hasher.digest()
+            if self.written != self.size or digest != self.sha256:
                 raise PatchMismatchError(
                     f"{fspath(self.path)}: received content does not match its SHA-256"
                 )
@@ -252,13 +276,75 @@ def _field(msg: dict, key: str, kind: type) -> Any:
     return value
 
 
+class _LockedWriter(FrameWriter):
+    """The agent's writer: the main loop, the staging threads and the cascade
+    heartbeat all answer on it, each frame whole."""
+
+    def __init__(self, send_all: Callable[[Any], None]) -> None:
+        super().__init__(send_all)
+        self.lock = threading.RLock()
+
+    def message(self, value: Any, stream: int = 0) -> None:
+        with self.lock:
+            super().message(value, stream)
+
+    def end(self, stream: int, value: Any = None) -> None:
+        with self.lock:
+            super().end(stream, value)
+
+    def data(self, stream: int, chunk: Any) -> None:
+        with self.lock:
+            super().data(stream, chunk)
+
+    def flush(self) -> None:
+        with self.lock:
+            super().flush()
+
+
+_END = object()  # queued after a file's last chunk
+
+
+class _Stager(threading.Thread):
+    """Stages the files handed to it, in order, and acknowledges each one."""
+
+    def __init__(self, agent: "Agent", n: int) -> None:
+        super().__init__(name=f"stager-{n}", daemon=True)
+        self.agent = agent
+        self.queue: queue.Queue = queue.Queue(maxsize=STAGING_QUEUE)
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                inc, payload = item
+                if inc.dead:
+                    continue  # failed earlier, or the session failed: drop what is left of it
+                if payload is _END:
+                    self.agent._finish(inc)
+                else:
+                    inc.feed(payload)
+            except BaseException as err:  # the session's error: reported by the agent
+                inc.dead = True
+                inc.discard()
+                self.agent._staging_failed(inc, err)
+            finally:
+                self.queue.task_done()
+
+
 class Agent:
     """One session: reads frames from ``recv``, writes answers through ``send_all``."""
 
     def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None]) -> None:
         self.cfg = cfg
         self.reader = FrameReader(recv)
-        self.writer = FrameWriter(send_all)
+        self.writer = _LockedWriter(send_all)
+        self.stagers: list[_Stager] = []  # started at the first file
+        self._next_stager = 0
+        # The first error of a staging thread, already logged and sent.
+        self.failure: SyncdError | None = None
+        self._failure_lock = threading.Lock()
         self.state_dir = cfg.node.state_dir
         self.staging = self.state_dir / "staging"
         self.plan = _Plan()
@@ -293,6 +379,7 @@ class Agent:
             finally:
                 for link in self.links.values():
                     link.close()
+                self._stop_stagers()
                 for inc in self.incoming.values():
                     inc.discard()
                 self._unlock()
@@ -306,6 +393,8 @@ class Agent:
         try:
             while True:
                 frame = self.reader.read_frame()
+                if self.failure is not None:
+                    return self.failure.exit_status  # a staging thread failed: logged and sent
                 if frame is None:
                     return 0  # the client closed: a session without commit publishes nothing
                 if frame.kind is FrameType.MESSAGE:
@@ -316,22 +405,21 @@ class Agent:
                     if done:
                         return 0
                 elif frame.kind is FrameType.DATA:
-                    self._stream(frame.stream).feed(frame.payload)
+                    inc = self._stream(frame.stream)
+                    inc.worker.queue.put((inc, frame.payload))
                 else:
                     self._end(frame.stream)
-                    self.writer.flush()
         except SyncdError as err:
+            if self.failure is not None:
+                return self.failure.exit_status
             log.error("%s", err)
             self._send_error(err)
             return err.exit_status
         except OSError as err:
-            where = f" {err.filename!r}" if err.filename else ""
-            message = f"{os.strerror(err.errno) if err.errno else err}{where}"
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                message = f"disk full on {self.cfg.node.name}: {message}; nothing partial was published"
-            log.error("%s", message)
-            self._send_error(SyncdError(message))
-            return 1
+            failure = _as_error(err, self.cfg.node.name)
+            log.error("%s", failure)
+            self._send_error(failure)
+            return failure.exit_status
 
     def _send_error(self, err: SyncdError) -> None:
         try:
@@ -367,7 +455,13 @@ class Agent:
             stream = _field(msg, "stream", int)
             if stream in self.incoming:
                 raise ProtocolError(f"stream {stream} opened twice")
-            self.incoming[stream] = _Incoming(self, msg)
+            inc = self.incoming[stream] = _Incoming(self, msg)
+            if not self.stagers:
+                self.stagers = [_Stager(self, n) for n in range(STAGING_WORKERS)]
+                for stager in self.stagers:
+                    stager.start()
+            inc.worker = self.stagers[self._next_stager % len(self.stagers)]
+            self._next_stager += 1
         elif kind == "commit":
             self._commit(msg)
         elif kind == "cascade":
@@ -419,14 +513,57 @@ class Agent:
     def _end(self, stream: int) -> None:
         inc = self._stream(stream)
         del self.incoming[stream]
+        inc.worker.queue.put((inc, _END))
+
+    def _finish(self, inc: _Incoming) -> None:
+        """In a staging thread: a file's last chunk arrived."""
         try:
             inc.finish()
         except (PatchMismatchError, _delta_format_error()) as err:
             log.warning("%s", err)
             self.writer.message({"type": "failed", "path": inc.path, "error": str(err), "retry_whole": True})
-            return
-        self.plan.pending.discard(inc.sha256)
-        self.writer.message({"type": "staged", "path": inc.path})
+        else:
+            self.plan.pending.discard(inc.sha256)
+            self.writer.message({"type": "staged", "path": inc.path})
+        if inc.worker.queue.unfinished_tasks <= 1:  # nothing more queued: answer now
+            self.writer.flush()
+
+    def _staging_failed(self, inc: _Incoming, err: BaseException) -> None:
+        """In a staging thread: the session cannot go on.  Said at once (the
+        main thread may be waiting for frames the pusher will not send before
+        it hears back); every file still queued is dropped."""
+        with self._failure_lock:
+            if self.failure is not None:
+                return
+            if isinstance(err, OSError):
+                failure = _as_error(err, self.cfg.node.name)
+            elif isinstance(err, SyncdError):
+                failure = err
+            else:  # a codec's own error (a corrupt zstd frame): one line, not a traceback
+                failure = ProtocolError(f"file {fspath(inc.path)}: {type(err).__name__}: {err}")
+            self.failure = failure
+        for stager in self.stagers:
+            with stager.queue.mutex:
+                for queued, _ in stager.queue.queue:
+                    queued.dead = True
+        for other in self.incoming.values():
+            other.dead = True
+        log.error("%s", failure)
+        self._send_error(failure)
+
+    def _drain(self) -> None:
+        """Wait until every file handed to the staging threads is staged (or failed)."""
+        for stager in self.stagers:
+            stager.queue.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _stop_stagers(self) -> None:
+        for stager in self.stagers:
+            stager.queue.put(None)
+        for stager in self.stagers:
+            stager.join()
+        self.stagers = []
 
     # -- planning -------------------------------------------------------------------
 
@@ -654,6 +791,7 @@ class Agent:
             self._unlock()
 
     def _commit_locked(self, msg: dict) -> None:
+        self._drain()
         plan = self.plan
         if _field(msg, "generation", int) != plan.generation:
             raise ProtocolError("commit: generation differs from begin")
@@ -1025,6 +1163,15 @@ def _index_order(path: bytes) -> tuple:
     else:
         rank = 1
     return (rank, -planmod.depth(path), path)
+
+
+def _as_error(err: OSError, node: str) -> SyncdError:
+    """An OSError of staging or publishing as the one-line error the pusher gets."""
+    where = f" {err.filename!r}" if err.filename else ""
+    message = f"{os.strerror(err.errno) if err.errno else err}{where}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full on {node}: {message}; nothing partial was published")
+    return SyncdError(message)
 
 
 _libc = None
