@@ -444,7 +444,8 @@ class SafeRoot:
     def copy_into(self, rel: bytes, dst_dir_fd: int, dst_name: bytes) -> int:
         """Copy the regular file ``rel`` into a new file ``dst_name`` in ``dst_dir_fd``.
 
-        ``dst_name`` must not exist (``O_EXCL``).  The copy is fsync'ed; on
+        ``dst_name`` must not exist (``O_EXCL``).  Not fsync'ed (the agent
+        makes staging durable with one syncfs before it publishes); on
         failure the partial copy is unlinked.  Returns the bytes copied.  The
         new file is mode 0600: the caller sets the final metadata.
         """
@@ -453,7 +454,6 @@ class SafeRoot:
             dst = os.open(dst_name, _CREATE_FLAGS, 0o600, dir_fd=dst_dir_fd)
             try:
                 total = _copy_fd(src, dst)
-                os.fsync(dst)
             except BaseException:
                 os.close(dst)
                 try:

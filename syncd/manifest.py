@@ -121,6 +121,40 @@ class _Schema:
         )
 
 
+# The DDL that _Schema (SQLAlchemy Core, the schema's declaration) compiles to
+# for SQLite, pinned here so that creating a manifest does not import
+# SQLAlchemy (0.15 s, on the path of a new mirror's first push);
+# tests/test_manifest.py keeps the two equal.
+SCHEMA_DDL = (
+    "CREATE TABLE downstreams (name VARCHAR NOT NULL, generation INTEGER, acked_ns INTEGER, "
+    "last_success_ns INTEGER, last_error VARCHAR, last_error_ns INTEGER, bytes_sent INTEGER NOT NULL, "
+    "files_sent INTEGER NOT NULL, PRIMARY KEY (name))",
+    "CREATE TABLE entries (parent BLOB NOT NULL, name BLOB NOT NULL, kind INTEGER NOT NULL, "
+    "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, "
+    "ino INTEGER NOT NULL, sha256 BLOB, target BLOB, generation INTEGER NOT NULL, deleted INTEGER NOT NULL, "
+    "PRIMARY KEY (parent, name)) WITHOUT ROWID",
+    "CREATE INDEX entries_by_generation ON entries (generation)",
+    "CREATE INDEX entries_by_sha256 ON entries (sha256)",
+    "CREATE TABLE generations (generation INTEGER NOT NULL, created_ns INTEGER NOT NULL, "
+    "changes INTEGER NOT NULL, PRIMARY KEY (generation))",
+    'CREATE TABLE meta ("key" VARCHAR NOT NULL, value VARCHAR NOT NULL, PRIMARY KEY ("key"))',
+)
+
+
+def compiled_ddl() -> list[str]:
+    """What SQLAlchemy compiles _Schema to, whitespace collapsed (the test's side of SCHEMA_DDL)."""
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    dialect = sqlite.dialect()
+    out = []
+    for table in _Schema.get().metadata.sorted_tables:
+        out.append(str(CreateTable(table).compile(dialect=dialect)))
+        for index in sorted(table.indexes, key=lambda i: i.name):
+            out.append(str(CreateIndex(index).compile(dialect=dialect)))
+    return [" ".join(sql.split()).replace("( ", "(").replace(" )", ")") for sql in out]
+
+
 # The downstreams table's columns besides ``name`` (record_downstream checks against them).
 DOWNSTREAM_COLUMNS = frozenset({
     "generation", "acked_ns", "last_success_ns", "last_error", "last_error_ns", "bytes_sent", "files_sent",
@@ -247,23 +281,18 @@ class Manifest:
             )
 
     def _create(self, node_name: str) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        schema = _Schema.get()
         try:
-            with self._engine.begin() as conn:
-                schema.metadata.create_all(conn)
-                conn.execute(
-                    schema.meta.insert(),
-                    [
-                        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                        {"key": "node", "value": node_name},
-                        {"key": "generation", "value": "0"},
-                        {"key": "created_ns", "value": str(time.time_ns())},
-                    ],
-                )
-        except SQLAlchemyError as err:
-            raise ManifestError(f"{self.path}: cannot create manifest: {_reason(err)}") from err
+            with self._raw_write() as raw:
+                for sql in SCHEMA_DDL:
+                    raw.execute(sql)
+                raw.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("node", node_name),
+                    ("generation", "0"),
+                    ("created_ns", str(time.time_ns())),
+                ])
+        except ManifestError as err:  # "PATH: reason" already
+            raise ManifestError(f"cannot create manifest {err}") from err
 
     def close(self) -> None:
         if self._engine_obj is not None:

@@ -133,3 +133,25 @@ def test_downstream_columns_match_the_schema(tmp_path: Path) -> None:
         assert (d["bytes_sent"], d["files_sent"], d["generation"]) == (0, 0, None)
         with pytest.raises(ValueError, match="no column"):
             m.record_downstream("new", nonsense=1)
+
+
+def test_pinned_ddl_is_what_the_schema_compiles_to() -> None:
+    """Manifests are created from SCHEMA_DDL (no SQLAlchemy import on that
+    path); the schema's declaration stays _Schema."""
+    from syncd.manifest import SCHEMA_DDL, compiled_ddl
+
+    assert compiled_ddl() == list(SCHEMA_DDL)
+
+
+def test_creating_a_manifest_does_not_import_sqlalchemy(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from syncd.manifest import Manifest; "
+        f"m = Manifest.open({str(tmp_path)!r}, 'edge'); m.set_meta('x', '1'); "
+        "m.record_downstream('d', generation=1); print(m.get_meta('x'), m.generation); m.close(); "
+        "print('sqlalchemy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "0", "False"]
