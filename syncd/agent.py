@@ -90,6 +90,8 @@ STAGING_WORKERS = 2
 # Chunks (each at most a frame body) waiting for one staging thread: memory
 # stays bounded by this, not by file sizes.
 STAGING_QUEUE = 16
+# Staged files from this size on start their write-out to disk at once.
+WRITEBACK_MIN = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -237,7 +239,12 @@ class _Incoming:
             # No fsync per file (it cost 0.3 ms a file, most of a small-file
             # sync): a killed process loses nothing of the page cache, and
             # _publish makes staging durable with one syncfs before any rename
-            # into root.
+            # into root.  A large file's write-out starts now, without waiting
+            # for it, so that the disk works while the rest arrives and
+            # syncfs finds less left to do (for small files the separate
+            # writes cost more than they save: measured).
+            if self.size >= WRITEBACK_MIN:
+                start_writeback(self.fd)
         except BaseException:
             self.discard()
             raise
@@ -1193,17 +1200,35 @@ def _as_error(err: OSError, node: str) -> SyncdError:
 _libc = None
 
 
-def syncfs(fd: int) -> None:
-    """Flush the filesystem holding ``fd`` (staging and root share it): one call
-    instead of an fsync per file.  Falls back to sync(2) where syncfs is missing."""
+def _load_libc():  # noqa: ANN202
     global _libc
     if _libc is None:
         import ctypes
         import ctypes.util
 
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if hasattr(libc, "sync_file_range"):  # off64_t arguments: say so, or ctypes passes ints
+            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _libc = libc
+    return _libc
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting (sync_file_range)."""
     try:
-        if _libc.syncfs(fd) == 0:
+        _load_libc().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    except AttributeError:
+        pass  # not Linux: syncfs (or sync) at publish does all of it
+
+
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding ``fd`` (staging and root share it): one call
+    instead of an fsync per file.  Falls back to sync(2) where syncfs is missing."""
+    try:
+        if _load_libc().syncfs(fd) == 0:
             return
     except AttributeError:
         pass
