@@ -104,16 +104,6 @@ def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
     return StateLock(cfg.node.state_dir, purpose)
 
 
-def _import_in_background(name: str) -> threading.Thread:
-    """Import a module in a thread while this one waits on something else (a
-    connection, a scan): the first use then does not pay for it."""
-    import importlib
-
-    thread = threading.Thread(target=importlib.import_module, args=(name,), name=f"import-{name}", daemon=True)
-    thread.start()
-    return thread
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .errors import UsageError
 
@@ -146,7 +136,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         links = {m.name: Link(m) for m in mirrors if not m.via}
         for link in links.values():
             link.open_in_background()
-        importer = None if args.dry_run else _import_in_background("syncd.delta")  # numpy, for the first delta
         try:
             with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
                 # A mirror's manifest is written by its agent from its upstream's
@@ -171,8 +160,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             for link in links.values():
                 link.close()
-            if importer is not None:
-                importer.join()  # not cut off by the interpreter's exit mid-import
     # Tier by tier: each mirror, then (indented) what it reached below it.
     for r in results:
         for line in r.report():

@@ -19,6 +19,7 @@ import os
 import queue
 import random
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,8 +263,13 @@ class Link:
                 ch.writer.flush()
                 negotiate(PROTOCOL_VERSION, ch.reader.read_hello())
                 ch.start()
-            except BaseException:
+            except BaseException as err:
                 session.close()
+                tail = session.stderr_tail().strip() if hasattr(session, "stderr_tail") else ""
+                if isinstance(err, (ProtocolError, ConnectionLostError)) and tail:
+                    # An agent that could not start says why (a broken config
+                    # on the mirror, a missing root): quote its last line.
+                    raise type(err)(f"{err} (agent stderr: {tail.splitlines()[-1]})") from err
                 raise
             self._session, self._ch = session, ch
         return self._ch
@@ -377,6 +383,26 @@ class Pusher:
             self._cascade(ch, result, downstreams)
             return
 
+        importer = None
+        if not self.dry_run and "syncd.delta" not in sys.modules:
+            # numpy and the delta encoder (0.07 s), imported while the agent
+            # plans: its first "needs" may ask for a delta.
+            import importlib
+
+            importer = threading.Thread(target=importlib.import_module, args=("syncd.delta",),
+                                        name="import-delta", daemon=True)
+            importer.start()
+        try:
+            self._plan_and_send(ch, result, held, target, full)
+        finally:
+            if importer is not None:
+                importer.join()  # never cut off by the interpreter's exit mid-import
+        result.ok = True
+        if not self.dry_run:  # a dry run's abort ended the agent's session
+            self._cascade(ch, result, downstreams)
+
+    def _plan_and_send(self, ch: _Channel, result: PushResult, held: int | None, target: int, full: bool) -> None:
+        w = ch.writer
         w.message({
             "type": "begin", "generation": target, "full": full, "dry_run": self.dry_run,
             "filter": self.rules, "max_delete_ppm": round(self.cfg.node.max_delete * 1_000_000),
@@ -414,8 +440,7 @@ class Pusher:
         if self.dry_run:
             w.message({"type": "abort"})
             w.flush()
-            result.ok = True
-            self.keep_open = False  # abort ends the agent's session
+            self.keep_open = False  # abort ends the agent's session (no cascade either)
             return
         w.message({"type": "commit", "generation": target})
         w.flush()
@@ -424,8 +449,6 @@ class Pusher:
             if msg["type"] == "committed":
                 break
             self._dispatch(ch, result, msg)
-        result.ok = True
-        self._cascade(ch, result, downstreams)
 
     def _cascade(self, ch: _Channel, result: PushResult, downstreams: list) -> None:
         """Have the downstream push on to its own downstreams, and wait for their report.

@@ -1298,10 +1298,36 @@ def check_own_index_group(cfg, manifest) -> tuple[list, int]:  # noqa: ANN001
     return findings, len(rels)
 
 
+META_RELEASE_CHECKED = "release_checked"
+
+
+def _release_check_key(cfg, manifest) -> str:  # noqa: ANN001
+    """What a passed check of the node's own index group depended on: the
+    generation (the scan just brought it up to date with the tree) and the
+    verify settings, the keyring's stat data included."""
+    keyring = cfg.verify.keyring
+    try:
+        st = os.stat(keyring) if keyring is not None else None
+        ring = (str(keyring), st.st_size, st.st_mtime_ns) if st else None
+    except OSError:
+        ring = (str(keyring), None, None)
+    return json.dumps([manifest.generation, ring, list(cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED),
+                       list(cfg.node.index_patterns)], default=str)
+
+
 def refuse_broken_release(cfg, manifest) -> None:  # noqa: ANN001
-    """A primary does not push a release its own mirrors would hold back."""
+    """A primary does not push a release its own mirrors would hold back.
+
+    A generation that passed once is not checked again with the same verify
+    settings: a no-op run over 100,000 files spent 0.3 s listing the index
+    files of a tree that had not changed.
+    """
+    key = _release_check_key(cfg, manifest)
+    if manifest.get_meta(META_RELEASE_CHECKED) == key:
+        return
     findings, _ = check_own_index_group(cfg, manifest)
     if not findings:
+        manifest.set_meta(META_RELEASE_CHECKED, key)
         return
     for f in findings:
         log.error("verify: %s", f.message)

@@ -295,3 +295,14 @@ def test_unchanged_symlink_below_root_is_left_alone(pair: Pair) -> None:
     assert result.counts()["link"] == 0, [i.line() for i in result.items]
     assert os.lstat(pair.edge.root / "dists/current").st_ino == before
     assert pair.in_sync()
+
+
+def test_agent_that_cannot_start_is_quoted(pair: Pair) -> None:
+    """A mirror whose own config is broken: the pusher's one line says why,
+    from the agent's stderr, instead of a bare handshake error."""
+    populate(pair.primary.root)
+    shutil.rmtree(pair.edge.root)
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == EXIT_FAILURE
+    line = next(ln for ln in proc.stdout.splitlines() if "FAILED" in ln)
+    assert "agent stderr:" in line and str(pair.edge.root) in line, line

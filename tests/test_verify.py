@@ -633,3 +633,40 @@ def test_repomd_round_trip(raw):
     got = parse_repomd(repomd_xml(rows))
     assert [(e.path, e.algo, e.digest.hex(), e.size) for e in got] == [
         (href, algo, digest, size) for _, href, (algo, digest), size in rows]
+
+
+def test_own_release_check_is_kept_per_generation_and_settings(tmp_path, monkeypatch, keyring_file):
+    """run --once checks the node's own index group once per generation and
+    verify settings; a failed check is never kept."""
+    from types import SimpleNamespace
+
+    from syncd import verify as verifymod
+    from syncd.errors import VerifyError
+    from syncd.manifest import Manifest
+
+    calls = []
+    outcome = {"findings": []}
+    monkeypatch.setattr(verifymod, "check_own_index_group",
+                        lambda cfg, m: (calls.append(m.generation) or outcome["findings"], 0))
+    ring = tmp_path / "ring.gpg"
+    ring.write_bytes(keyring_file.read_bytes())
+    cfg = SimpleNamespace(
+        node=SimpleNamespace(name="primary", index_patterns=("Release",)),
+        verify=SimpleNamespace(keyring=ring, require_signed=None),
+    )
+    with Manifest.open(tmp_path / "state", "primary") as m:
+        verifymod.refuse_broken_release(cfg, m)
+        verifymod.refuse_broken_release(cfg, m)
+        assert calls == [0]
+        m.set_meta("generation", "1")
+        verifymod.refuse_broken_release(cfg, m)
+        assert calls == [0, 1]
+        ring.write_bytes(ring.read_bytes() + b"\n")  # the keyring changed: checked again
+        verifymod.refuse_broken_release(cfg, m)
+        assert calls == [0, 1, 1]
+        outcome["findings"] = [SimpleNamespace(message="dists/stable/Release: bad signature")]
+        ring.write_bytes(ring.read_bytes() + b"\n")
+        for _ in range(2):  # refused, and not remembered as passed
+            with pytest.raises(VerifyError, match="refusing to push"):
+                verifymod.refuse_broken_release(cfg, m)
+        assert calls == [0, 1, 1, 1, 1]
