@@ -55,7 +55,7 @@ from .errors import (
     VerifyError,
 )
 from .filters import Filter
-from .fsops import SafeRoot, validate_name
+from .fsops import WRITEBACK_MIN, SafeRoot, start_writeback, syncfs, validate_name
 from .lock import StateLock
 from .manifest import (
     KIND_DIR,
@@ -90,8 +90,6 @@ STAGING_WORKERS = 2
 # Chunks (each at most a frame body) waiting for one staging thread: memory
 # stays bounded by this, not by file sizes.
 STAGING_QUEUE = 16
-# Staged files from this size on start their write-out to disk at once.
-WRITEBACK_MIN = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -1195,44 +1193,6 @@ def _as_error(err: OSError, node: str) -> SyncdError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"disk full on {node}: {message}; nothing partial was published")
     return SyncdError(message)
-
-
-_libc = None
-
-
-def _load_libc():  # noqa: ANN202
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if hasattr(libc, "sync_file_range"):  # off64_t arguments: say so, or ctypes passes ints
-            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        _libc = libc
-    return _libc
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing ``fd``'s dirty pages to disk, without waiting (sync_file_range)."""
-    try:
-        _load_libc().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-    except AttributeError:
-        pass  # not Linux: syncfs (or sync) at publish does all of it
-
-
-def syncfs(fd: int) -> None:
-    """Flush the filesystem holding ``fd`` (staging and root share it): one call
-    instead of an fsync per file.  Falls back to sync(2) where syncfs is missing."""
-    try:
-        if _load_libc().syncfs(fd) == 0:
-            return
-    except AttributeError:
-        pass
-    os.sync()
 
 
 def _copy_at(dir_fd: int, src: str, dst: str) -> None:

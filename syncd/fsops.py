@@ -467,6 +467,52 @@ class SafeRoot:
             os.close(src)
 
 
+# -- durability without an fsync per file ------------------------------------
+
+
+_libc = None
+
+
+def _load_libc():  # noqa: ANN202
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if hasattr(libc, "sync_file_range"):  # off64_t arguments: say so, or ctypes passes ints
+            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _libc = libc
+    return _libc
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+# Staged files (and prewarm ranges) from this size on start their write-out
+# at once; for smaller ones the separate writes cost more than they save
+# (measured on 5,000 files of 1-64 KiB).
+WRITEBACK_MIN = 512 * 1024
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting (sync_file_range)."""
+    try:
+        _load_libc().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    except AttributeError:
+        pass  # not Linux: syncfs (or sync) at publish does all of it
+
+
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding ``fd`` (staging and root share it): one call
+    instead of an fsync per file.  Falls back to sync(2) where syncfs is missing."""
+    try:
+        if _load_libc().syncfs(fd) == 0:
+            return
+    except AttributeError:
+        pass
+    os.sync()
+
+
+
 def _copy_fd(src: int, dst: int) -> int:
     total = 0
     if hasattr(os, "copy_file_range"):
@@ -542,7 +588,10 @@ __all__ = [
     "MAX_COMPONENT",
     "MAX_PATH",
     "SafeRoot",
+    "WRITEBACK_MIN",
     "fsync_dir",
     "show",
+    "start_writeback",
+    "syncfs",
     "validate_name",
 ]

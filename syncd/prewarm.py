@@ -55,7 +55,7 @@ from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, neg
 log = logging.getLogger(__name__)
 
 # Ranges of a large object: small enough that a killed run loses little,
-# large enough that the per-range fdatasync and ack cost nothing.
+# large enough that the per-range record and ack cost nothing.
 RANGE_SIZE = 4 << 20
 # Small files travel in batches of about this many bytes per work item.
 BATCH_BYTES = 4 << 20
