@@ -90,6 +90,8 @@ STAGING_WORKERS = 2
 # Chunks (each at most a frame body) waiting for one staging thread: memory
 # stays bounded by this, not by file sizes.
 STAGING_QUEUE = 16
+# A full comparison keeps this many listed paths in memory, the rest on disk.
+SEEN_IN_MEMORY = 50_000
 
 
 @dataclass(slots=True)
@@ -149,8 +151,81 @@ class _Plan:
     links: list[_Row] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
     rows: list[_Row] = field(default_factory=list)  # every row, for the manifest
-    seen: set[bytes] = field(default_factory=set)  # full mode: every path listed
+    seen: "_PathSet" = field(default_factory=lambda: _PathSet())  # full mode: every path listed
     pending: set[bytes] = field(default_factory=set)  # SHA-256s asked for and not yet staged
+
+
+class _PathSet:
+    """The paths a full comparison listed, for the deletion walk at its end.
+
+    In memory up to ``limit`` paths, then in a scratch SQLite file in
+    staging (``tmp.PID.seen``, removed with the set or, after a kill, by the
+    next agent's temp cleanup): a reconcile of millions of paths stays
+    bounded.  Adds are buffered; the walk asks, after the last add, one
+    directory at a time (:meth:`in_dir`).
+    """
+
+    def __init__(self, limit: int = 0, where: Path | None = None) -> None:
+        self.limit = limit or SEEN_IN_MEMORY
+        self.where = where
+        self._mem: set[bytes] = set()
+        self._db: Any = None
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._file: Path | None = None
+
+    def add(self, path: bytes) -> None:
+        if self._db is None:
+            self._mem.add(path)
+            if len(self._mem) > self.limit and self.where is not None:
+                self._spill()
+            return
+        self._pending.append(split(path))
+        if len(self._pending) >= 10_000:
+            self._flush()
+
+    def _spill(self) -> None:
+        import sqlite3
+
+        self._file = self.where / f"tmp.{_PID}.seen"
+        try:
+            self._file.unlink()
+        except FileNotFoundError:
+            pass
+        self._db = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (parent BLOB, name BLOB, PRIMARY KEY (parent, name)) WITHOUT ROWID")
+        self._pending = [split(p) for p in self._mem]
+        self._mem = set()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO seen (parent, name) VALUES (?, ?)", self._pending)
+            self._db.execute("COMMIT")
+            self._pending = []
+
+    def in_dir(self, d: bytes) -> set[bytes]:
+        """The listed paths directly in directory ``d`` (or, held in memory, all of them)."""
+        if self._db is None:
+            return self._mem
+        self._flush()
+        return {join(d, name) for (name,) in self._db.execute("SELECT name FROM seen WHERE parent = ?", (d,))}
+
+    def __contains__(self, path: bytes) -> bool:
+        return path in self.in_dir(split(path)[0])
+
+    def clear(self) -> None:
+        self._mem = set()
+        self._pending = []
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+            try:
+                self._file.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class _Incoming:
@@ -353,6 +428,8 @@ class Agent:
         self.failure: SyncdError | None = None
         self._failure_lock = threading.Lock()
         self._importer: threading.Thread | None = None
+        self._known_path: bytes | None = None  # the last manifest lookup of _decide_file
+        self._known: Any = None
         self.state_dir = cfg.node.state_dir
         self.staging = self.state_dir / "staging"
         self.plan = _Plan()
@@ -388,6 +465,7 @@ class Agent:
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
+                self.plan.seen.clear()  # a session cut before entries_end: its scratch file goes
                 if self._importer is not None:
                     self._importer.join()  # not cut off by the interpreter's exit mid-import
                 for inc in self.incoming.values():
@@ -605,6 +683,7 @@ class Agent:
             dry_run=bool(msg.get("dry_run")),
             filter=rule_filter,
             max_delete=max_delete,
+            seen=_PathSet(where=self.staging),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
         if not self.plan.dry_run and "syncd.delta" not in sys.modules:
@@ -634,10 +713,24 @@ class Agent:
         "delta" or None (no bytes wanted).
         """
         plan = self.plan
-        plan.rows.append(row)
         if plan.full:
             plan.seen.add(row.path)
         st = self.root.lstat(row.path)
+        item = self._decide_row(row, st)
+        if item is None and plan.full and self._recorded(row, st):
+            # A full comparison (a reconcile) lists every path: one that the
+            # manifest already records exactly as it is is not kept until
+            # commit, so memory follows the changes, not the tree.
+            return None
+        plan.rows.append(row)
+        return item
+
+    def _recorded(self, row: _Row, st: os.stat_result | None) -> bool:
+        known = self._known if self._known_path == row.path else self.lookup.lookup(row.path)
+        return known is not None and tuple(known) == row.manifest_row(st)
+
+    def _decide_row(self, row: _Row, st: os.stat_result | None) -> list | None:
+        plan = self.plan
         if row.deleted:
             if st is not None:
                 plan.deletes.append(row.path)
@@ -661,6 +754,7 @@ class Agent:
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == row.size:
             have = False
             known = self.lookup.lookup(row.path)
+            self._known_path, self._known = row.path, known  # for _recorded, right after
             if (
                 known is not None and not known.deleted and known.sha256 == row.sha256
                 and (known.size, known.mtime_ns, known.ino, known.ctime_ns)
@@ -765,8 +859,8 @@ class Agent:
         """Full comparison: what this edge has that the upstream did not list goes."""
         items = []
         if self.plan.full:
-            for path, is_dir in self._walk():
-                if path in self.plan.seen or self.plan.filter.excluded_path(path, is_dir):
+            for path, is_dir, listed in self._walk():
+                if listed or self.plan.filter.excluded_path(path, is_dir):
                     continue
                 from .trace import protects  # this node's own trace file is not the upstream's to delete
 
@@ -777,7 +871,7 @@ class Agent:
             self.plan.seen.clear()
         self.writer.message({"type": "planned", "items": items})
 
-    def _walk(self):  # noqa: ANN202 - yields (path, is_dir)
+    def _walk(self):  # noqa: ANN202 - yields (path, is_dir, listed by the upstream)
         stack = [b""]
         root_fd = self.root.open_dir(b"")
         os.close(root_fd)
@@ -792,12 +886,12 @@ class Agent:
                     entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
             finally:
                 os.close(fd)
+            seen = self.plan.seen.in_dir(d)
             for name, is_dir in entries:
                 path = join(d, os.fsencode(name))
-                yield path, is_dir
-                if is_dir and path not in self.plan.seen:
-                    continue  # the whole directory goes; no need to list inside it
-                if is_dir:
+                listed = path in seen
+                yield path, is_dir, listed
+                if is_dir and listed:  # else the whole directory goes: no need to list inside it
                     stack.append(path)
 
     # -- publishing --------------------------------------------------------------------

@@ -156,6 +156,18 @@ class SafeRoot:
             what = "a symlink or not a directory"
         return UnsafePathError(f"unsafe path {show(rel)!r}: {show(where)!r} is {what} on this host")
 
+    def _borrow(self, rel: bytes, comps: list[bytes]) -> tuple[int, bool]:
+        """The fd of directory ``comps`` and whether the caller must close it:
+        a cached one is lent as it is (no dup and close per lookup).  Only
+        for a caller that makes no other walk and drops nothing while it
+        holds it."""
+        if not comps:
+            return self._fd, False
+        cached = self._dirs.get(tuple(comps))
+        if cached is not None:
+            return cached, False
+        return self._walk(rel, comps, False), True
+
     def _walk(self, rel: bytes, comps: list[bytes], create: bool, mode: int = 0o755) -> int:
         """A new fd of the directory ``comps`` (a prefix of ``rel``'s components)."""
         if not comps:
@@ -224,7 +236,7 @@ class SafeRoot:
         validate_name(rel)
         parents, leaf = _split(rel)
         try:
-            pfd = self._walk(rel, parents, False)
+            pfd, owned = self._borrow(rel, parents)
         except (FileNotFoundError, UnsafePathError):
             return None
         try:
@@ -232,7 +244,8 @@ class SafeRoot:
         except (FileNotFoundError, NotADirectoryError):
             return None
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def open_dir(self, rel: bytes, *, create: bool = False, mode: int = 0o755) -> int:
         """fd of directory ``rel`` (``b""`` = root); the caller closes it.
@@ -253,7 +266,7 @@ class SafeRoot:
         validate_name(rel)
         parents, leaf = _split(rel)
         try:
-            pfd = self._walk(rel, parents, False)
+            pfd, owned = self._borrow(rel, parents)
         except (FileNotFoundError, UnsafePathError):
             return None
         try:
@@ -261,7 +274,8 @@ class SafeRoot:
         except OSError:  # absent (ENOENT) or not a symlink (EINVAL)
             return None
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def open_read(self, rel: bytes) -> int:
         """A read-only fd on the regular file ``rel``; the caller closes it.

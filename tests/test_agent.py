@@ -264,3 +264,23 @@ def test_forced_command_serves_the_stage_mode_when_asked(edge, monkeypatch) -> N
     session.close_write()
     assert session.exit_status(timeout=30) == 0
     session.close()
+
+
+def test_listed_paths_spill_to_disk_beyond_the_bound(tmp_path: Path) -> None:
+    """A full comparison's listed paths: in memory up to the bound, then in
+    a scratch file in staging, with the same answers; clear() removes it."""
+    from syncd.agent import _PathSet
+
+    seen = _PathSet(limit=100, where=tmp_path)
+    paths = [f"d{i % 7}/f{i}".encode() for i in range(25_000)]
+    for p in paths[:100]:
+        seen.add(p)
+    assert not list(tmp_path.iterdir()) and paths[5] in seen
+    for p in paths[100:]:
+        seen.add(p)
+    scratch = list(tmp_path.iterdir())
+    assert [f.name.split(".")[0] for f in scratch] == ["tmp"]  # the agents' temp cleanup knows it
+    assert all(p in seen for p in paths[::97]) and paths[-1] in seen
+    assert b"d1/f3" not in seen and b"elsewhere" not in seen
+    seen.clear()
+    assert not list(tmp_path.iterdir())
