@@ -400,18 +400,35 @@ class _Stager(threading.Thread):
                 if item is None:
                     return
                 inc, payload = item
-                if inc.dead:
-                    continue  # failed earlier, or the session failed: drop what is left of it
+                if inc.dead or self.agent.failure is not None:
+                    # Failed earlier, or the session did: drop what is left of it.
+                    if payload is _END:
+                        inc.discard()
+                    continue
                 if payload is _END:
                     self.agent._finish(inc)
                 else:
                     inc.feed(payload)
             except BaseException as err:  # the session's error: reported by the agent
                 inc.dead = True
-                inc.discard()
-                self.agent._staging_failed(inc, err)
+                try:
+                    inc.discard()
+                    self.agent._staging_failed(inc, err)
+                except BaseException:  # noqa: BLE001 - this thread must go on draining its queue
+                    log.exception("staging thread: while failing")
             finally:
                 self.queue.task_done()
+
+    def put(self, item: tuple) -> None:
+        """Hand over a chunk, waiting while the queue is full (bounded memory),
+        but never for a thread that is gone."""
+        while True:
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if not self.is_alive():
+                    raise ProtocolError("a staging thread ended unexpectedly") from None
 
 
 class Agent:
@@ -494,7 +511,7 @@ class Agent:
                         return 0
                 elif frame.kind is FrameType.DATA:
                     inc = self._stream(frame.stream)
-                    inc.worker.queue.put((inc, frame.payload))
+                    inc.worker.put((inc, frame.payload))
                 else:
                     self._end(frame.stream)
         except SyncdError as err:
@@ -601,7 +618,7 @@ class Agent:
     def _end(self, stream: int) -> None:
         inc = self._stream(stream)
         del self.incoming[stream]
-        inc.worker.queue.put((inc, _END))
+        inc.worker.put((inc, _END))
 
     def _finish(self, inc: _Incoming) -> None:
         """In a staging thread: a file's last chunk arrived."""
@@ -630,25 +647,24 @@ class Agent:
             else:  # a codec's own error (a corrupt zstd frame): one line, not a traceback
                 failure = ProtocolError(f"file {fspath(inc.path)}: {type(err).__name__}: {err}")
             self.failure = failure
-        for stager in self.stagers:
-            with stager.queue.mutex:
-                for queued, _ in stager.queue.queue:
-                    queued.dead = True
-        for other in self.incoming.values():
-            other.dead = True
+        # Said first; the staging threads drop everything still queued (they
+        # check ``failure``), and the main thread stops at its next frame.
         log.error("%s", failure)
         self._send_error(failure)
 
     def _drain(self) -> None:
         """Wait until every file handed to the staging threads is staged (or failed)."""
         for stager in self.stagers:
-            stager.queue.join()
+            stager.queue.join()  # run() marks every item done, error or not
         if self.failure is not None:
             raise self.failure
 
     def _stop_stagers(self) -> None:
         for stager in self.stagers:
-            stager.queue.put(None)
+            try:
+                stager.put(None)
+            except ProtocolError:
+                pass  # gone already
         for stager in self.stagers:
             stager.join()
         self.stagers = []
@@ -666,6 +682,10 @@ class Agent:
         if not self.locked:
             self.lock.acquire()  # waits for another push into this node to end
             self.locked = True
+        # Directory fds kept from an earlier push of this session may name
+        # directories another session (or the operator) replaced since: walk
+        # afresh from root, now that the lock keeps other writers out.
+        self.root.forget()
         rules = msg.get("filter") or []
         if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
             raise ProtocolError("begin: filter is not a list of rules")

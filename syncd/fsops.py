@@ -127,6 +127,11 @@ class SafeRoot:
         for fd in dirs.values():
             os.close(fd)
 
+    def forget(self) -> None:
+        """Drop the directory fds kept open: the tree may have been changed by
+        someone else since (call it when taking the lock for a new push)."""
+        self._drop_cache()
+
     # -- lifetime -----------------------------------------------------------
 
     def close(self) -> None:
@@ -519,11 +524,23 @@ def syncfs(fd: int) -> None:
     """Flush the filesystem holding ``fd`` (staging and root share it): one call
     instead of an fsync per file.  Falls back to sync(2) where syncfs is missing."""
     try:
-        if _load_libc().syncfs(fd) == 0:
+        libc = _load_libc()
+        if libc.syncfs(fd) == 0:
             return
+        err = ctypes_errno()
+        if err != errno.ENOSYS:
+            # EIO (reported since Linux 5.8): what was written may not be on
+            # disk, so nothing may be published as if it were.
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
     except AttributeError:
         pass
     os.sync()
+
+
+def ctypes_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 

@@ -349,10 +349,15 @@ class Manifest:
 
     def lookup(self, path: bytes) -> Entry | None:
         parent, name = split(path)
-        with self._raw_write() as raw:
+        raw = self._raw()  # a plain WAL read: never waits for a writer (a scan)
+        try:
             row = raw.execute(
                 f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", (parent, name)
             ).fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: {err}") from err
+        finally:
+            raw.close()
         return Entry(*row) if row else None
 
     def reader(self) -> "ManifestReader":
@@ -477,7 +482,8 @@ class Manifest:
             try:
                 yield raw
             except BaseException:
-                raw.execute("ROLLBACK")
+                if raw.in_transaction():  # SQLite may have rolled back by itself (a full disk)
+                    raw.execute("ROLLBACK")
                 raise
             raw.execute("COMMIT")
         except sqlite3.Error as err:
@@ -504,6 +510,9 @@ class _RawConnection:
             raise
         self.execute = self._conn.execute
         self.executemany = self._conn.executemany
+
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
 
     def close(self) -> None:
         self._conn.close()

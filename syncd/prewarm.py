@@ -981,7 +981,7 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         out.flush()
 
     result = prewarm(cfg, args.name, sources=sources, streams=args.streams, bwlimit=bwlimit,
-                     probe_timeout=args.probe_timeout or PROBE_TIMEOUT, tty=tty, transport=args.transport, on_probes=show)
+                     probe_timeout=PROBE_TIMEOUT if args.probe_timeout is None else args.probe_timeout, tty=tty, transport=args.transport, on_probes=show)
     out.write(result.summary() + "\n")
     if result.push is not None:
         out.write(result.push.summary() + "\n")

@@ -256,6 +256,7 @@ class Link:
             if err is not None:
                 raise err
         if self._ch is None:
+            self.stderr_tail = ""  # what an earlier session said is not this one's
             session = self._open_session(self.mirror)
             try:
                 ch = _Channel(session, self.mirror.bwlimit)
@@ -267,6 +268,7 @@ class Link:
                 session.close()
                 tail = session.stderr_tail().strip() if hasattr(session, "stderr_tail") else ""
                 if isinstance(err, (ProtocolError, ConnectionLostError)) and tail:
+                    self.stderr_tail = ""  # quoted here; run() must not quote it again
                     # An agent that could not start says why (a broken config
                     # on the mirror, a missing root): quote its last line.
                     raise type(err)(f"{err} (agent stderr: {tail.splitlines()[-1]})") from err
@@ -276,6 +278,12 @@ class Link:
 
     def close(self) -> None:
         """End the session politely (``bye``), as at a daemon's stop or reload."""
+        if self._opener is not None:
+            # Still connecting (run --once's scan failed first): let it finish,
+            # so that the session it opens is closed here, not left behind.
+            self._opener.join(self.mirror.connect_timeout + 5)
+            self._opener = None
+            self._early_error = None
         if self._ch is not None:
             try:
                 self._ch.writer.message({"type": "bye"})

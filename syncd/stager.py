@@ -192,7 +192,8 @@ class _Put:
         if self.whole:
             os.rename(self.name, self.hex, src_dir_fd=sfd, dst_dir_fd=sfd)
             return
-        # Durable data first, then its record: a recorded range is never lost.
+        # Written data first, then its record: a killed stager never records
+        # a range it did not write (a power cut may; the whole-object check catches it).
         rfd = os.open(self.name + RANGES_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                       | os.O_CLOEXEC, 0o600, dir_fd=sfd)
         try:

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import time
 import posixpath
 import queue
 import re
@@ -1299,6 +1300,9 @@ def check_own_index_group(cfg, manifest) -> tuple[list, int]:  # noqa: ANN001
 
 
 META_RELEASE_CHECKED = "release_checked"
+# A passed check is trusted this long: a signature or a key can expire
+# without a new generation, and a mirror that was down gets the old one later.
+RELEASE_CHECK_LIFETIME = 3600.0
 
 
 def _release_check_key(cfg, manifest) -> str:  # noqa: ANN001
@@ -1308,9 +1312,9 @@ def _release_check_key(cfg, manifest) -> str:  # noqa: ANN001
     keyring = cfg.verify.keyring
     try:
         st = os.stat(keyring) if keyring is not None else None
-        ring = (str(keyring), st.st_size, st.st_mtime_ns) if st else None
+        ring = (str(keyring), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) if st else None
     except OSError:
-        ring = (str(keyring), None, None)
+        ring = (str(keyring), None, None, None, None)
     return json.dumps([manifest.generation, ring, list(cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED),
                        list(cfg.node.index_patterns)], default=str)
 
@@ -1323,11 +1327,17 @@ def refuse_broken_release(cfg, manifest) -> None:  # noqa: ANN001
     files of a tree that had not changed.
     """
     key = _release_check_key(cfg, manifest)
-    if manifest.get_meta(META_RELEASE_CHECKED) == key:
+    now = time.time()
+    try:
+        kept = json.loads(manifest.get_meta(META_RELEASE_CHECKED) or "null")
+        fresh = kept["key"] == key and 0 <= now - kept["at"] < RELEASE_CHECK_LIFETIME
+    except (ValueError, TypeError, KeyError):
+        fresh = False
+    if fresh:
         return
     findings, _ = check_own_index_group(cfg, manifest)
     if not findings:
-        manifest.set_meta(META_RELEASE_CHECKED, key)
+        manifest.set_meta(META_RELEASE_CHECKED, json.dumps({"key": key, "at": now}))
         return
     for f in findings:
         log.error("verify: %s", f.message)

@@ -284,3 +284,40 @@ def test_listed_paths_spill_to_disk_beyond_the_bound(tmp_path: Path) -> None:
     assert b"d1/f3" not in seen and b"elsewhere" not in seen
     seen.clear()
     assert not list(tmp_path.iterdir())
+
+
+def push_one(peer: Peer, gen: int, path: bytes, data: bytes, dirs: list[bytes]) -> dict:
+    """One whole push over a kept session: the directories, then one file."""
+    rows = [[d, 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, gen] for d in dirs]
+    peer.send(begin(gen), {"type": "entries", "batch": 1, "rows": rows + [row(path, data, gen=gen)]})
+    needs = peer.message()
+    assert needs["type"] == "needs", needs
+    peer.send({"type": "entries_end"})
+    assert peer.message()["type"] == "planned"
+    if any(item[2] == "whole" for item in needs["items"]):
+        peer.w.message({"type": "file", "stream": gen, "path": path, "how": "whole", "size": len(data),
+                        "sha256": hashlib.sha256(data).digest()})
+        peer.w.data(gen, data)
+        peer.w.end(gen)
+        peer.w.flush()
+        assert peer.message()["type"] == "staged"
+    peer.send({"type": "commit", "generation": gen})
+    return peer.message()
+
+
+def test_kept_session_walks_afresh_after_the_tree_changed_under_it(edge) -> None:  # noqa: ANN001
+    """Between two pushes of one session, a directory is replaced behind the
+    agent's back: the second push lands in the directory that is there now,
+    not in the old one through a directory fd kept from the first."""
+    peer = Peer(edge.ini)
+    assert push_one(peer, 1, b"a/b/one", b"first", [b"a", b"a/b"])["type"] == "committed"
+    peer.send({"type": "hello", "node": "evil", "mirror": "edge"})
+    assert peer.message()["type"] == "welcome"
+    moved = edge.base / "moved-away"
+    os.rename(edge.root / "a", moved)  # out of root, same filesystem: a kept fd would follow it
+    (edge.root / "a" / "b").mkdir(parents=True)
+    assert push_one(peer, 2, b"a/b/two", b"second", [b"a", b"a/b"])["type"] == "committed"
+    assert (edge.root / "a" / "b" / "two").read_bytes() == b"second"
+    assert not (moved / "b" / "two").exists()
+    peer.send({"type": "bye"})
+    assert peer.finish() == 0

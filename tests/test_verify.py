@@ -661,6 +661,11 @@ def test_own_release_check_is_kept_per_generation_and_settings(tmp_path, monkeyp
         m.set_meta("generation", "1")
         verifymod.refuse_broken_release(cfg, m)
         assert calls == [0, 1]
+        monkeypatch.setattr(verifymod, "RELEASE_CHECK_LIFETIME", 0.0)  # a pass expires: checked again
+        verifymod.refuse_broken_release(cfg, m)
+        assert calls == [0, 1, 1]
+        monkeypatch.setattr(verifymod, "RELEASE_CHECK_LIFETIME", 3600.0)
+        calls.pop()
         ring.write_bytes(ring.read_bytes() + b"\n")  # the keyring changed: checked again
         verifymod.refuse_broken_release(cfg, m)
         assert calls == [0, 1, 1]
