@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -90,6 +91,9 @@ STAGING_WORKERS = 2
 # Chunks (each at most a frame body) waiting for one staging thread: memory
 # stays bounded by this, not by file sizes.
 STAGING_QUEUE = 16
+# A bundle ("files", protocol 1.1) carries at most this many files and bytes.
+BUNDLE_MAX_FILES = 4096
+BUNDLE_MAX_BYTES = 16 << 20
 # A full comparison keeps this many listed paths in memory, the rest on disk.
 SEEN_IN_MEMORY = 50_000
 
@@ -345,6 +349,99 @@ class _Incoming:
             pass
 
 
+class _Bundle:
+    """Small files arriving together on one stream ("files"): their bytes
+    back to back, cut by the announced sizes, each staged as a file of its own."""
+
+    def __init__(self, agent: "Agent", msg: dict) -> None:
+        self.agent = agent
+        how = _field(msg, "how", str)
+        if how not in ("whole", "zstd"):
+            raise ProtocolError(f"files: unknown encoding {how!r}")
+        raw = _field(msg, "items", list)
+        if not 0 < len(raw) <= BUNDLE_MAX_FILES:
+            raise ProtocolError(f"files: {len(raw)} items, outside [1, {BUNDLE_MAX_FILES}]")
+        self.items: list[tuple[bytes, int, bytes]] = []
+        for item in raw:
+            if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], bytes)
+                    or not isinstance(item[1], int) or isinstance(item[1], bool) or item[1] < 0
+                    or not isinstance(item[2], bytes) or len(item[2]) != 32):
+                raise ProtocolError("files: an item is not [path bytes, size int, sha256 32 bytes]")
+            self.items.append((validate_name(item[0]), item[1], item[2]))
+        self.total = sum(size for _, size, _ in self.items)
+        if self.total > BUNDLE_MAX_BYTES:
+            raise ProtocolError(f"files: {self.total} bytes, above {BUNDLE_MAX_BYTES}")
+        self.path = self.items[0][0]  # named in errors
+        self.how = how
+        self.worker: "_Stager | None" = None
+        self.dead = False
+        self.received = 0
+        self._next = 0  # the item whose bytes come next
+        self._cur: _Incoming | None = None
+        self.staged: list[bytes] = []
+        self.failed: list[tuple[bytes, str]] = []
+        self._zw: Any = None
+
+    def feed(self, data: Any) -> None:
+        if self.how == "zstd":
+            if self._zw is None:
+                import zstandard
+
+                self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(self._take), write_size=1 << 20)
+            self._zw.write(data)
+        else:
+            self._take(data)
+
+    def _take(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.received + n > self.total:
+            raise ProtocolError(f"files: more than the announced {self.total} bytes")
+        self.received += n
+        while True:
+            if self._cur is None:
+                if self._next == len(self.items):
+                    break
+                path, size, sha = self.items[self._next]
+                self._next += 1
+                self._cur = _Incoming(self.agent, {"type": "file", "path": path, "how": "whole",
+                                                   "size": size, "sha256": sha})
+            cur = self._cur
+            want = cur.size - cur.written
+            if want:
+                if not view:
+                    break
+                piece, view = view[:want], view[want:]
+                cur._write(piece)
+                if cur.written < cur.size:
+                    break
+            self._cur = None
+            self._complete(cur)
+        return n
+
+    def _complete(self, inc: "_Incoming") -> None:
+        try:
+            inc.finish()
+        except PatchMismatchError as err:
+            self.failed.append((inc.path, str(err)))
+            return
+        self.agent.plan.pending.discard(inc.sha256)
+        self.staged.append(inc.path)
+
+    def finish(self) -> None:
+        """The stream ended: every announced byte must have arrived."""
+        if self._zw is not None:
+            self._zw.flush()
+        self._take(b"")  # empty files at the end
+        if self.received != self.total or self._cur is not None or self._next != len(self.items):
+            raise ProtocolError(f"files: stream ended after {self.received} of {self.total} bytes")
+
+    def discard(self) -> None:
+        if self._cur is not None:
+            self._cur.discard()
+            self._cur = None
+
+
 class _Sink:
     def __init__(self, write: Callable[[Any], None]) -> None:
         self.write = write
@@ -445,6 +542,7 @@ class Agent:
         self.failure: SyncdError | None = None
         self._failure_lock = threading.Lock()
         self._importer: threading.Thread | None = None
+        self._tmp_counter = itertools.count(1)
         self._known_path: bytes | None = None  # the last manifest lookup of _decide_file
         self._known: Any = None
         self.state_dir = cfg.node.state_dir
@@ -560,13 +658,12 @@ class Agent:
             stream = _field(msg, "stream", int)
             if stream in self.incoming:
                 raise ProtocolError(f"stream {stream} opened twice")
-            inc = self.incoming[stream] = _Incoming(self, msg)
-            if not self.stagers:
-                self.stagers = [_Stager(self, n) for n in range(STAGING_WORKERS)]
-                for stager in self.stagers:
-                    stager.start()
-            inc.worker = self.stagers[self._next_stager % len(self.stagers)]
-            self._next_stager += 1
+            self._assign(stream, _Incoming(self, msg))
+        elif kind == "files":
+            stream = _field(msg, "stream", int)
+            if stream in self.incoming:
+                raise ProtocolError(f"stream {stream} opened twice")
+            self._assign(stream, _Bundle(self, msg))
         elif kind == "commit":
             self._commit(msg)
         elif kind == "cascade":
@@ -609,6 +706,16 @@ class Agent:
         with lock:
             self.writer.message({"type": "cascaded", "results": [r.to_wire() for r in results]})
 
+    def _assign(self, stream: int, inc: "_Incoming | _Bundle") -> None:
+        """A new incoming stream, handed to a staging thread (started at the first)."""
+        self.incoming[stream] = inc
+        if not self.stagers:
+            self.stagers = [_Stager(self, n) for n in range(STAGING_WORKERS)]
+            for stager in self.stagers:
+                stager.start()
+        inc.worker = self.stagers[self._next_stager % len(self.stagers)]
+        self._next_stager += 1
+
     def _stream(self, stream: int) -> _Incoming:
         inc = self.incoming.get(stream)
         if inc is None:
@@ -620,8 +727,18 @@ class Agent:
         del self.incoming[stream]
         inc.worker.put((inc, _END))
 
-    def _finish(self, inc: _Incoming) -> None:
-        """In a staging thread: a file's last chunk arrived."""
+    def _finish(self, inc: "_Incoming | _Bundle") -> None:
+        """In a staging thread: a file's (or a bundle's) last chunk arrived."""
+        if isinstance(inc, _Bundle):
+            inc.finish()  # a short bundle is the session's error (raised to run())
+            for path, error in inc.failed:
+                log.warning("%s", error)
+                self.writer.message({"type": "failed", "path": path, "error": error, "retry_whole": True})
+            if inc.staged:
+                self.writer.message({"type": "staged", "paths": inc.staged})
+            if inc.worker.queue.unfinished_tasks <= 1:
+                self.writer.flush()
+            return
         try:
             inc.finish()
         except (PatchMismatchError, _delta_format_error()) as err:
@@ -1227,8 +1344,9 @@ class Agent:
     # -- staging --------------------------------------------------------------------
 
     def _new_tmp(self) -> str:
-        self._tmp_n = getattr(self, "_tmp_n", 0) + 1
-        return f"tmp.{_PID}.{self._tmp_n}"
+        # next() on a count is atomic under the GIL: the staging threads name
+        # their files too.
+        return f"tmp.{_PID}.{next(self._tmp_counter)}"
 
     def _clean_temps(self, *, everything: bool = False) -> None:
         """Remove temporary files of processes that are gone (and with

@@ -321,3 +321,68 @@ def test_kept_session_walks_afresh_after_the_tree_changed_under_it(edge) -> None
     assert not (moved / "b" / "two").exists()
     peer.send({"type": "bye"})
     assert peer.finish() == 0
+
+
+def send_bundle(peer: Peer, stream: int, files: list[tuple[bytes, bytes]], *, body: bytes | None = None,
+                sha: dict | None = None) -> None:
+    items = [[p, len(d), (sha or {}).get(p, hashlib.sha256(d).digest())] for p, d in files]
+    peer.w.message({"type": "files", "stream": stream, "how": "whole", "items": items})
+    peer.w.data(stream, b"".join(d for _, d in files) if body is None else body)
+    peer.w.end(stream)
+    peer.w.flush()
+
+
+def test_bundle_of_small_files_is_staged_and_published(edge) -> None:  # noqa: ANN001
+    files = [(b"f%d" % i, os.urandom(i * 37)) for i in range(12)]  # f0 is empty
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files]})
+    assert peer.message()["type"] == "needs"
+    peer.send({"type": "entries_end"})
+    assert peer.message()["type"] == "planned"
+    send_bundle(peer, 1, files)
+    staged = peer.message()
+    assert staged["type"] == "staged" and sorted(staged["paths"]) == sorted(p for p, _ in files)
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    for p, d in files:
+        assert (edge.root / p.decode()).read_bytes() == d
+
+
+def test_bundle_file_with_wrong_content_is_failed_alone(edge) -> None:  # noqa: ANN001
+    files = [(b"a", b"alpha"), (b"b", b"bravo"), (b"c", b"charlie")]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files]})
+    assert peer.message()["type"] == "needs"
+    send_bundle(peer, 1, files, sha={b"b": hashlib.sha256(b"other").digest()})
+    answers = [peer.message(), peer.message()]
+    assert {a["type"] for a in answers} == {"failed", "staged"}
+    failed = next(a for a in answers if a["type"] == "failed")
+    assert failed["path"] == b"b" and failed["retry_whole"]
+    assert sorted(next(a for a in answers if a["type"] == "staged")["paths"]) == [b"a", b"c"]
+    peer.send({"type": "bye"})
+    assert peer.finish() == 0
+    assert list(edge.root.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["unsafe name", "too many bytes", "too few bytes", "bad item"])
+def test_hostile_bundles_are_refused(edge, case: str) -> None:  # noqa: ANN001
+    files = [(b"ok", b"fine"), (b"also", b"good")]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files]})
+    assert peer.message()["type"] == "needs"
+    if case == "unsafe name":
+        send_bundle(peer, 1, [(b"ok", b"fine"), (b"../outside/canary", b"evil")])
+    elif case == "too many bytes":
+        send_bundle(peer, 1, files, body=b"finegood" + b"X" * 100)
+    elif case == "too few bytes":
+        send_bundle(peer, 1, files, body=b"fine")
+    else:
+        peer.send({"type": "files", "stream": 1, "how": "whole", "items": [[b"ok", -1, b"x"]]})
+    answer = peer.message()
+    while answer["type"] == "staged":  # the whole first file may be acknowledged first
+        answer = peer.message()
+    assert answer["type"] == "error", answer
+    assert peer.finish() != 0
+    assert list(edge.root.iterdir()) == []
+    assert_outside_untouched(edge)
