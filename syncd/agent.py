@@ -543,6 +543,8 @@ class Agent:
         self._failure_lock = threading.Lock()
         self._importer: threading.Thread | None = None
         self._tmp_counter = itertools.count(1)
+        self._manifest_empty = False
+        self._missing: set[bytes] = set()
         self._known_path: bytes | None = None  # the last manifest lookup of _decide_file
         self._known: Any = None
         self.state_dir = cfg.node.state_dir
@@ -803,6 +805,10 @@ class Agent:
         # directories another session (or the operator) replaced since: walk
         # afresh from root, now that the lock keeps other writers out.
         self.root.forget()
+        # A new mirror (or a lost manifest) has no rows to look paths and
+        # contents up in: 100,000 lookups of nothing cost seconds.
+        self._manifest_empty = self.lookup.empty()
+        self._missing: set[bytes] = set()  # directories this plan found absent
         rules = msg.get("filter") or []
         if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
             raise ProtocolError("begin: filter is not a list of rules")
@@ -852,7 +858,13 @@ class Agent:
         plan = self.plan
         if plan.full:
             plan.seen.add(row.path)
-        st = self.root.lstat(row.path)
+        parent = split(row.path)[0]
+        if parent and parent in self._missing:
+            st = None  # below a directory that is not there (nothing makes one before commit)
+        else:
+            st = self.root.lstat(row.path)
+        if st is None and row.kind == KIND_DIR:
+            self._missing.add(row.path)
         item = self._decide_row(row, st)
         if item is None and plan.full and self._recorded(row, st):
             # A full comparison (a reconcile) lists every path: one that the
@@ -863,6 +875,8 @@ class Agent:
         return item
 
     def _recorded(self, row: _Row, st: os.stat_result | None) -> bool:
+        if self._manifest_empty:
+            return False
         known = self._known if self._known_path == row.path else self.lookup.lookup(row.path)
         return known is not None and tuple(known) == row.manifest_row(st)
 
@@ -890,7 +904,7 @@ class Agent:
         plan = self.plan
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == row.size:
             have = False
-            known = self.lookup.lookup(row.path)
+            known = None if self._manifest_empty else self.lookup.lookup(row.path)
             self._known_path, self._known = row.path, known  # for _recorded, right after
             if (
                 known is not None and not known.deleted and known.sha256 == row.sha256
@@ -942,6 +956,8 @@ class Agent:
 
     def _copy_local(self, row: _Row) -> bytes | None:
         """Rename and copy detection: stage a file this edge already has, by content."""
+        if self._manifest_empty:
+            return None  # it knows no content to copy from
         for cand in self.lookup.with_sha256(row.sha256):
             if cand.path == row.path:
                 continue

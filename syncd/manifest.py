@@ -539,6 +539,10 @@ class ManifestReader:
         ).fetchall()
         return [Entry(*r) for r in rows]
 
+    def empty(self) -> bool:
+        """No rows at all (a new mirror, or one whose manifest was lost)."""
+        return self._raw.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
+
     def live_count(self) -> int:
         return self._raw.execute("SELECT count(*) FROM entries WHERE deleted = 0").fetchone()[0]
 
