@@ -562,20 +562,27 @@ class Pusher:
 
     # -- small files travel together ("files", protocol 1.1) -----------------------------
 
-    def _bundle_add(self, ch: _Channel, result: PushResult, entry: Entry) -> None:
-        path = self.root + b"/" + entry.path
+    def _open_source(self, entry: Entry) -> int:
+        """An fd on the file to send, still the regular file of the scan's size."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(self.root + b"/" + entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
             raise SyncdError(
                 f"{fspath(entry.path)}: cannot read on this node ({err.strerror}); rescan and push again"
             ) from err
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            os.close(fd)
+            raise SyncdError(f"{fspath(entry.path)}: changed since the last scan; rescan and push again")
+        return fd
+
+    def _bundle_add(self, ch: _Channel, result: PushResult, entry: Entry) -> None:
+        fd = self._open_source(entry)
         try:
-            st = os.fstat(fd)
-            data = os.pread(fd, entry.size + 1, 0) if stat.S_ISREG(st.st_mode) else b""
+            data = os.pread(fd, entry.size + 1, 0)
         finally:
             os.close(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size or len(data) != entry.size:
+        if len(data) != entry.size:
             raise SyncdError(f"{fspath(entry.path)}: changed since the last scan; rescan and push again")
         bundle = self._bundle
         bundle.append((entry, data))
@@ -613,17 +620,8 @@ class Pusher:
         w = ch.writer
         self._stream = getattr(self, "_stream", 0) + 1
         stream = self._stream
-        path = self.root + b"/" + entry.path
+        fd = self._open_source(entry)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as err:
-            raise SyncdError(
-                f"{fspath(entry.path)}: cannot read on this node ({err.strerror}); rescan and push again"
-            ) from err
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
-                raise SyncdError(f"{fspath(entry.path)}: changed since the last scan; rescan and push again")
             header = {"type": "file", "stream": stream, "path": entry.path, "size": entry.size,
                       "sha256": entry.sha256}
             if need == "delta":
