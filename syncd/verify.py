@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 from xml.parsers import expat
 
 from syncd.errors import IndexFormatError, VerifyError
@@ -244,6 +244,59 @@ def _os_finding(name: str, err: OSError) -> Finding:
 
 # ---------------------------------------------------------------------------
 # OpenPGP
+
+
+# A gpg that gives no answer in this long (a stalled filesystem under its
+# home, a lock another process never lets go) is killed: the check is an
+# error, never a hang of the agent that holds the node's lock.
+GPG_TIMEOUT = 60.0
+
+_TIMED_GPG: Any = None
+
+
+class _CallBox:
+    """One gpg call's outcome as the timer saw it (shared by the caller and the timer thread)."""
+
+    timed_out = False
+
+
+def _timed_gpg(gnupg: Any) -> Any:
+    """python-gnupg's GPG, each of whose gpg processes is killed after GPG_TIMEOUT."""
+    global _TIMED_GPG
+    if _TIMED_GPG is None:
+        import threading
+
+        class TimedGPG(gnupg.GPG):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.calls = threading.local()  # per calling thread: the box of its current call
+                super().__init__(*args, **kwargs)
+
+            def _open_subprocess(self, args: Any, passphrase: bool = False) -> Any:
+                proc = super()._open_subprocess(args, passphrase)
+                box = getattr(self.calls, "box", None) or _CallBox()  # the calling thread's
+
+                def stop() -> None:
+                    if proc.poll() is None:
+                        box.timed_out = True
+                        proc.kill()
+
+                timer = threading.Timer(GPG_TIMEOUT, stop)
+                timer.daemon = True
+                timer.start()
+                # The timer is cancelled when gpg's output is collected.
+                proc.syncd_timer = timer
+                return proc
+
+            def _collect_output(self, process: Any, result: Any, writer: Any = None, stdin: Any = None) -> Any:
+                try:
+                    return super()._collect_output(process, result, writer, stdin)
+                finally:
+                    timer = getattr(process, "syncd_timer", None)
+                    if timer is not None:
+                        timer.cancel()
+
+        _TIMED_GPG = TimedGPG
+    return _TIMED_GPG
 
 
 class SigOutcome(enum.Enum):
@@ -484,7 +537,7 @@ class Keyring:
             os.chmod(self.home, 0o700)  # gpg warns about, and we must not allow, a shared home
         except OSError as err:
             raise VerifyError(f"GNUPGHOME {self.home}: cannot create: {err.strerror or err}") from err
-        self._gpg = gnupg.GPG(
+        self._gpg = _timed_gpg(gnupg)(
             gpgbinary=gpgbinary,
             gnupghome=str(self.home),
             # The keyring is the trust anchor (like apt's gpgv): no web of
@@ -492,6 +545,21 @@ class Keyring:
             options=["--trust-model", "always", "--no-auto-key-retrieve", "--no-autostart"],
         )
         self.refresh()
+
+    def _run(self, name: str, call: Callable[[], Any]) -> tuple[Any, SigResult | None]:
+        """One gpg call, with its result, or the SigResult that says it failed
+        (could not start, or gave no answer within GPG_TIMEOUT and was killed)."""
+        box = self._gpg.calls.box = _CallBox()
+        try:
+            result = call()
+        except (OSError, ValueError) as err:
+            return None, SigResult(SigOutcome.ERROR, name, f"{name}: cannot run gpg: {err}")
+        finally:
+            self._gpg.calls.box = None
+        if box.timed_out:
+            return None, SigResult(SigOutcome.ERROR, name,
+                                   f"{name}: gpg gave no answer in {GPG_TIMEOUT:.0f} s and was stopped")
+        return result, None
 
     def __enter__(self) -> Keyring:
         return self
@@ -622,11 +690,11 @@ class Keyring:
             return SigResult(SigOutcome.ERROR, name, f"{name}: signed file {data_path}: {err.strerror or err}")
         if size > MAX_SIGNATURE_BYTES:
             return SigResult(SigOutcome.BAD, name, f"{name}: {size} bytes is too large for a signature")
-        try:
-            # abspath: a name starting with "-" must not read as an option.
-            result = self._gpg.verify_file(os.path.abspath(sig_path), data_filename=os.path.abspath(data_path))
-        except (OSError, ValueError) as err:
-            return SigResult(SigOutcome.ERROR, name, f"{name}: cannot run gpg: {err}")
+        # abspath: a name starting with "-" must not read as an option.
+        result, failed = self._run(name, lambda: self._gpg.verify_file(
+            os.path.abspath(sig_path), data_filename=os.path.abspath(data_path)))
+        if failed is not None:
+            return failed
         return _verdict(name, result.stderr or "", detached=True)
 
     def verify_clearsigned(self, path: Path, *, name: str | None = None) -> SigResult:
@@ -646,10 +714,9 @@ class Keyring:
             return SigResult(SigOutcome.MISSING, name, f"{name}: is not signed")
         if problem:
             return SigResult(SigOutcome.BAD, name, f"{name}: {problem}")
-        try:
-            result = self._gpg.verify(data, extra_args=["--output", "-"])
-        except (OSError, ValueError) as err:
-            return SigResult(SigOutcome.ERROR, name, f"{name}: cannot run gpg: {err}")
+        result, failed = self._run(name, lambda: self._gpg.verify(data, extra_args=["--output", "-"]))
+        if failed is not None:
+            return failed
         verdict = _verdict(name, result.stderr or "", detached=False)
         if not verdict.good:
             return verdict

@@ -675,3 +675,33 @@ def test_own_release_check_is_kept_per_generation_and_settings(tmp_path, monkeyp
             with pytest.raises(VerifyError, match="refusing to push"):
                 verifymod.refuse_broken_release(cfg, m)
         assert calls == [0, 1, 1, 1, 1]
+
+
+def test_gpg_that_hangs_is_stopped_and_reported(keyring_file, deb, tmp_path, monkeypatch):
+    """A gpg that never answers (a stalled home, say) is killed after
+    GPG_TIMEOUT: the check is an error naming it, not a hang."""
+    import shutil
+    import time
+
+    from syncd import verify as verifymod
+
+    real = shutil.which("gpg")
+    hanging = tmp_path / "gpg-hangs-on-verify"
+    hanging.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in --verify|--decrypt) exec sleep 60;; esac; done\n'
+        f'exec {real} "$@"\n'
+    )
+    hanging.chmod(0o755)
+    monkeypatch.setattr(verifymod, "GPG_TIMEOUT", 1.0)
+    ring = Keyring(keyring_file, tmp_path / "home", gpgbinary=str(hanging))
+    try:
+        started = time.monotonic()
+        got = ring.verify_detached(deb["dists/stable/Release.gpg"], deb["dists/stable/Release"])
+        assert time.monotonic() - started < 20
+        assert got.outcome is SigOutcome.ERROR and "no answer in 1 s" in got.message, got
+        # The same keyring still works when gpg answers.
+        ring._gpg.gpgbinary = real
+        assert ring.verify_detached(deb["dists/stable/Release.gpg"], deb["dists/stable/Release"]).outcome is SigOutcome.GOOD
+    finally:
+        ring.close()
