@@ -542,6 +542,8 @@ class Agent:
         self.failure: SyncdError | None = None
         self._failure_lock = threading.Lock()
         self._importer: threading.Thread | None = None
+        self._sig_pool: Any = None
+        self._sig_jobs: list = []
         self._tmp_counter = itertools.count(1)
         self._manifest_empty = False
         self._missing: set[bytes] = set()
@@ -582,6 +584,8 @@ class Agent:
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
+                if self._sig_pool is not None:
+                    self._sig_pool.shutdown(wait=True)
                 self.plan.seen.clear()  # a session cut before entries_end: its scratch file goes
                 if self._importer is not None:
                     self._importer.join()  # not cut off by the interpreter's exit mid-import
@@ -842,11 +846,14 @@ class Agent:
         batch = _field(msg, "batch", int)
         raw_rows = _field(msg, "rows", list)
         items: list[list] = []
-        for raw in raw_rows:
-            row = _Row.from_wire(raw)
-            item = self._decide(row)
-            if item is not None:
-                items.append(item)
+        try:
+            for raw in raw_rows:
+                row = _Row.from_wire(raw)
+                item = self._decide(row)
+                if item is not None:
+                    items.append(item)
+        finally:
+            self._send_signatures()  # before the needs that names them (or, failing, to close their files)
         self.writer.message({"type": "needs", "batch": batch, "items": items})
 
     def _decide(self, row: _Row) -> list | None:
@@ -994,19 +1001,31 @@ class Agent:
             os.close(fd)
 
     def _send_signature(self, path: bytes) -> int:
-        from .delta import make_signature
+        """Start the block signature of this edge's copy of ``path``; its stream id.
 
-        fd = self.root.open_read(path)
-        try:
-            size = os.fstat(fd).st_size
-            sig = make_signature(iter(lambda: os.read(fd, 1 << 20), b""), file_size=size)
-        finally:
-            os.close(fd)
+        Computed in a pool (numpy and the hashing release the GIL), beside
+        the batch's other signatures and local copies; ``_entries`` sends
+        each one, in order, before the batch's ``needs``, which names them.
+        """
+        fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
+        if self._sig_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._sig_pool = ThreadPoolExecutor(STAGING_WORKERS, thread_name_prefix="signature")
         self._sig_stream = getattr(self, "_sig_stream", 0) + 1
-        stream = self._sig_stream
-        self.writer.data(stream, sig.encode())
-        self.writer.end(stream)
-        return stream
+        self._sig_jobs.append((self._sig_stream, self._sig_pool.submit(_signature_of, fd)))
+        return self._sig_stream
+
+    def _send_signatures(self) -> None:
+        jobs, self._sig_jobs = self._sig_jobs, []
+        try:
+            for stream, job in jobs:
+                self.writer.data(stream, job.result())
+                self.writer.end(stream)
+        finally:
+            from concurrent.futures import wait
+
+            wait([job for _, job in jobs])  # every job closes its file, even after an error
 
     def _entries_end(self) -> None:
         """Full comparison: what this edge has that the upstream did not list goes."""
@@ -1429,6 +1448,17 @@ def _index_order(path: bytes) -> tuple:
     else:
         rank = 1
     return (rank, -planmod.depth(path), path)
+
+
+def _signature_of(fd: int) -> bytes:
+    """The encoded block signature of the file open on ``fd``, which it closes."""
+    from .delta import make_signature
+
+    try:
+        size = os.fstat(fd).st_size
+        return make_signature(iter(lambda: os.read(fd, 1 << 20), b""), file_size=size).encode()
+    finally:
+        os.close(fd)
 
 
 _PID = os.getpid()  # temporary names carry it; an agent never forks
