@@ -1,7 +1,5 @@
 """``python -m syncd``: the same as the ``syncd`` console script."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()
