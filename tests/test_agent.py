@@ -386,3 +386,28 @@ def test_hostile_bundles_are_refused(edge, case: str) -> None:  # noqa: ANN001
     assert peer.finish() != 0
     assert list(edge.root.iterdir()) == []
     assert_outside_untouched(edge)
+
+
+def test_zstd_bomb_in_a_bundle_is_refused(edge) -> None:  # noqa: ANN001
+    """A zstd bundle that inflates past the announced sizes is stopped there:
+    an error, nothing published, no unbounded write."""
+    import zstandard
+
+    files = [(b"a", b"x" * 100), (b"b", b"y" * 100)]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files]})
+    assert peer.message()["type"] == "needs"
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))  # 64 MiB from a few KiB
+    peer.w.message({"type": "files", "stream": 1, "how": "zstd",
+                    "items": [[p, len(d), hashlib.sha256(d).digest()] for p, d in files]})
+    peer.w.data(1, bomb)
+    peer.w.end(1)
+    peer.w.flush()
+    answer = peer.message()
+    while answer["type"] in ("staged", "failed"):
+        answer = peer.message()
+    assert answer["type"] == "error" and "more than the announced" in answer["message"], answer
+    assert peer.finish() != 0
+    assert list(edge.root.iterdir()) == []
+    staged = sum(f.stat().st_size for f in (edge.state / "staging").iterdir() if f.is_file())
+    assert staged < 1 << 20
