@@ -1,3 +1,28 @@
 """syncd: incremental mirror synchronization daemon."""
 
+from __future__ import annotations
+
+import sys
+import threading
+
 __version__ = "0.1.0"
+
+
+def import_in_background(*names: str) -> threading.Thread | None:
+    """Import modules in a daemon thread while the caller waits on something
+    else (the network), so that their first use does not pay for it; None
+    when all are imported already.  Join the thread before the process may
+    exit: an interpreter must not end in the middle of an import."""
+    missing = [n for n in names if n not in sys.modules]
+    if not missing:
+        return None
+
+    def run() -> None:
+        import importlib
+
+        for name in missing:
+            importlib.import_module(name)
+
+    thread = threading.Thread(target=run, name="import-" + ",".join(missing), daemon=True)
+    thread.start()
+    return thread

@@ -37,13 +37,13 @@ import logging
 import os
 import queue
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import import_in_background
 from . import plan as planmod
 from . import verify as verifymod
 from .config import Config
@@ -155,7 +155,7 @@ class _Plan:
     links: list[_Row] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
     rows: list[_Row] = field(default_factory=list)  # every row, for the manifest
-    seen: "_PathSet" = field(default_factory=lambda: _PathSet())  # full mode: every path listed
+    seen: "_PathSet" = field(default_factory=lambda: _PathSet())  # full mode: every path listed (class below)
     pending: set[bytes] = field(default_factory=set)  # SHA-256s asked for and not yet staged
 
 
@@ -556,7 +556,7 @@ class Agent:
         # path -> (mode, mtime_ns) the staging thread applies; object -> what it applied
         self._wanted_meta: dict[bytes, tuple[int, int]] = {}
         self._applied: dict[str, tuple[int, int]] = {}
-        self._known_path: bytes | None = None  # the last manifest lookup of _decide_file
+        self._known_path: bytes | None = None  # the last lookup of _manifest_row
         self._known: Any = None
         self.state_dir = cfg.node.state_dir
         self.staging = self.state_dir / "staging"
@@ -669,16 +669,11 @@ class Agent:
             self._entries(msg)
         elif kind == "entries_end":
             self._entries_end()
-        elif kind == "file":
+        elif kind in ("file", "files"):  # one file, or a bundle of small ones (1.1)
             stream = _field(msg, "stream", int)
             if stream in self.incoming:
                 raise ProtocolError(f"stream {stream} opened twice")
-            self._assign(stream, _Incoming(self, msg))
-        elif kind == "files":
-            stream = _field(msg, "stream", int)
-            if stream in self.incoming:
-                raise ProtocolError(f"stream {stream} opened twice")
-            self._assign(stream, _Bundle(self, msg))
+            self._assign(stream, (_Incoming if kind == "file" else _Bundle)(self, msg))
         elif kind == "commit":
             self._commit(msg)
         elif kind == "cascade":
@@ -747,23 +742,24 @@ class Agent:
         if isinstance(inc, _Bundle):
             inc.finish()  # a short bundle is the session's error (raised to run())
             for path, error in inc.failed:
-                log.warning("%s", error)
-                self.writer.message({"type": "failed", "path": path, "error": error, "retry_whole": True})
+                self._failed(path, error)
             if inc.staged:
                 self.writer.message({"type": "staged", "paths": inc.staged})
-            if inc.worker.queue.unfinished_tasks <= 1:
-                self.writer.flush()
-            return
-        try:
-            inc.finish()
-        except (PatchMismatchError, _delta_format_error()) as err:
-            log.warning("%s", err)
-            self.writer.message({"type": "failed", "path": inc.path, "error": str(err), "retry_whole": True})
         else:
-            self.plan.pending.discard(inc.sha256)
-            self.writer.message({"type": "staged", "path": inc.path})
+            try:
+                inc.finish()
+            except (PatchMismatchError, _delta_format_error()) as err:
+                self._failed(inc.path, str(err))
+            else:
+                self.plan.pending.discard(inc.sha256)
+                self.writer.message({"type": "staged", "path": inc.path})
         if inc.worker.queue.unfinished_tasks <= 1:  # nothing more queued: answer now
             self.writer.flush()
+
+    def _failed(self, path: bytes, error: str) -> None:
+        """A file that arrived wrong: the pusher sends it once more, whole."""
+        log.warning("%s", error)
+        self.writer.message({"type": "failed", "path": path, "error": error, "retry_whole": True})
 
     def _staging_failed(self, inc: _Incoming, err: BaseException) -> None:
         """In a staging thread: the session cannot go on.  Said at once (the
@@ -818,10 +814,9 @@ class Agent:
         # directories another session (or the operator) replaced since: walk
         # afresh from root, now that the lock keeps other writers out.
         self.root.forget()
-        # A new mirror (or a lost manifest) has no rows to look paths and
-        # contents up in: 100,000 lookups of nothing cost seconds.
-        self._manifest_empty = self.lookup.empty()
-        self._missing: set[bytes] = set()  # directories this plan found absent
+        self._manifest_empty = self.lookup.empty()  # see _manifest_row
+        self._known_path = None  # the manifest may have changed since the last push
+        self._missing = set()  # directories this plan found absent
         self._wanted_meta = {}
         self._applied = {}
         rules = msg.get("filter") or []
@@ -844,14 +839,10 @@ class Agent:
             seen=_PathSet(where=self.staging),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
-        if not self.plan.dry_run and "syncd.delta" not in sys.modules:
+        if not self.plan.dry_run and self._importer is None:
             # numpy and the signature code (0.07 s), for the first changed
             # file, imported while the entries arrive.
-            import importlib
-
-            self._importer = threading.Thread(target=importlib.import_module, args=("syncd.delta",),
-                                              name="import-delta", daemon=True)
-            self._importer.start()
+            self._importer = import_in_background("syncd.delta")
 
     def _entries(self, msg: dict) -> None:
         batch = _field(msg, "batch", int)
@@ -893,10 +884,19 @@ class Agent:
         return item
 
     def _recorded(self, row: _Row, st: os.stat_result | None) -> bool:
-        if self._manifest_empty:
-            return False
-        known = self._known if self._known_path == row.path else self.lookup.lookup(row.path)
+        known = self._manifest_row(row.path)
         return known is not None and tuple(known) == row.manifest_row(st)
+
+    def _manifest_row(self, path: bytes) -> Any:
+        """This node's manifest row of ``path`` (None: none).  The last one is
+        kept: _decide_file and then _recorded ask for the same path.  A new
+        mirror (or a lost manifest) has no rows: 100,000 lookups of nothing
+        cost seconds."""
+        if self._manifest_empty:
+            return None
+        if path != self._known_path:
+            self._known_path, self._known = path, self.lookup.lookup(path)
+        return self._known
 
     def _decide_row(self, row: _Row, st: os.stat_result | None) -> list | None:
         plan = self.plan
@@ -922,8 +922,7 @@ class Agent:
         plan = self.plan
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == row.size:
             have = False
-            known = None if self._manifest_empty else self.lookup.lookup(row.path)
-            self._known_path, self._known = row.path, known  # for _recorded, right after
+            known = self._manifest_row(row.path)
             if (
                 known is not None and not known.deleted and known.sha256 == row.sha256
                 and (known.size, known.mtime_ns, known.ino, known.ctime_ns)
@@ -1549,18 +1548,11 @@ def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None]]:
     return recv, send_all
 
 
-def _warm_cascade_imports() -> None:
-    # paramiko and the pusher cost ~0.15 s to import: a node that will push
-    # on imports them while its own push arrives, not after it commits.
-    import importlib
-
-    for name in ("syncd.push", "syncd.transport"):
-        importlib.import_module(name)
-
-
 def serve_stdio(cfg: Config) -> int:
     """Run one session on fds 0 and 1 (the SSH exec channel)."""
     recv, send_all = stdio()
     if cfg.mirrors:
-        threading.Thread(target=_warm_cascade_imports, name="warm-imports", daemon=True).start()
+        # paramiko and the pusher cost ~0.15 s to import: a node that will
+        # push on imports them while its own push arrives, not after it commits.
+        import_in_background("syncd.push", "syncd.transport")
     return Agent(cfg, recv, send_all, recv_into=lambda view: os.readv(0, [view])).serve()

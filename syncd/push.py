@@ -19,12 +19,12 @@ import os
 import queue
 import random
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from . import import_in_background
 from . import plan as planmod
 from .config import Config, MirrorConfig
 from .errors import (
@@ -397,15 +397,9 @@ class Pusher:
             self._cascade(ch, result, downstreams)
             return
 
-        importer = None
-        if not self.dry_run and "syncd.delta" not in sys.modules:
-            # numpy and the delta encoder (0.07 s), imported while the agent
-            # plans: its first "needs" may ask for a delta.
-            import importlib
-
-            importer = threading.Thread(target=importlib.import_module, args=("syncd.delta",),
-                                        name="import-delta", daemon=True)
-            importer.start()
+        # numpy and the delta encoder (0.07 s), imported while the agent
+        # plans: its first "needs" may ask for a delta.
+        importer = None if self.dry_run else import_in_background("syncd.delta")
         try:
             self._plan_and_send(ch, result, held, target, full)
         finally:
@@ -612,9 +606,13 @@ class Pusher:
         w.data(stream, payload)
         w.end(stream)
         for e, _ in bundle:
-            result.files_sent += 1
-            self.awaiting += 1
-            self._unacked.add(e.path)
+            self._sent(result, e)
+
+    def _sent(self, result: PushResult, entry: Entry) -> None:
+        """A file is on its way: its acknowledgement is awaited."""
+        result.files_sent += 1
+        self.awaiting += 1
+        self._unacked.add(entry.path)
 
     def _send_file(self, ch: _Channel, result: PushResult, entry: Entry, need: str, signature: bytes | None) -> None:
         w = ch.writer
@@ -656,9 +654,7 @@ class Pusher:
             w.end(stream)
         finally:
             os.close(fd)
-        result.files_sent += 1
-        self.awaiting += 1
-        self._unacked.add(entry.path)
+        self._sent(result, entry)
 
     def _check_stop(self) -> None:
         # Checked between chunks (1 MiB at most): a stop ends the session at
