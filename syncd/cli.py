@@ -465,6 +465,8 @@ def _iso(ns: int | None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PROBE_TIMEOUT
+
     parser = argparse.ArgumentParser(
         prog="syncd",
         description="Incremental mirror synchronization daemon.",
@@ -515,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel SSH streams (default: from the link and the cores: "
                         "min(4, cores) on a LAN (TCP RTT under 2 ms), else min(4, 2 x cores))")
     p.add_argument("--bwlimit", metavar="RATE", help="total rate limit in bytes/s, e.g. 50M, 1.5G, 800K")
-    p.add_argument("--probe-timeout", type=float, default=None, metavar="SECONDS",
-                   help="give up on a source probe after this long (default 15)")
+    p.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT, metavar="SECONDS",
+                   help="give up on a source probe after this long (default %(default)s)")
     p.add_argument("--transport", choices=("auto", "openssh", "paramiko"), default="auto",
                    help="SSH client for the parallel streams (default: OpenSSH's ssh when installed)")
     p.set_defaults(func=cmd_prewarm)

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATHS = ("/etc/syncd/sync.ini",)
 MIRROR_PREFIX = "mirror:"
+# Seconds `prewarm` gives a source probe (its --probe-timeout): defined here,
+# where the command line finds it without importing prewarm.
+PROBE_TIMEOUT = 15.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+from typing import Any, Callable
 
 from .errors import UnsafePathError
 from .manifest import fspath
@@ -173,6 +174,24 @@ class SafeRoot:
             return cached, False
         return self._walk(rel, comps, False), True
 
+    def _look(self, rel: bytes, call: Callable[[bytes, int], Any], absent: Any) -> Any:
+        """``call(leaf, parent_fd)`` for a look at ``rel`` that changes
+        nothing; None when a parent is missing or unsafe, or ``call`` raises
+        one of ``absent``."""
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        try:
+            pfd, owned = self._borrow(rel, parents)
+        except (FileNotFoundError, UnsafePathError):
+            return None
+        try:
+            return call(leaf, pfd)
+        except absent:
+            return None
+        finally:
+            if owned:
+                os.close(pfd)
+
     def _walk(self, rel: bytes, comps: list[bytes], create: bool, mode: int = 0o755) -> int:
         """A new fd of the directory ``comps`` (a prefix of ``rel``'s components)."""
         if not comps:
@@ -238,19 +257,8 @@ class SafeRoot:
         """
         if rel == b"":
             return os.fstat(self._fd)
-        validate_name(rel)
-        parents, leaf = _split(rel)
-        try:
-            pfd, owned = self._borrow(rel, parents)
-        except (FileNotFoundError, UnsafePathError):
-            return None
-        try:
-            return os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        finally:
-            if owned:
-                os.close(pfd)
+        return self._look(rel, lambda leaf, pfd: os.stat(leaf, dir_fd=pfd, follow_symlinks=False),
+                          (FileNotFoundError, NotADirectoryError))
 
     def open_dir(self, rel: bytes, *, create: bool = False, mode: int = 0o755) -> int:
         """fd of directory ``rel`` (``b""`` = root); the caller closes it.
@@ -268,19 +276,8 @@ class SafeRoot:
     def readlink(self, rel: bytes) -> bytes | None:
         """The target of the symlink ``rel``, or None when ``rel`` is absent,
         not a symlink, or below a symlink.  The target is read, never followed."""
-        validate_name(rel)
-        parents, leaf = _split(rel)
-        try:
-            pfd, owned = self._borrow(rel, parents)
-        except (FileNotFoundError, UnsafePathError):
-            return None
-        try:
-            return os.readlink(leaf, dir_fd=pfd)
-        except OSError:  # absent (ENOENT) or not a symlink (EINVAL)
-            return None
-        finally:
-            if owned:
-                os.close(pfd)
+        # OSError: absent (ENOENT) or not a symlink (EINVAL).
+        return self._look(rel, lambda leaf, pfd: os.readlink(leaf, dir_fd=pfd), OSError)
 
     def open_read(self, rel: bytes) -> int:
         """A read-only fd on the regular file ``rel``; the caller closes it.
@@ -527,7 +524,9 @@ def syncfs(fd: int) -> None:
         libc = _load_libc()
         if libc.syncfs(fd) == 0:
             return
-        err = ctypes_errno()
+        import ctypes
+
+        err = ctypes.get_errno()
         if err != errno.ENOSYS:
             # EIO (reported since Linux 5.8): what was written may not be on
             # disk, so nothing may be published as if it were.
@@ -535,13 +534,6 @@ def syncfs(fd: int) -> None:
     except AttributeError:
         pass
     os.sync()
-
-
-def ctypes_errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
-
 
 
 def _copy_fd(src: int, dst: int) -> int:

@@ -311,14 +311,19 @@ class Manifest:
         return int(self._meta("generation") or 0)
 
     def _meta(self, key: str) -> str | None:
+        row = self._read_one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def _read_one(self, sql: str, params: tuple) -> tuple | None:
+        """One row, read on a connection of its own: a plain WAL read that
+        never waits for a writer (a scan)."""
         raw = self._raw()
         try:
-            row = raw.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return raw.execute(sql, params).fetchone()
         except sqlite3.DatabaseError as err:
             raise ManifestError(f"{self.path}: {err}") from err
         finally:
             raw.close()
-        return row[0] if row else None
 
     def iter_entries(self, *, include_deleted: bool = True, with_sha256: bool = True) -> Iterator[tuple]:
         """Every row as a plain tuple in ``(parent, name)`` order, streamed.
@@ -348,16 +353,7 @@ class Manifest:
             raw.close()
 
     def lookup(self, path: bytes) -> Entry | None:
-        parent, name = split(path)
-        raw = self._raw()  # a plain WAL read: never waits for a writer (a scan)
-        try:
-            row = raw.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", (parent, name)
-            ).fetchone()
-        except sqlite3.DatabaseError as err:
-            raise ManifestError(f"{self.path}: {err}") from err
-        finally:
-            raw.close()
+        row = self._read_one(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", split(path))
         return Entry(*row) if row else None
 
     def reader(self) -> "ManifestReader":

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import Config, MirrorConfig
+from .config import PROBE_TIMEOUT, Config, MirrorConfig
 from .errors import ConnectionLostError, ProtocolError, RemoteError, SyncdError, UsageError
 from .manifest import KIND_FILE, fspath
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
@@ -63,7 +63,6 @@ BATCH_FILES = 256
 HAVE_BATCH = 1000
 CHUNK = 1 << 20
 PROBE_BYTES = 4 << 20
-PROBE_TIMEOUT = 15.0  # seconds; `prewarm --probe-timeout` (its help says 15)
 # A throughput sample stops after this long, whatever has arrived.
 PROBE_SECONDS = 1.5
 PROGRESS_FILE = "prewarm.json"
@@ -981,7 +980,7 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         out.flush()
 
     result = prewarm(cfg, args.name, sources=sources, streams=args.streams, bwlimit=bwlimit,
-                     probe_timeout=PROBE_TIMEOUT if args.probe_timeout is None else args.probe_timeout, tty=tty, transport=args.transport, on_probes=show)
+                     probe_timeout=args.probe_timeout, tty=tty, transport=args.transport, on_probes=show)
     out.write(result.summary() + "\n")
     if result.push is not None:
         out.write(result.push.summary() + "\n")

@@ -511,6 +511,15 @@ def clearsigned_body(data: bytes) -> bytes:
     raise IndexFormatError("no signature block")
 
 
+def keyring_stamp(path: Path) -> dict:
+    """What tells a keyring file changed.  ctime and inode too: a keyring
+    replaced by rename within one mtime tick, at the same size, must still
+    be noticed.  OSError when it cannot be stat'ed."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 class Keyring:
     """An OpenPGP keyring imported into a GNUPGHOME the node owns.
 
@@ -577,13 +586,9 @@ class Keyring:
 
     def _stat_stamp(self) -> dict:
         try:
-            st = os.stat(self.keyring_path)
+            return keyring_stamp(self.keyring_path)
         except OSError as err:
             raise VerifyError(f"keyring {self.keyring_path}: {err.strerror or err}") from err
-        # ctime and inode too: a keyring replaced by rename within one mtime
-        # tick, at the same size, must still be noticed.
-        return {"path": str(self.keyring_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
     def _read_stamp(self) -> dict:
         try:
@@ -1378,10 +1383,9 @@ def _release_check_key(cfg, manifest) -> str:  # noqa: ANN001
     verify settings, the keyring's stat data included."""
     keyring = cfg.verify.keyring
     try:
-        st = os.stat(keyring) if keyring is not None else None
-        ring = (str(keyring), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) if st else None
+        ring = keyring_stamp(keyring) if keyring is not None else None
     except OSError:
-        ring = (str(keyring), None, None, None, None)
+        ring = {"path": str(keyring)}  # unreadable now: the check itself says so
     return json.dumps([manifest.generation, ring, list(cfg.verify.require_signed or DEFAULT_REQUIRE_SIGNED),
                        list(cfg.node.index_patterns)], default=str)
 
