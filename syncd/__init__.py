@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
 __version__ = "0.1.0"
+
+# The delta engine uses numpy's element-wise kernels, never BLAS.  OpenBLAS
+# otherwise starts a thread per core at numpy's import, and those threads
+# spin: on the 2-core benchmark host they took 0.1-0.3 s of CPU from the
+# push they sat beside.  An operator's own setting wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 
 def import_in_background(*names: str) -> threading.Thread | None:

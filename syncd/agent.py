@@ -17,7 +17,8 @@ resending it.
 
 Before publishing, ``commit`` passes the whole generation through one gate
 (``_verify_generation``): every staged object is re-hashed against its
-SHA-256, and when the generation touches an index file, the index group of
+SHA-256 (except those this session or, during this boot, a prewarm stager
+checked: ``fsops.VerifiedLog``), and when the generation touches an index file, the index group of
 the tree as it will be (changed files from staging, the others from root)
 goes through ``verify.verify_index_group``: signatures against ``[verify]
 keyring`` when one is set, Release/repomd chains always.  Any finding holds
@@ -29,6 +30,7 @@ Messages are documented in docs/protocol.md, section 4.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -41,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import import_in_background
 from . import plan as planmod
@@ -56,7 +58,8 @@ from .errors import (
     VerifyError,
 )
 from .filters import Filter
-from .fsops import WRITEBACK_MIN, SafeRoot, start_writeback, syncfs, validate_name
+from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, boot_id, start_writeback,
+                    syncfs, validate_name, verified_this_boot)
 from .lock import StateLock
 from .manifest import (
     KIND_DIR,
@@ -247,6 +250,7 @@ class _Incoming:
         # Created by the staging thread at the first write (creating a file
         # is one of the slower steps per small file).
         self.fd: int | None = None
+        self.out: DirectWriter | None = None
         self.worker: "_Stager | None" = None
         self.dead = False  # failed, or its session did: the staging thread drops the rest
         self.hasher = hashlib.sha256()
@@ -273,6 +277,7 @@ class _Incoming:
     def _open(self) -> None:
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=self.agent.staging_fd)
+        self.out = DirectWriter(self.fd, 0, self.agent.buffers if self.size >= DIRECT_MIN else None)
 
     def _write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -282,17 +287,20 @@ class _Incoming:
             self._open()
         if self.how != "delta":  # the patcher hashes its output itself
             self.hasher.update(view)
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(
-                        f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
-                    ) from err
-                raise
-            view = view[n:]
-            self.written += n
+        with self._disk_full():
+            self.out.write(view)
+        self.written += len(view)
+
+    @contextlib.contextmanager
+    def _disk_full(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
+                ) from err
+            raise
 
     def feed(self, data: bytes) -> None:
         self._sink(data)
@@ -309,6 +317,8 @@ class _Incoming:
                 digest = self._patcher.finish()
             if digest is None:
                 digest = self.hasher.digest()
+            with self._disk_full():
+                self.out.close()
             if self.written != self.size or digest != self.sha256:
                 raise PatchMismatchError(
                     f"{fspath(self.path)}: received content does not match its SHA-256"
@@ -339,6 +349,8 @@ class _Incoming:
         return obj
 
     def _close_fds(self) -> None:
+        if self.out is not None:
+            self.out.abandon()
         for fd in (self.fd, self.old_fd):
             if fd is not None:
                 try:
@@ -564,6 +576,7 @@ class Agent:
         self.incoming: dict[int, _Incoming] = {}
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
         self.verified_now: set[str] = set()
+        self.buffers = BufferPool()  # for the staging threads' DirectWriters
         self.index = planmod.IndexMatcher(cfg.node.index_patterns)
         self._keyring: verifymod.Keyring | None = None
 
@@ -1244,7 +1257,9 @@ class Agent:
         Every staged object that this session did not itself verify is
         re-hashed: one staged by an earlier session (a killed push, a
         prewarm) has waited in staging since, unsynced.  The ones this session
-        received or copied were hashed from the very bytes written.  The index
+        received or copied were hashed from the very bytes written; those a
+        prewarm stager logged as checked during this boot need no reading
+        either (a crash that could have lost their bytes changes the boot).  The index
         group is checked only when this generation changes, adds or deletes an
         index file; otherwise the group on the edge is the one checked when it
         was published.  Files of the group that this generation leaves alone
@@ -1258,7 +1273,9 @@ class Agent:
         first_path: dict[str, bytes] = {}
         for row in plan.files:
             first_path.setdefault(row.sha256.hex(), row.path)
-        objects = {self.staging / name: name for name in first_path if name not in self.verified_now}
+        # Objects checked in this boot by a stager (prewarm) need no second reading.
+        trusted = self.verified_now | verified_this_boot(self.staging_fd) if first_path else set()
+        objects = {self.staging / name: name for name in first_path if name not in trusted}
         for where, got in verifymod.hash_files(objects, workers=self.cfg.node.hash_workers):
             name = objects[where]
             rel = fspath(first_path[name])
@@ -1420,6 +1437,9 @@ class Agent:
                     continue  # another live process is writing it
                 if pid == me and not everything:
                     continue
+            elif kind == "verified" and not everything:
+                if rest == boot_id():
+                    continue  # this boot's log; an older boot's is void
             elif kind == "partial" or not everything:
                 continue
             try:

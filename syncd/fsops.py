@@ -536,6 +536,224 @@ def syncfs(fd: int) -> None:
     os.sync()
 
 
+# -- bulk writes around the page cache -----------------------------------------
+
+# O_DIRECT wants the buffer's address, the file offset and the length aligned
+# to the device's logical block; 4 KiB covers every common device.
+DIRECT_ALIGN = 4096
+DIRECT_BUF = 1 << 20
+# Objects from this size on are written with O_DIRECT where the filesystem
+# allows it.  A buffered write copies every byte into a page-cache page, and
+# on the 2-core benchmark host that copy was the largest single cost of a
+# bulk fill (1.0-1.4 s of system time per 600 MB, against 0.06 s for the
+# same writes with O_DIRECT).  The pages would also push out what the mirror
+# is serving.  Smaller files stay buffered: one aligned write each buys
+# nothing and costs a wait on the device.
+DIRECT_MIN = 256 * 1024
+
+
+class BufferPool:
+    """Page-aligned buffers (anonymous mmaps) for :class:`DirectWriter`, reused."""
+
+    def __init__(self, size: int = DIRECT_BUF) -> None:
+        self.size = size
+        self._free: list[Any] = []
+
+    def get(self) -> Any:
+        import mmap
+
+        try:
+            return self._free.pop()  # atomic: commit threads share the pool
+        except IndexError:
+            return mmap.mmap(-1, self.size)
+
+    def put(self, buf: Any) -> None:
+        self._free.append(buf)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; False where the filesystem refuses it."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | direct) if on else (flags & ~direct))
+    except OSError:
+        return False
+    return True
+
+
+class DirectWriter:
+    """Sequential writes to ``fd`` from ``offset`` on, around the page cache.
+
+    Bytes gather in an aligned buffer and go out a full buffer at a time
+    with O_DIRECT; :meth:`close` writes the aligned rest the same way and the
+    last partial block buffered (O_DIRECT turned off on the fd).  Where
+    O_DIRECT is refused (tmpfs, some FUSE filesystems) or ``offset`` is not
+    aligned, every write is an ordinary ``pwrite``.  The caller keeps ``fd``
+    and closes it.  ``OSError`` (ENOSPC included) reaches the caller as is.
+    """
+
+    def __init__(self, fd: int, offset: int, pool: BufferPool | None) -> None:
+        self.fd = fd
+        self.pos = offset  # file offset of the buffer's first byte
+        self.fill = 0
+        self.pool = pool
+        self.buf = None
+        if pool is not None and offset % DIRECT_ALIGN == 0 and _set_direct(fd, True):
+            self.buf = pool.get()
+            self.view = memoryview(self.buf)
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self.buf is None:
+            self._pwrite(view)
+            return
+        size = len(self.view)
+        while view:
+            n = min(len(view), size - self.fill)
+            self.view[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == size:
+                self._drain(size)
+
+    def _drain(self, n: int) -> None:
+        out = self.view[:n]
+        while out:
+            w = os.pwrite(self.fd, out, self.pos)
+            self.pos += w
+            out = out[w:]
+            if out and w % DIRECT_ALIGN:
+                # A short write off the block grid: the rest goes buffered.
+                _set_direct(self.fd, False)
+        self.view[: self.fill - n] = self.view[n:self.fill]
+        self.fill -= n
+
+    def _pwrite(self, view: memoryview) -> None:
+        while view:
+            w = os.pwrite(self.fd, view, self.pos)
+            self.pos += w
+            view = view[w:]
+
+    def close(self) -> None:
+        """Write what is buffered; give the buffer back.  Idempotent."""
+        if self.buf is None:
+            return
+        try:
+            aligned = self.fill - self.fill % DIRECT_ALIGN
+            if aligned:
+                self._drain(aligned)
+            _set_direct(self.fd, False)
+            if self.fill:
+                self._pwrite(self.view[:self.fill])
+                self.fill = 0
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Give the buffer back without writing what it holds."""
+        if self.buf is not None:
+            self.view.release()
+            self.pool.put(self.buf)
+            self.buf = None
+
+
+def sha256_around_cache(fd: int, pool: BufferPool) -> tuple[bytes, int]:
+    """SHA-256 and length of ``fd``'s whole content, read with O_DIRECT where
+    the filesystem allows it (so reading back what :class:`DirectWriter`
+    wrote costs no page-cache copy), else with ordinary reads."""
+    import hashlib
+
+    h = hashlib.sha256()
+    offset = 0
+    if not _set_direct(fd, True):
+        while chunk := os.pread(fd, DIRECT_BUF, offset):
+            h.update(chunk)
+            offset += len(chunk)
+        return h.digest(), offset
+    buf = pool.get()
+    view = memoryview(buf)
+    try:
+        while n := os.preadv(fd, [view], offset):
+            h.update(view[:n])
+            offset += n
+            if n % DIRECT_ALIGN:
+                break  # end of file
+    finally:
+        view.release()
+        pool.put(buf)
+        _set_direct(fd, False)
+    return h.digest(), offset
+
+
+# -- staged objects checked in this boot ------------------------------------------
+
+VERIFIED_PREFIX = "verified."
+_boot_id: str | None = None
+
+
+def boot_id() -> str:
+    """This boot's identity ("" where the kernel does not say)."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+                _boot_id = fh.read(64).strip().decode("ascii", "replace").replace("-", "")
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+class VerifiedLog:
+    """``staging/verified.<boot id>``: the staged objects whose bytes were
+    checked against their SHA-256 name during this boot, one hex name a line.
+
+    A push trusts such an object without reading it again: until the machine
+    goes down, the kernel returns exactly the bytes that were checked
+    (staging is syncd's own; nothing writes a named object after it is
+    named).  A crash or power cut can lose unsynced bytes, but it also
+    changes the boot id, so the log no longer applies and the push re-hashes
+    as before.  A name is appended only after its rename, so the log never
+    names an object that was not there; lines from concurrent writers are
+    single O_APPEND writes.
+    """
+
+    def __init__(self, staging_fd: int) -> None:
+        self.fd = -1
+        if boot_id():
+            self.fd = os.open(VERIFIED_PREFIX + boot_id(), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                              | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=staging_fd)
+
+    def add(self, hexname: str) -> None:
+        if self.fd >= 0:
+            os.write(self.fd, hexname.encode("ascii") + b"\n")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def verified_this_boot(staging_fd: int) -> set[str]:
+    """The names :class:`VerifiedLog` holds for this boot (a torn line is ignored)."""
+    if not boot_id():
+        return set()
+    try:
+        fd = os.open(VERIFIED_PREFIX + boot_id(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=staging_fd)
+    except FileNotFoundError:
+        return set()
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+    finally:
+        os.close(fd)
+    return {line.decode("ascii", "replace") for line in data.split(b"\n") if len(line) == 64}
+
+
 def _copy_fd(src: int, dst: int) -> int:
     total = 0
     if hasattr(os, "copy_file_range"):
@@ -608,6 +826,14 @@ def _rmtree(parent_fd: int, name: bytes) -> None:
 
 
 __all__ = [
+    "DIRECT_ALIGN",
+    "DIRECT_MIN",
+    "BufferPool",
+    "DirectWriter",
+    "VerifiedLog",
+    "boot_id",
+    "verified_this_boot",
+    "sha256_around_cache",
     "MAX_COMPONENT",
     "MAX_PATH",
     "SafeRoot",

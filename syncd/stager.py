@@ -18,7 +18,11 @@ roles, chosen by the client's ``hello``:
   of the page cache).  A partial file reaches its content name only after
   its whole SHA-256 has been checked, so a record that outlived its bytes
   (a power cut) costs a refetch, never a wrong object; the push that follows
-  makes staging durable (syncfs) before it publishes anything.
+  makes staging durable (syncfs) before it publishes anything.  Objects and
+  ranges from ``DIRECT_MIN`` on are written with O_DIRECT where the
+  filesystem allows (fsops.DirectWriter).  Each object named is logged in
+  ``verified.<boot id>`` (fsops.VerifiedLog), so the push does not read it
+  again unless the machine went down in between.
 - ``source``: it serves byte ranges of files in its ``root`` by path and
   SHA-256, after checking that its manifest holds that content at that path
   and the file still has the recorded size and mtime.  The prewarming node
@@ -28,6 +32,7 @@ roles, chosen by the client's ``hello``:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -35,11 +40,12 @@ import logging
 import os
 import stat
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .config import Config
 from .errors import DiskFullError, ManifestError, ProtocolError, SyncdError, UnsafePathError
-from .fsops import WRITEBACK_MIN, SafeRoot, start_writeback, validate_name
+from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, VerifiedLog,
+                    sha256_around_cache, start_writeback, validate_name)
 from .manifest import KIND_FILE, Manifest, fspath
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
@@ -141,6 +147,7 @@ class _Put:
                 # stagers agree, and a stale larger file is cut to size.
                 os.ftruncate(self.fd, self.size)
         self.pos = self.offset
+        self.out = DirectWriter(self.fd, self.offset, stager.buffers if self.length >= DIRECT_MIN else None)
         self.hasher = hashlib.sha256()
         if how == "zstd":
             import zstandard
@@ -156,22 +163,26 @@ class _Put:
         if self.pos + len(view) > self.offset + self.length:
             raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
         self.hasher.update(view)
-        n_total = len(view)
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, self.pos)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(f"disk full staging {self.hex} in {self.stager.staging}") from err
-                raise
-            view = view[n:]
-            self.pos += n
-        return n_total
+        with self._disk_full():
+            self.out.write(view)
+        self.pos += len(view)
+        return len(view)
+
+    @contextlib.contextmanager
+    def _disk_full(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full staging {self.hex} in {self.stager.staging}") from err
+            raise
 
     def check(self, trailer: Any) -> bool:
         """True when the range (or whole object) arrived intact."""
         if self._zw is not None:
             self._zw.flush()
+        with self._disk_full():
+            self.out.close()
         digest = trailer.get("sha256") if isinstance(trailer, dict) else None
         return self.pos == self.offset + self.length and (
             self.hasher.digest() == (self.sha256 if self.whole else digest))
@@ -191,6 +202,7 @@ class _Put:
         sfd = self.stager.staging_fd
         if self.whole:
             os.rename(self.name, self.hex, src_dir_fd=sfd, dst_dir_fd=sfd)
+            self.stager.verified.add(self.hex)
             return
         # Written data first, then its record: a killed stager never records
         # a range it did not write (a power cut may; the whole-object check catches it).
@@ -202,6 +214,7 @@ class _Put:
             os.close(rfd)
 
     def discard(self) -> None:
+        self.out.abandon()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -230,6 +243,7 @@ class Stager:
         self.manifest: Manifest | None = None
         self.root: SafeRoot | None = None
         self._tmp_n = 0
+        self.buffers = BufferPool()
         # The writer is shared with the commit threads, which send the acks.
         self.wlock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -247,6 +261,7 @@ class Stager:
         negotiate(PROTOCOL_VERSION, self.reader.read_hello())
         self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.verified = VerifiedLog(self.staging_fd)
         try:
             self._clean_dead_temps()
             return self._loop()
@@ -257,6 +272,7 @@ class Stager:
                 self._pool.shutdown(wait=True)
             for put in self.puts.values():
                 put.discard()
+            self.verified.close()
             os.close(self.staging_fd)
             if self.root is not None:
                 self.root.close()
@@ -481,12 +497,8 @@ class Stager:
                 return False
             if now.st_ino != os.fstat(fd).st_ino:
                 return False
-            h = hashlib.sha256()
-            offset = 0
-            while chunk := os.pread(fd, 8 * CHUNK, offset):
-                h.update(chunk)
-                offset += len(chunk)
-            if offset != size or h.digest() != sha:
+            digest, offset = sha256_around_cache(fd, self.buffers)
+            if offset != size or digest != sha:
                 log.warning("%s: assembled object does not match its SHA-256; discarded", hexname)
                 for name in (partial, partial + RANGES_SUFFIX):
                     try:
@@ -495,6 +507,7 @@ class Stager:
                         pass
                 return False
             os.rename(partial, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
+            self.verified.add(hexname)
             try:
                 os.unlink(partial + RANGES_SUFFIX, dir_fd=sfd)
             except FileNotFoundError:

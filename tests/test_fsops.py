@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -11,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.errors import UnsafePathError
-from syncd.fsops import SafeRoot, fsync_dir, validate_name
+from syncd.fsops import (DIRECT_ALIGN, BufferPool, DirectWriter, SafeRoot, VerifiedLog, boot_id, fsync_dir,
+                         sha256_around_cache, validate_name, verified_this_boot)
 
 # -- validate_name ----------------------------------------------------------------
 
@@ -618,3 +621,80 @@ def test_random_operations_never_touch_outside(ops: list[tuple[str, bytes]]) -> 
         finally:
             os.close(sfd)
         assert _fds() == fds
+
+
+# -- DirectWriter and the verified log ---------------------------------------------
+
+_CHUNKS = st.lists(st.integers(min_value=0, max_value=300_000), max_size=12)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+@given(sizes=_CHUNKS, start_blocks=st.integers(min_value=0, max_value=3), misalign=st.booleans())
+def test_direct_writer_writes_exactly_what_it_was_given(tmp_path_factory: pytest.TempPathFactory, pooled: bool,
+                                                         sizes: list[int], start_blocks: int,
+                                                         misalign: bool) -> None:
+    # Any chunking, an aligned or unaligned start, O_DIRECT or not: the file
+    # holds the bytes at their offsets, the buffer goes back to the pool, and
+    # the fd ends with O_DIRECT off (the caller's later writes are ordinary).
+    path = tmp_path_factory.mktemp("direct") / "f"
+    offset = start_blocks * DIRECT_ALIGN + (123 if misalign else 0)
+    data = os.urandom(sum(sizes))
+    pool = BufferPool(64 * 1024) if pooled else None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        w = DirectWriter(fd, offset, pool)
+        pos = 0
+        for n in sizes:
+            w.write(data[pos:pos + n])
+            pos += n
+        w.close()
+        w.close()  # idempotent
+        assert os.pread(fd, len(data) + 1, offset) == data
+        assert os.fstat(fd).st_size == (offset + len(data) if data else 0)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        if pooled:
+            assert len(pool._free) == (0 if misalign else 1)  # an unaligned start never takes one
+    finally:
+        os.close(fd)
+
+
+def test_direct_writer_abandon_returns_the_buffer_and_writes_nothing_more(tmp_path: Path) -> None:
+    pool = BufferPool(DIRECT_ALIGN * 4)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        w = DirectWriter(fd, 0, pool)
+        w.write(b"x" * (DIRECT_ALIGN * 5 + 10))  # one buffer out, the rest held
+        w.abandon()
+        w.close()
+        assert os.fstat(fd).st_size == DIRECT_ALIGN * 4
+        assert len(pool._free) == 1
+    finally:
+        os.close(fd)
+
+
+def test_sha256_around_cache_reads_the_whole_file(tmp_path: Path) -> None:
+    for size in (0, 1, DIRECT_ALIGN, 3 * (1 << 20) + 17):
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            assert sha256_around_cache(fd, BufferPool()) == (hashlib.sha256(data).digest(), size)
+        finally:
+            os.close(fd)
+
+
+def test_verified_log_is_per_boot_and_ignores_torn_lines(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert verified_this_boot(fd) == set()
+        log = VerifiedLog(fd)
+        log.add("a" * 64)
+        log.add("b" * 64)
+        log.close()
+        with open(tmp_path / f"verified.{boot_id()}", "ab") as fh:
+            fh.write(b"c" * 30)  # a torn last line (a killed writer)
+        # Another boot's log says nothing about this one.
+        (tmp_path / ("verified." + "0" * 32)).write_bytes(b"d" * 64 + b"\n")
+        assert verified_this_boot(fd) == {"a" * 64, "b" * 64}
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from syncd.fsops import boot_id, verified_this_boot
 from syncd.manifest import Manifest
 from syncd.protocol import FrameReader, FrameType, FrameWriter
 from syncd.transport import LocalSession
@@ -258,7 +259,13 @@ def test_stager_never_names_an_unverified_object(tmp_path: Path) -> None:
         assert have["objects"] == [["partial", [[half, len(good) - half]]]]
         assert _put(w, r, 5, sha, len(good), 0, good[:half])["staged"] is True
         assert (staging / sha.hex()).read_bytes() == good
-        assert sorted(p.name for p in staging.iterdir()) == [sha.hex()]
+        # Beside it only this boot's log of checked objects, which names it.
+        assert sorted(p.name for p in staging.iterdir()) == sorted([sha.hex(), "verified." + boot_id()])
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert verified_this_boot(fd) == {sha.hex()}
+        finally:
+            os.close(fd)
     finally:
         session.close()
 
