@@ -41,11 +41,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEX
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 _O_PATH = getattr(os, "O_PATH", 0)
 
-COPY_CHUNK = 64 << 20
 _READ_CHUNK = 1 << 20
-# copy_file_range/sendfile refuse some pairs of filesystems or file types;
-# these errnos mean "use the next method", anything else is a real failure.
-_FALLBACK_ERRNOS = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 # Control characters would break a one-line message (a name may hold "\n").
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
@@ -457,19 +453,24 @@ class SafeRoot:
         finally:
             os.close(fd)
 
-    def copy_into(self, rel: bytes, dst_dir_fd: int, dst_name: bytes) -> int:
+    def copy_into(self, rel: bytes, dst_dir_fd: int, dst_name: bytes,
+                  pool: BufferPool | None = None) -> tuple[int, bytes]:
         """Copy the regular file ``rel`` into a new file ``dst_name`` in ``dst_dir_fd``.
 
         ``dst_name`` must not exist (``O_EXCL``).  Not fsync'ed (the agent
         makes staging durable with one syncfs before it publishes); on
-        failure the partial copy is unlinked.  Returns the bytes copied.  The
-        new file is mode 0600: the caller sets the final metadata.
+        failure the partial copy is unlinked.  Returns the bytes copied and
+        their SHA-256, taken in the same pass: one read of the source, and
+        with ``pool`` a write around the page cache (:class:`DirectWriter`).
+        On ext4 that was half the time of ``copy_file_range`` followed by a
+        re-read to hash the copy.  The new file is mode 0600: the caller sets
+        the final metadata.
         """
         src = self.open_read(rel)
         try:
             dst = os.open(dst_name, _CREATE_FLAGS, 0o600, dir_fd=dst_dir_fd)
             try:
-                total = _copy_fd(src, dst)
+                total = _copy_hashing(src, dst, pool)
             except BaseException:
                 os.close(dst)
                 try:
@@ -754,30 +755,23 @@ def verified_this_boot(staging_fd: int) -> set[str]:
     return {line.decode("ascii", "replace") for line in data.split(b"\n") if len(line) == 64}
 
 
-def _copy_fd(src: int, dst: int) -> int:
+def _copy_hashing(src: int, dst: int, pool: BufferPool | None) -> tuple[int, bytes]:
+    """Copy ``src`` to ``dst`` in one pass, hashing what is written."""
+    import hashlib
+
+    h = hashlib.sha256()
+    out = DirectWriter(dst, 0, pool)
+    view = memoryview(bytearray(_READ_CHUNK))
     total = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while n := os.copy_file_range(src, dst, COPY_CHUNK):
-                total += n
-            return total
-        except OSError as err:
-            if err.errno not in _FALLBACK_ERRNOS or total:
-                raise
     try:
-        while n := os.sendfile(dst, src, None, COPY_CHUNK):
+        while n := os.readv(src, [view]):
+            h.update(view[:n])
+            out.write(view[:n])
             total += n
-        return total
-    except OSError as err:
-        if err.errno not in _FALLBACK_ERRNOS or total:
-            raise
-    while data := os.read(src, _READ_CHUNK):
-        view = memoryview(data)
-        while view:
-            w = os.write(dst, view)
-            view = view[w:]
-            total += w
-    return total
+        out.close()
+    finally:
+        out.abandon()
+    return total, h.digest()
 
 
 def _rmtree(parent_fd: int, name: bytes) -> None:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SYNCD"
 #: (major, minor).  Peers talk when majors are equal; the lower minor wins.
-PROTOCOL_VERSION = (1, 1)  # 1.1: bundles of small files ("files")
+PROTOCOL_VERSION = (1, 2)  # 1.1: bundles of small files ("files"); 1.2: need "copy"
 HELLO_SIZE = len(MAGIC) + 2
 
 #: Frame bodies above this are refused before anything is allocated for them.

@@ -230,9 +230,9 @@ class Link:
     """
 
     def __init__(self, mirror: MirrorConfig, open_session: Callable[[MirrorConfig], Any] | None = None) -> None:
-        if open_session is None:
-            from .transport import open_session as open_session
         self.mirror = mirror
+        # None: syncd.transport's, imported by the first open (paramiko's
+        # import, 0.06 s, then runs in open_in_background's thread).
         self._open_session = open_session
         self._session: Any = None
         self._ch: _Channel | None = None
@@ -263,6 +263,10 @@ class Link:
                 raise err
         if self._ch is None:
             self.stderr_tail = ""  # what an earlier session said is not this one's
+            if self._open_session is None:
+                from .transport import open_session
+
+                self._open_session = open_session
             session = self._open_session(self.mirror)
             try:
                 ch = _Channel(session, self.mirror.bwlimit)
@@ -335,9 +339,7 @@ class Pusher:
         self.filter = Filter.parse(self.rules)
         self.root = os.fsencode(os.path.abspath(cfg.node.root))
         self.on_item = on_item
-        if open_session is None:
-            from .transport import open_session as open_session
-        self._open_session = open_session
+        self._open_session = open_session  # None: Link's default
 
     def run(self, result: PushResult, link: "Link | None" = None) -> None:
         """One push; over ``link`` when given (kept open afterwards), else over
@@ -542,6 +544,12 @@ class Pusher:
             return
         if entry is None or entry.kind != KIND_FILE:
             raise ProtocolError(f"the agent asked for {fspath(path)}, which is not a file in this push")
+        if need == "copy":
+            # The agent copies it from a file it has (1.2) and acknowledges
+            # it like a file sent; if that copy fails, it asks for it whole.
+            self.awaiting += 1
+            self._unacked.add(path)
+            return
         signature = None
         if need == "delta":
             if sig_stream not in ch.signatures:

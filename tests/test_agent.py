@@ -22,14 +22,14 @@ from tests.nodes import SYNCD, make_node, tree_listing
 class Peer:
     """A hand-driven client of one agent process."""
 
-    def __init__(self, ini: Path) -> None:
+    def __init__(self, ini: Path, version: tuple[int, int] = PROTOCOL_VERSION) -> None:
         self.session = LocalSession(SYNCD + ["agent", "--config", str(ini)])
         self.w = FrameWriter(self.session.send_all)
         self.r = FrameReader(self.session.recv)
-        self.w.hello()
+        self.w.hello(version)
         self.w.message({"type": "hello", "node": "evil", "mirror": "edge"})
         self.w.flush()
-        negotiate(PROTOCOL_VERSION, self.r.read_hello())
+        negotiate(version, self.r.read_hello())
         self.welcome = self.message()
 
     def message(self) -> dict:
@@ -411,3 +411,39 @@ def test_zstd_bomb_in_a_bundle_is_refused(edge) -> None:  # noqa: ANN001
     assert list(edge.root.iterdir()) == []
     staged = sum(f.stat().st_size for f in (edge.state / "staging").iterdir() if f.is_file())
     assert staged < 1 << 20
+
+
+@pytest.mark.parametrize("version", [(1, 1), (1, 2)])
+def test_a_big_local_copy_is_acknowledged_from_protocol_1_2_on(edge, version: tuple[int, int]) -> None:  # noqa: ANN001
+    # 1.2: the item says need "copy" and a staging thread copies the file,
+    # then says "staged" like for a file received.  1.1: copied at once, need None.
+    data = os.urandom(2 << 20)
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"a", data)]}, {"type": "entries_end"})
+    assert peer.message()["items"][0][2] == "whole"
+    assert peer.message()["type"] == "planned"
+    peer.send({"type": "file", "stream": 1, "path": b"a", "how": "whole", "size": len(data),
+               "sha256": hashlib.sha256(data).digest()})
+    peer.w.data(1, data)
+    peer.w.end(1)
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message() == {"type": "staged", "path": b"a"}
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+
+    peer = Peer(edge.ini, version)
+    peer.send({**begin(2), "full": False}, {"type": "entries", "batch": 1, "rows": [row(b"b", data, gen=2)]},
+              {"type": "entries_end"})
+    item = peer.message()["items"][0]
+    assert item[:2] == ["copy", b"b"] and item[3] == b"a"
+    if version >= (1, 2):
+        assert item[2] == "copy"
+        answers = [peer.message(), peer.message()]  # the copy's ack may come before or after "planned"
+        assert {"type": "staged", "path": b"b"} in answers and {"type": "planned", "items": []} in answers
+    else:
+        assert item[2] is None
+        assert peer.message()["type"] == "planned"
+    peer.send({"type": "commit", "generation": 2})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    assert (edge.root / "b").read_bytes() == data

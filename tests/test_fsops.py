@@ -493,15 +493,17 @@ def test_open_read_refuses_fifo_and_reports_missing(root: Path) -> None:
 # -- copy_into --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pooled", [True, False])
 @pytest.mark.parametrize("size", [0, 1, 65_537, 8 << 20])
-def test_copy_into_copies_exactly(root: Path, staging: Path, size: int) -> None:
+def test_copy_into_copies_exactly(root: Path, staging: Path, size: int, pooled: bool) -> None:
     data = os.urandom(size)
     (root / "src").mkdir()
     (root / "src" / "f").write_bytes(data)
     with SafeRoot(root) as sr:
         sfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            assert sr.copy_into(b"src/f", sfd, b"copy") == size
+            pool = BufferPool() if pooled else None
+            assert sr.copy_into(b"src/f", sfd, b"copy", pool) == (size, hashlib.sha256(data).digest())
             with pytest.raises(FileExistsError):
                 sr.copy_into(b"src/f", sfd, b"copy")  # O_EXCL: never overwrites
         finally:

@@ -44,6 +44,10 @@ def test_round_trip(tmp_path: Path) -> None:
         assert (stats.generation, stats.files, stats.dirs, stats.symlinks, stats.total_size, stats.tombstones) == (
             2, 2, 1, 1, 5, 1)
         assert stats.generation_created_ns is not None
+        # Live regular files only (no directory, link or tombstone), tested inside SQLite.
+        assert sorted(m.live_files_matching(lambda p: True)) == [b"dists/Release", b"dists/\xffodd name\n"]
+        assert m.live_files_matching(lambda p: p.endswith(b"Release")) == [b"dists/Release"]
+        assert m.live_files_matching(lambda p: p in (b"gone", b"link", b"dists")) == []
 
 
 def test_writer_rolls_back_on_error(tmp_path: Path) -> None:

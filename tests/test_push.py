@@ -120,6 +120,24 @@ def test_rename_of_big_file_moves_almost_nothing(pair: Pair) -> None:
     assert pair.in_sync()
 
 
+def test_a_local_copy_that_no_longer_matches_is_sent_whole(pair: Pair) -> None:
+    # The edge's file was changed by hand (same size, its manifest unaware):
+    # the copy made by a staging thread fails its SHA-256, the agent says
+    # "failed" with retry_whole, and the pusher sends the file whole.
+    data = os.urandom(3 << 20)
+    (pair.primary.root / "a.iso").write_bytes(data)
+    assert pair.push().ok
+    edge_a = pair.edge.root / "a.iso"
+    st = edge_a.stat()
+    edge_a.write_bytes(os.urandom(len(data)))
+    os.utime(edge_a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (pair.primary.root / "b.iso").write_bytes(data)
+    result = pair.push()
+    assert result.ok, result.error
+    assert result.files_sent == 1 and result.bytes_sent > len(data) // 2
+    assert (pair.edge.root / "b.iso").read_bytes() == data
+
+
 def test_edit_in_big_file_goes_as_delta(pair: Pair) -> None:
     data = bytearray(os.urandom(8 << 20))
     (pair.primary.root / "big").write_bytes(data)
