@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 import threading
+from typing import Iterator
 
 __version__ = "0.1.0"
 
@@ -34,3 +37,18 @@ def import_in_background(*names: str) -> threading.Thread | None:
     thread = threading.Thread(target=run, name="import-" + ",".join(missing), daemon=True)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (reference counting still frees
+    almost everything a push makes).  A push keeps tens of thousands of rows
+    alive, and each full collection walks them all: in a 5,000-file initial
+    copy they took 0.15-0.23 s of the agent's one-threaded commit."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import time
 from pathlib import Path
 
 import pytest
 
+from syncd.manifest import Manifest
 from syncd.protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 from syncd.transport import LocalSession
 from tests.nodes import SYNCD, make_node, tree_listing
@@ -447,3 +449,40 @@ def test_a_big_local_copy_is_acknowledged_from_protocol_1_2_on(edge, version: tu
     assert peer.message()["type"] == "committed"
     assert peer.finish() == 0
     assert (edge.root / "b").read_bytes() == data
+
+
+def test_new_directories_are_made_while_planning_and_recorded_at_commit(edge) -> None:  # noqa: ANN001
+    # A thread makes a push's new directories (final mode) before the commit;
+    # nothing else appears in root until then.
+    data = b"content"
+    d = [b"pool", 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1]
+    sub = [b"pool/main", 1, 0, 1_700_000_000_000_000_000, 0o750, None, None, 0, 1]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [d, sub, row(b"pool/main/f", data)]},
+              {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    def made() -> bool:  # made 0700, then given its mode
+        try:
+            return stat.S_IMODE((edge.root / "pool/main").stat().st_mode) == 0o750
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while not made() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert made()
+    assert list((edge.root / "pool/main").iterdir()) == []
+    peer.send({"type": "file", "stream": 1, "path": b"pool/main/f", "how": "whole", "size": len(data),
+               "sha256": hashlib.sha256(data).digest()})
+    peer.w.data(1, data)
+    peer.w.end(1)
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "staged"
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    assert (edge.root / "pool/main/f").read_bytes() == data
+    assert stat.S_IMODE((edge.root / "pool").stat().st_mode) == 0o755
+    assert (edge.root / "pool").stat().st_mtime_ns == 1_700_000_000_000_000_000
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.lookup(b"pool/main").mode == 0o750
