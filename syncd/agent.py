@@ -88,6 +88,9 @@ COPY_CHUNK = 8 << 20
 # Protocol 1.2: a local copy of a file from this size on is made by a
 # staging thread (need "copy"); smaller ones at once, by the main thread.
 ASYNC_COPY_MIN = 1 << 20
+# Files open at once on one session (each may hold a 1 MiB write buffer): the
+# pusher sends one at a time, so this only bounds a hostile peer's memory.
+MAX_OPEN_STREAMS = 64
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
@@ -354,6 +357,9 @@ class _Incoming:
         return obj
 
     def _close_fds(self) -> None:
+        # The sink is a bound method of this object (a cycle): dropped, so
+        # that reference counting frees it with the cyclic GC paused.
+        self._sink = self._zw = self._patcher = None  # type: ignore[assignment]
         if self.out is not None:
             self.out.abandon()
         for fd in (self.fd, self.old_fd):
@@ -456,10 +462,12 @@ class _Bundle:
         if self._zw is not None:
             self._zw.flush()
         self._take(b"")  # empty files at the end
+        self._zw = None  # it holds a bound method of this object (a cycle)
         if self.received != self.total or self._cur is not None or self._next != len(self.items):
             raise ProtocolError(f"files: stream ended after {self.received} of {self.total} bytes")
 
     def discard(self) -> None:
+        self._zw = None
         if self._cur is not None:
             self._cur.discard()
             self._cur = None
@@ -538,10 +546,13 @@ class _DirMaker(threading.Thread):
         self.root = root
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.made: set[bytes] = set()
+        self.cancelled = False  # the push ends uncommitted: what is still queued is not made
 
     def run(self) -> None:
         with SafeRoot(self.root) as root:
             while (item := self.queue.get()) is not None:
+                if self.cancelled:
+                    continue
                 path, mode = item
                 try:
                     root.ensure_dir(path, mode)
@@ -575,8 +586,11 @@ class _Stager(threading.Thread):
                 if item is None:
                     return
                 inc, payload = item
-                if inc.dead or self.agent.failure is not None:
-                    # Failed earlier, or the session did: drop what is left of it.
+                if inc.dead or self.agent.failure is not None or (
+                        self.agent.closing and isinstance(inc, _LocalCopy)):
+                    # Failed earlier, or the session did: drop what is left of
+                    # it.  (A session that just ends still stages the files
+                    # that arrived whole: a retry finds them and resumes.)
                     if payload is _END:
                         inc.discard()
                     continue
@@ -635,6 +649,8 @@ class Agent:
         self.plan = _Plan()
         self.incoming: dict[int, _Incoming] = {}
         self._dir_maker: _DirMaker | None = None  # started at a push's first new directory
+        self._copies: list[_LocalCopy] = []  # decided in this entries batch, not yet handed over
+        self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
         self.verified_now: set[str] = set()
         self.buffers = BufferPool()  # for the staging threads' DirectWriters
@@ -665,10 +681,11 @@ class Agent:
                 return self._loop()
             finally:
                 gc.enable()
+                self.closing = True
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
-                self._stop_dir_maker()
+                self._unmake_dirs()
                 if self._sig_pool is not None:
                     self._sig_pool.shutdown(wait=True)
                 self.plan.seen.clear()  # a session cut before entries_end: its scratch file goes
@@ -749,6 +766,8 @@ class Agent:
             stream = _field(msg, "stream", int)
             if stream in self.incoming:
                 raise ProtocolError(f"stream {stream} opened twice")
+            if len(self.incoming) >= MAX_OPEN_STREAMS:
+                raise ProtocolError(f"more than {MAX_OPEN_STREAMS} files open at once")
             self._assign(stream, (_Incoming if kind == "file" else _Bundle)(self, msg))
         elif kind == "commit":
             self._commit(msg)
@@ -878,9 +897,21 @@ class Agent:
         if self.failure is not None:
             raise self.failure
 
-    def _stop_dir_maker(self) -> set[bytes]:
+    def _stop_dir_maker(self, *, cancel: bool = False) -> set[bytes]:
         maker, self._dir_maker = self._dir_maker, None
-        return maker.finish() if maker is not None else set()
+        if maker is None:
+            return set()
+        maker.cancelled = cancel
+        return maker.finish()
+
+    def _unmake_dirs(self) -> None:
+        """A push that ends without its commit takes back the new directories
+        made for it (empty ones only, deepest first).  After a kill -9 they
+        stay, empty, and the next push uses them."""
+        made = self._stop_dir_maker(cancel=True) | self.plan.made_dirs
+        for path in sorted(made, key=planmod.depth, reverse=True):
+            self.root.remove_empty_dir(path)
+        self.plan.made_dirs = set()
 
     def _stop_stagers(self) -> None:
         for stager in self.stagers:
@@ -955,6 +986,11 @@ class Agent:
         finally:
             self._send_signatures()  # before the needs that names them (or, failing, to close their files)
         self.writer.message({"type": "needs", "batch": batch, "items": items})
+        # A copy's "staged" must not reach the pusher before the item asking for it.
+        copies, self._copies = self._copies, []
+        for copy in copies:
+            self._hand_to_stager(copy)
+            copy.worker.put((copy, _END))
 
     def _decide(self, row: _Row) -> list | None:
         """What to do with one row; returns the wire item, or None for nothing.
@@ -1052,9 +1088,7 @@ class Agent:
             # A staging thread copies it while this one goes on planning (a
             # renamed 64 MiB file held the needs of its batch back 0.2 s).
             plan.pending.add(row.sha256)
-            copy = _LocalCopy(row, sources)
-            self._hand_to_stager(copy)
-            copy.worker.put((copy, _END))
+            self._copies.append(_LocalCopy(row, sources))  # started once the needs naming it is out
             return [planmod.COPY, row.path, "copy", sources[0], None]
         source = self._stage_copy(self.root, row, sources) if sources else None
         if source is not None:
@@ -1373,8 +1407,15 @@ class Agent:
         first_path: dict[str, bytes] = {}
         for row in plan.files:
             first_path.setdefault(row.sha256.hex(), row.path)
-        # Objects checked in this boot by a stager (prewarm) need no second reading.
-        trusted = self.verified_now | verified_this_boot(self.staging_fd) if first_path else set()
+        # Objects checked in this boot by a stager (prewarm) need no second
+        # reading, but must still be there.
+        logged = verified_this_boot(self.staging_fd) - self.verified_now if first_path else set()
+        for name in logged & first_path.keys():
+            if not self._staged(name):
+                rel = fspath(first_path[name])
+                findings.append(verifymod.Finding(rel, verifymod.FindingKind.MISSING_FILE,
+                                                  f"{rel}: staged object {name} is gone"))
+        trusted = self.verified_now | logged
         objects = {self.staging / name: name for name in first_path if name not in trusted}
         for where, got in verifymod.hash_files(objects, workers=self.cfg.node.hash_workers):
             name = objects[where]

@@ -409,6 +409,23 @@ class SafeRoot:
         finally:
             os.close(pfd)
 
+    def remove_empty_dir(self, rel: bytes) -> bool:
+        """Remove ``rel`` if it is an empty directory (rmdir); False otherwise."""
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        try:
+            pfd = self._walk(rel, parents, False)
+        except (FileNotFoundError, UnsafePathError):
+            return False
+        try:
+            self._drop_cache()  # no cached fd may outlive the directory
+            os.rmdir(leaf, dir_fd=pfd)
+            return True
+        except OSError:
+            return False  # not empty, not a directory, or gone
+        finally:
+            os.close(pfd)
+
     def remove(self, rel: bytes) -> bool:
         """Remove the file, symlink or directory tree at ``rel``; False if absent.
 
@@ -604,7 +621,9 @@ class DirectWriter:
         self.fill = 0
         self.pool = pool
         self.buf = None
+        self.direct = False
         if pool is not None and offset % DIRECT_ALIGN == 0 and _set_direct(fd, True):
+            self.direct = True
             self.buf = pool.get()
             self.view = memoryview(self.buf)
 
@@ -625,11 +644,20 @@ class DirectWriter:
     def _drain(self, n: int) -> None:
         out = self.view[:n]
         while out:
-            w = os.pwrite(self.fd, out, self.pos)
+            try:
+                w = os.pwrite(self.fd, out, self.pos)
+            except OSError as err:
+                # O_DIRECT accepted at open but not this alignment (a larger
+                # logical block, some FUSE filesystems): ordinary writes.
+                if err.errno != errno.EINVAL or not self.direct or not _set_direct(self.fd, False):
+                    raise
+                self.direct = False
+                continue
             self.pos += w
             out = out[w:]
             if out and w % DIRECT_ALIGN:
                 # A short write off the block grid: the rest goes buffered.
+                self.direct = False
                 _set_direct(self.fd, False)
         self.view[: self.fill - n] = self.view[n:self.fill]
         self.fill -= n
@@ -678,8 +706,19 @@ def sha256_around_cache(fd: int, pool: BufferPool) -> tuple[bytes, int]:
         return h.digest(), offset
     buf = pool.get()
     view = memoryview(buf)
+    direct = True
     try:
-        while n := os.preadv(fd, [view], offset):
+        while True:
+            try:
+                n = os.preadv(fd, [view], offset)
+            except OSError as err:
+                if err.errno != errno.EINVAL or not direct:
+                    raise
+                direct = False
+                _set_direct(fd, False)  # not this alignment after all: ordinary reads
+                continue
+            if not n:
+                break
             h.update(view[:n])
             offset += n
             if n % DIRECT_ALIGN:
@@ -726,12 +765,22 @@ class VerifiedLog:
     def __init__(self, staging_fd: int) -> None:
         self.fd = -1
         if boot_id():
-            self.fd = os.open(VERIFIED_PREFIX + boot_id(), os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                              | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=staging_fd)
+            try:
+                self.fd = os.open(VERIFIED_PREFIX + boot_id(), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                  | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=staging_fd)
+            except OSError as err:
+                log.warning("staging log %s: %s; staged objects are re-hashed at publish",
+                            VERIFIED_PREFIX + boot_id(), err.strerror)
 
     def add(self, hexname: str) -> None:
+        """Log one name; best effort (an object not logged is only re-hashed)."""
         if self.fd >= 0:
-            os.write(self.fd, hexname.encode("ascii") + b"\n")
+            try:
+                os.write(self.fd, hexname.encode("ascii") + b"\n")
+            except OSError as err:
+                log.warning("staging log %s: %s; objects staged from now on are re-hashed at publish",
+                            VERIFIED_PREFIX + boot_id(), err.strerror)
+                self.close()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -760,7 +809,7 @@ def _copy_hashing(src: int, dst: int, pool: BufferPool | None) -> tuple[int, byt
     import hashlib
 
     h = hashlib.sha256()
-    out = DirectWriter(dst, 0, pool)
+    out = DirectWriter(dst, 0, pool if os.fstat(src).st_size >= DIRECT_MIN else None)
     view = memoryview(bytearray(_READ_CHUNK))
     total = 0
     try:

@@ -59,6 +59,9 @@ PIPE_SIZE = 1 << 20
 # Commits (start the write-out, then rename or record) run beside the
 # receiving loop; a bound keeps the open files and the unacknowledged work small.
 COMMIT_THREADS = 2
+# Objects open at once (each may hold a 1 MiB write buffer); a stream sends
+# one at a time, so this only bounds a hostile peer's memory.
+MAX_OPEN_STREAMS = 64
 COMMITS_IN_FLIGHT = 8
 TEMP_PREFIX = "stage."
 PARTIAL_PREFIX = "partial."
@@ -375,6 +378,8 @@ class Stager:
             stream = _field(msg, "stream", int)
             if stream in self.puts:
                 raise ProtocolError(f"stream {stream} opened twice")
+            if len(self.puts) >= MAX_OPEN_STREAMS:
+                raise ProtocolError(f"more than {MAX_OPEN_STREAMS} objects open at once")
             self.puts[stream] = _Put(self, msg)
         elif kind == "get":
             self._need_role("source", kind)

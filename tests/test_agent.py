@@ -486,3 +486,33 @@ def test_new_directories_are_made_while_planning_and_recorded_at_commit(edge) ->
     assert (edge.root / "pool").stat().st_mtime_ns == 1_700_000_000_000_000_000
     with Manifest.open(edge.state, "edge") as m:
         assert m.lookup(b"pool/main").mode == 0o750
+
+
+def test_new_directories_of_a_push_that_never_commits_are_taken_back(edge) -> None:  # noqa: ANN001
+    d = [b"pool", 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1]
+    sub = [b"pool/main", 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [d, sub, row(b"pool/main/f", b"data")]},
+              {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    peer.finish()  # the link drops before any file or commit
+    assert list(edge.root.iterdir()) == []
+
+
+def test_too_many_open_files_is_an_error(edge) -> None:  # noqa: ANN001
+    # Each open file may hold a write buffer: a peer may not open without bound.
+    peer = Peer(edge.ini)
+    rows = [row(b"f%d" % i, b"%d" % i) for i in range(70)]
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    for i in range(70):
+        data = b"%d" % i
+        peer.w.message({"type": "file", "stream": i + 1, "path": b"f%d" % i, "how": "whole",
+                        "size": len(data), "sha256": hashlib.sha256(data).digest()})
+    peer.w.flush()
+    answer = peer.message()
+    assert answer["type"] == "error" and "at once" in answer["message"]
+    assert peer.finish() != 0
+    assert list(edge.root.iterdir()) == []
