@@ -339,6 +339,21 @@ def targets(rows: list[dict]) -> list[str]:
 # -- main ----------------------------------------------------------------------
 
 
+def evict(root: pathlib.Path) -> None:
+    """Drop the files below ``root`` from the page cache (written back first)."""
+    os.sync()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench.py push", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", type=int, default=5000, help="small files in the mirror tree (default 5,000)")
@@ -349,6 +364,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--scan-first", action="store_true",
                     help="run `syncd scan -q` before `run --once` (timed together); run --once scans by itself")
     ap.add_argument("--syncd-first", action="store_true", help="run syncd before rsync in each step")
+    ap.add_argument("--cold-mirrors", action="store_true",
+                    help="before each step, drop both mirrors' files from the page cache (posix_fadvise), so "
+                         "that neither tool reads its old copies from memory because of how it wrote them "
+                         "(syncd writes large files around the cache, rsync through it)")
     ap.add_argument("--seed", type=int, default=20261122)
     ap.add_argument("--dir", help="work directory parent (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -380,6 +399,9 @@ def main(argv: list[str]) -> int:
                 for line in tree.mutate():
                     print(f"  mutation: {line}")
             print(f"== {step}")
+            if args.cold_mirrors:
+                for d in dsts.values():
+                    evict(d)
             bench.both(step, src, dst1, ini, args.syncd_first)
             ok &= bench.verify(step, src, dsts)
 
