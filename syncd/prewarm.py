@@ -985,25 +985,3 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
     if result.push is not None:
         out.write(result.push.summary() + "\n")
     return 0 if result.ok else EXIT_FAILURE
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m syncd.prewarm -c FILE prewarm NAME ...`` until the CLI wiring exists."""
-    parser = argparse.ArgumentParser(prog="syncd")
-    parser.add_argument("-c", "--config", default=os.environ.get("SYNCD_CONFIG"))
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
-    try:
-        return args.func(args)
-    except SyncdError as err:
-        print(f"syncd prewarm: {err}", file=sys.stderr)
-        return err.exit_status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
