@@ -30,8 +30,6 @@ Messages are documented in docs/protocol.md, section 4.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import gc
 import hashlib
 import itertools
@@ -44,19 +42,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import import_in_background
 from . import plan as planmod
 from . import verify as verifymod
 from .config import Config
 from .errors import (
+    DISK_FULL_ERRNOS,
     DiskFullError,
     PatchMismatchError,
     ProtocolError,
     SyncdError,
     UnsafePathError,
     VerifyError,
+    disk_full_as,
 )
 from .filters import Filter
 from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, boot_id, start_writeback,
@@ -73,7 +73,7 @@ from .manifest import (
     join,
     split,
 )
-from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,6 @@ COPY_CHUNK = 8 << 20
 # Protocol 1.2: a local copy of a file from this size on is made by a
 # staging thread (need "copy"); smaller ones at once, by the main thread.
 ASYNC_COPY_MIN = 1 << 20
-# Files open at once on one session (each may hold a 1 MiB write buffer): the
-# pusher sends one at a time, so this only bounds a hostile peer's memory.
-MAX_OPEN_STREAMS = 64
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
@@ -295,20 +292,12 @@ class _Incoming:
             self._open()
         if self.how != "delta":  # the patcher hashes its output itself
             self.hasher.update(view)
-        with self._disk_full():
+        with disk_full_as(self._disk_full):
             self.out.write(view)
         self.written += len(view)
 
-    @contextlib.contextmanager
-    def _disk_full(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(
-                    f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
-                ) from err
-            raise
+    def _disk_full(self) -> str:
+        return f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
 
     def feed(self, data: bytes) -> None:
         self._sink(data)
@@ -325,7 +314,7 @@ class _Incoming:
                 digest = self._patcher.finish()
             if digest is None:
                 digest = self.hasher.digest()
-            with self._disk_full():
+            with disk_full_as(self._disk_full):
                 self.out.close()
             if self.written != self.size or digest != self.sha256:
                 raise PatchMismatchError(
@@ -1154,7 +1143,7 @@ class Agent:
                 self.verified_now.add(row.sha256.hex())
                 return src
             except (OSError, UnsafePathError) as err:
-                if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
                     raise
                 try:
                     os.unlink(tmp, dir_fd=self.staging_fd)
@@ -1646,7 +1635,7 @@ def _as_error(err: OSError, node: str) -> SyncdError:
     """An OSError of staging or publishing as the one-line error the pusher gets."""
     where = f" {err.filename!r}" if err.filename else ""
     message = f"{os.strerror(err.errno) if err.errno else err}{where}"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if err.errno in DISK_FULL_ERRNOS:
         return DiskFullError(f"disk full on {node}: {message}; nothing partial was published")
     return SyncdError(message)
 

@@ -7,6 +7,10 @@ place that turns them into a one-line message and an exit status.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from typing import Callable, Iterator
+
 # Exit statuses.  0 is success; 1 a failed sync or a finding; 2 bad usage or
 # configuration (the contract in DESIGN.md); 3 another process holds the lock.
 EXIT_FAILURE = 1
@@ -117,6 +121,21 @@ class RemoteError(SyncdError):
 
 class DiskFullError(SyncdError):
     """No space left while staging or publishing: nothing partial was published."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_as(message: Callable[[], str]) -> Iterator[None]:
+    """Inside, a full disk (ENOSPC, EDQUOT) raises DiskFullError(message());
+    any other OSError passes as it is."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(message()) from err
+        raise
 
 
 class StoppedError(SyncdError):

@@ -26,6 +26,10 @@ MAGIC = b"SYNCD"
 PROTOCOL_VERSION = (1, 2)  # 1.1: bundles of small files ("files"); 1.2: need "copy"
 HELLO_SIZE = len(MAGIC) + 2
 
+#: Files (agent) or objects (stager) open at once on one session: each may
+#: hold a 1 MiB write buffer.  A pusher sends one at a time, so this only
+#: bounds a hostile peer's memory.
+MAX_OPEN_STREAMS = 64
 #: Frame bodies above this are refused before anything is allocated for them.
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 #: Value nesting deeper than this is refused (it guards the decoder's recursion).

@@ -32,22 +32,20 @@ roles, chosen by the client's ``hello``:
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
 import os
 import stat
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .config import Config
-from .errors import DiskFullError, ManifestError, ProtocolError, SyncdError, UnsafePathError
+from .errors import ManifestError, ProtocolError, SyncdError, UnsafePathError, disk_full_as
 from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, VerifiedLog,
                     sha256_around_cache, start_writeback, validate_name)
 from .manifest import KIND_FILE, Manifest, fspath
-from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +57,6 @@ PIPE_SIZE = 1 << 20
 # Commits (start the write-out, then rename or record) run beside the
 # receiving loop; a bound keeps the open files and the unacknowledged work small.
 COMMIT_THREADS = 2
-# Objects open at once (each may hold a 1 MiB write buffer); a stream sends
-# one at a time, so this only bounds a hostile peer's memory.
-MAX_OPEN_STREAMS = 64
 COMMITS_IN_FLIGHT = 8
 TEMP_PREFIX = "stage."
 PARTIAL_PREFIX = "partial."
@@ -166,25 +161,19 @@ class _Put:
         if self.pos + len(view) > self.offset + self.length:
             raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
         self.hasher.update(view)
-        with self._disk_full():
+        with disk_full_as(self._disk_full):
             self.out.write(view)
         self.pos += len(view)
         return len(view)
 
-    @contextlib.contextmanager
-    def _disk_full(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"disk full staging {self.hex} in {self.stager.staging}") from err
-            raise
+    def _disk_full(self) -> str:
+        return f"disk full staging {self.hex} in {self.stager.staging}"
 
     def check(self, trailer: Any) -> bool:
         """True when the range (or whole object) arrived intact."""
         if self._zw is not None:
             self._zw.flush()
-        with self._disk_full():
+        with disk_full_as(self._disk_full):
             self.out.close()
         digest = trailer.get("sha256") if isinstance(trailer, dict) else None
         return self.pos == self.offset + self.length and (
