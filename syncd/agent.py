@@ -30,6 +30,7 @@ Messages are documented in docs/protocol.md, section 4.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import itertools
@@ -84,6 +85,9 @@ AGENT_LOCK_WAIT = 120.0
 CASCADE_HEARTBEAT = 5.0
 # Below this size a delta saves too little to pay for its signature round trip.
 DELTA_MIN_SIZE = 64 * 1024
+#: Replaced or deleted files from this size on are freed after the commit.
+PARK_MIN = 1 << 20
+PARK_FREE_DELAY = 1.0  # seconds after the commit
 COPY_CHUNK = 8 << 20
 # Protocol 1.2: a local copy of a file from this size on is made by a
 # staging thread (need "copy"); smaller ones at once, by the main thread.
@@ -637,12 +641,15 @@ class Agent:
         self.staging = self.state_dir / "staging"
         self.plan = _Plan()
         self.incoming: dict[int, _Incoming] = {}
+        self._parked: list[str] = []  # trash.PID.N in staging, unlinked after the commit
+        self._freers: list[threading.Thread] = []
+        self._session_over = threading.Event()
         self._dir_maker: _DirMaker | None = None  # started at a push's first new directory
         self._copies: list[_LocalCopy] = []  # decided in this entries batch, not yet handed over
         self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
         self.verified_now: set[str] = set()
-        self.buffers = BufferPool()  # for the staging threads' DirectWriters
+        self.buffers = BufferPool(write_behind=True)  # for the staging threads' DirectWriters
         self.index = planmod.IndexMatcher(cfg.node.index_patterns)
         self._keyring: verifymod.Keyring | None = None
 
@@ -674,7 +681,12 @@ class Agent:
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
+                self.buffers.close()
                 self._unmake_dirs()
+                self._session_over.set()
+                for freer in self._freers:
+                    freer.join()
+                self._free_parked()
                 if self._sig_pool is not None:
                     self._sig_pool.shutdown(wait=True)
                 self.plan.seen.clear()  # a session cut before entries_end: its scratch file goes
@@ -966,15 +978,24 @@ class Agent:
         batch = _field(msg, "batch", int)
         raw_rows = _field(msg, "rows", list)
         items: list[list] = []
+        streamed = self.version >= (1, 3)
         try:
             for raw in raw_rows:
                 row = _Row.from_wire(raw)
                 item = self._decide(row)
                 if item is not None:
                     items.append(item)
-        finally:
-            self._send_signatures()  # before the needs that names them (or, failing, to close their files)
+        except BaseException:
+            self._send_signatures()  # to close their files
+            raise
+        if not streamed:
+            self._send_signatures()  # before the needs that names them
         self.writer.message({"type": "needs", "batch": batch, "items": items})
+        if streamed:
+            # 1.3: each signature follows the needs as soon as it is computed,
+            # and the pusher starts that file's delta while the others are
+            # still being read here.
+            self._stream_signatures()
         # A copy's "staged" must not reach the pusher before the item asking for it.
         copies, self._copies = self._copies, []
         for copy in copies:
@@ -1164,19 +1185,45 @@ class Agent:
 
             self._sig_pool = ThreadPoolExecutor(STAGING_WORKERS, thread_name_prefix="signature")
         self._sig_stream = getattr(self, "_sig_stream", 0) + 1
-        self._sig_jobs.append((self._sig_stream, self._sig_pool.submit(_signature_of, fd)))
+        self._sig_jobs.append((self._sig_stream, path, self._sig_pool.submit(_signature_of, fd)))
         return self._sig_stream
 
     def _send_signatures(self) -> None:
         jobs, self._sig_jobs = self._sig_jobs, []
         try:
-            for stream, job in jobs:
+            for stream, _path, job in jobs:
                 self.writer.data(stream, job.result())
                 self.writer.end(stream)
         finally:
             from concurrent.futures import wait
 
-            wait([job for _, job in jobs])  # every job closes its file, even after an error
+            wait([job for _, _, job in jobs])  # every job closes its file, even after an error
+
+    def _stream_signatures(self) -> None:
+        """1.3: send each signature of this batch when its job ends, from
+        whichever thread ends it.  A copy that cannot be read is answered
+        ``failed`` with ``retry_whole``: the pusher sends that file whole."""
+        jobs, self._sig_jobs = self._sig_jobs, []
+        for stream, path, job in jobs:
+            job.add_done_callback(functools.partial(self._signature_done, stream, path))
+
+    def _signature_done(self, stream: int, path: bytes, job: Any) -> None:
+        if self.closing or self.failure is not None:
+            return
+        try:
+            try:
+                signature = job.result()
+            except Exception as err:  # noqa: BLE001 - any failure: the file comes whole instead
+                why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                self._failed(path, f"{fspath(path)}: cannot read this edge's copy for a delta "
+                                   f"({why}); asking for it whole")
+            else:
+                with self.writer.lock:  # the whole signature, then its END
+                    self.writer.data(stream, signature)
+                    self.writer.end(stream)
+            self.writer.flush()
+        except OSError:
+            pass  # the pusher is gone: the main loop sees the stream end
 
     def _entries_end(self) -> None:
         """Full comparison: what this edge has that the upstream did not list goes."""
@@ -1258,6 +1305,8 @@ class Agent:
             "type": "committed", "generation": plan.generation,
             "published": published, "deleted": len(plan.deletes),
         })
+        self.writer.flush()
+        self._free_parked_later()
         self.plan = _Plan()
 
     def _publish(self) -> int:
@@ -1294,7 +1343,7 @@ class Agent:
                 syncfs(self.staging_fd)
         # 4. Deletions, deepest first: after the indices that referenced them.
         for path in planmod.deletion_order(set(plan.deletes)):
-            root.remove(path)
+            root.remove(path, park=self._park_deleted)
         # 5. Directory mtimes last: publishing above touched them.
         for row in sorted(plan.dirs, key=lambda r: (-planmod.depth(r.path), r.path)):
             root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
@@ -1341,7 +1390,59 @@ class Agent:
                 os.utime(fd, ns=(row.mtime_ns, row.mtime_ns))
             finally:
                 os.close(fd)
-        self.root.publish(self.staging_fd, src.encode(), row.path)
+        self.root.publish(self.staging_fd, src.encode(), row.path, park=self._park_replaced)
+
+    # A large file replaced or deleted at publish is moved aside into staging
+    # (a link, or a rename), and unlinked once "committed" is out: freeing
+    # its blocks and cached pages (tens of ms for 64 MiB) is then not part
+    # of the commit.  Leftovers of a killed agent go with its temporaries.
+    def _park_replaced(self, pfd: int, leaf: bytes, st: os.stat_result) -> None:
+        if st.st_size >= PARK_MIN and st.st_nlink == 1:
+            self._park(lambda name: os.link(leaf, name, src_dir_fd=pfd, dst_dir_fd=self.staging_fd,
+                                            follow_symlinks=False))
+
+    def _park_deleted(self, pfd: int, leaf: bytes) -> bool:
+        try:
+            st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+        except OSError:
+            return False  # unlink says what is wrong
+        if not stat.S_ISREG(st.st_mode) or st.st_size < PARK_MIN or st.st_nlink != 1:
+            return False
+        return self._park(lambda name: os.rename(leaf, name, src_dir_fd=pfd, dst_dir_fd=self.staging_fd))
+
+    def _park(self, move: Callable[[str], None]) -> bool:
+        name = f"trash.{_PID}.{next(self._tmp_counter)}"
+        try:
+            move(name)
+        except OSError:
+            return False  # (a hard link refused, say): freed at once instead
+        self._parked.append(name)
+        return True
+
+    def _free_parked(self, parked: list[str] | None = None) -> None:
+        if parked is None:
+            parked, self._parked = self._parked, []
+        for name in parked:
+            try:
+                os.unlink(name, dir_fd=self.staging_fd)
+            except OSError:
+                pass  # removed with the temporaries of a later session
+
+    def _free_parked_later(self) -> None:
+        """Unlink the parked files in a moment, from a thread: the upstream
+        hears ``committed`` first, and its own manifest update does not wait
+        behind the freeing (with ``discard``, a trim per extent)."""
+        parked, self._parked = self._parked, []
+        if not parked:
+            return
+
+        def free() -> None:
+            self._session_over.wait(PARK_FREE_DELAY)  # at once when the session ends
+            self._free_parked(parked)
+
+        freer = threading.Thread(target=free, name="free-parked", daemon=True)
+        freer.start()
+        self._freers.append(freer)
 
     def _record(self, plan: _Plan) -> None:
         with self.manifest.writer() as w:
@@ -1559,7 +1660,11 @@ class Agent:
         for entry in os.scandir(self.staging_fd):
             name = entry.name
             kind, _, rest = name.partition(".")
-            if kind in ("tmp", "stage"):
+            if kind == "trash":  # a replaced file kept to be freed after a commit
+                digits = rest.partition(".")[0]
+                if digits == str(me) or (digits.isdigit() and _alive(int(digits))):
+                    continue
+            elif kind in ("tmp", "stage"):
                 digits = rest.partition(".")[0]
                 pid = int(digits) if digits.isdigit() else None
                 if pid is not None and pid != me and _alive(pid):
@@ -1619,13 +1724,18 @@ def _index_order(path: bytes) -> tuple:
 
 def _signature_of(fd: int) -> bytes:
     """The encoded block signature of the file open on ``fd``, which it closes."""
-    from .delta import make_signature
+    from .delta import signature_of_reader
 
     try:
         size = os.fstat(fd).st_size
-        return make_signature(iter(lambda: os.read(fd, 1 << 20), b""), file_size=size).encode()
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+        except OSError:
+            pass
+        return signature_of_reader(lambda view: os.readv(fd, [view]), file_size=size).encode()
     finally:
         os.close(fd)
+
 
 
 _PID = os.getpid()  # temporary names carry it; an agent never forks

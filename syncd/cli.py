@@ -113,11 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .daemon import run_daemon
 
         return run_daemon(getattr(args, "config", None))
-    from . import gc_paused
-    from .manifest import Manifest
-    from .push import Link, push_tree
-    from .scan import scan
-    from .verify import refuse_broken_release
+    from .push import Link
 
     cfg = _load_config(args)
     mirrors = cfg.mirrors
@@ -138,6 +134,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         for link in links.values():
             link.open_in_background()
         try:
+            # Imported once the handshakes are under way (tens of ms).
+            from . import gc_paused
+            from .manifest import Manifest
+            from .push import push_tree
+            from .scan import scan
+            from .verify import refuse_broken_release
+
             with gc_paused(), Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
                 # A mirror's manifest is written by its agent from its upstream's
                 # rows; only a node that publishes by itself scans its root.

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from typing import Any, Callable
 
 from .errors import UnsafePathError
@@ -304,7 +305,8 @@ class SafeRoot:
 
     # -- writing ------------------------------------------------------------
 
-    def publish(self, src_dir_fd: int, src_name: bytes, rel: bytes) -> None:
+    def publish(self, src_dir_fd: int, src_name: bytes, rel: bytes,
+                park: Callable[[int, bytes, os.stat_result], object] | None = None) -> None:
         """Move the staged entry ``src_name`` (in ``src_dir_fd``) to ``rel`` by one rename.
 
         An existing file or symlink at ``rel`` is replaced atomically (the
@@ -313,6 +315,8 @@ class SafeRoot:
         anything inside it.  Missing parents are created (0o755); a parent that
         is a symlink or a file is an UnsafePathError.  Not fsync'ed: call
         :meth:`sync_dir` on the parents once a batch is published.
+        ``park(parent_fd, leaf, stat)`` is called first when a regular file
+        is replaced (it may keep a link to it, to free its blocks later).
         """
         pfd, leaf = self._parent(rel, create=True)
         try:
@@ -320,6 +324,8 @@ class SafeRoot:
                 st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
                 st = None
+            if park is not None and st is not None and stat.S_ISREG(st.st_mode):
+                park(pfd, leaf, st)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 log.debug("replacing directory %s with a file", show(rel))
                 self._drop_cache()
@@ -426,12 +432,14 @@ class SafeRoot:
         finally:
             os.close(pfd)
 
-    def remove(self, rel: bytes) -> bool:
+    def remove(self, rel: bytes, park: Callable[[int, bytes], bool] | None = None) -> bool:
         """Remove the file, symlink or directory tree at ``rel``; False if absent.
 
         A retried delete is done, not an error.  Symlinks are unlinked, never
         followed, also inside a removed tree.  A parent that is a symlink or
         not a directory means ``rel`` does not exist as such here: False.
+        ``park(parent_fd, leaf)``, when given, may take the entry away itself
+        (returning True), to free a large file's blocks later.
         """
         validate_name(rel)
         parents, leaf = _split(rel)
@@ -442,6 +450,8 @@ class SafeRoot:
             return False
         try:
             try:
+                if park is not None and park(pfd, leaf):
+                    return True
                 os.unlink(leaf, dir_fd=pfd)
                 return True
             except FileNotFoundError:
@@ -571,11 +581,34 @@ DIRECT_MIN = 256 * 1024
 
 
 class BufferPool:
-    """Page-aligned buffers (anonymous mmaps) for :class:`DirectWriter`, reused."""
+    """Page-aligned buffers (anonymous mmaps) for :class:`DirectWriter`, reused.
 
-    def __init__(self, size: int = DIRECT_BUF) -> None:
+    With ``write_behind``, its writers hand each full buffer to a thread of
+    the pool's (one write in flight per writer) and go on filling another:
+    hashing and the disk's transfer then overlap.  :meth:`close` stops the
+    threads.
+    """
+
+    def __init__(self, size: int = DIRECT_BUF, *, write_behind: bool = False) -> None:
         self.size = size
         self._free: list[Any] = []
+        self.write_behind = write_behind
+        self._executor: Any = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(WRITE_BEHIND_THREADS, thread_name_prefix="write-behind")
+            return self._executor.submit(fn, *args)
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def get(self) -> Any:
         import mmap
@@ -587,6 +620,10 @@ class BufferPool:
 
     def put(self, buf: Any) -> None:
         self._free.append(buf)
+
+
+#: Threads of a write-behind pool: writes to the disk, not CPU work.
+WRITE_BEHIND_THREADS = 2
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -622,6 +659,7 @@ class DirectWriter:
         self.pool = pool
         self.buf = None
         self.direct = False
+        self._in_flight: tuple[Any, memoryview, Any] | None = None  # (buffer, view, future)
         if pool is not None and offset % DIRECT_ALIGN == 0 and _set_direct(fd, True):
             self.direct = True
             self.buf = pool.get()
@@ -639,26 +677,57 @@ class DirectWriter:
             self.fill += n
             view = view[n:]
             if self.fill == size:
-                self._drain(size)
+                if self.pool.write_behind:
+                    self._write_behind()
+                else:
+                    self._drain(size)
+
+    def _write_behind(self) -> None:
+        """Hand the full buffer to the pool's threads; go on in another."""
+        self._wait()
+        pos, self.pos = self.pos, self.pos + self.fill
+        future = self.pool.submit(self._write_out, self.view[:self.fill], pos)
+        self._in_flight = (self.buf, self.view, future)
+        self.buf = self.pool.get()
+        self.view = memoryview(self.buf)
+        self.fill = 0
+
+    def _wait(self) -> None:
+        """The buffer in flight is written (its error raised here); back to the pool."""
+        if self._in_flight is None:
+            return
+        buf, view, future = self._in_flight
+        self._in_flight = None
+        try:
+            future.result()
+        finally:
+            view.release()
+            self.pool.put(buf)
+
+    def _write_out(self, out: memoryview, pos: int) -> int:
+        try:
+            while out:
+                try:
+                    w = os.pwrite(self.fd, out, pos)
+                except OSError as err:
+                    # O_DIRECT accepted at open but not this alignment (a larger
+                    # logical block, some FUSE filesystems): ordinary writes.
+                    if err.errno != errno.EINVAL or not self.direct or not _set_direct(self.fd, False):
+                        raise
+                    self.direct = False
+                    continue
+                pos += w
+                out = out[w:]
+                if out and w % DIRECT_ALIGN:
+                    # A short write off the block grid: the rest goes buffered.
+                    self.direct = False
+                    _set_direct(self.fd, False)
+        finally:
+            out.release()
+        return pos
 
     def _drain(self, n: int) -> None:
-        out = self.view[:n]
-        while out:
-            try:
-                w = os.pwrite(self.fd, out, self.pos)
-            except OSError as err:
-                # O_DIRECT accepted at open but not this alignment (a larger
-                # logical block, some FUSE filesystems): ordinary writes.
-                if err.errno != errno.EINVAL or not self.direct or not _set_direct(self.fd, False):
-                    raise
-                self.direct = False
-                continue
-            self.pos += w
-            out = out[w:]
-            if out and w % DIRECT_ALIGN:
-                # A short write off the block grid: the rest goes buffered.
-                self.direct = False
-                _set_direct(self.fd, False)
+        self.pos = self._write_out(self.view[:n], self.pos)
         self.view[: self.fill - n] = self.view[n:self.fill]
         self.fill -= n
 
@@ -673,6 +742,7 @@ class DirectWriter:
         if self.buf is None:
             return
         try:
+            self._wait()
             aligned = self.fill - self.fill % DIRECT_ALIGN
             if aligned:
                 self._drain(aligned)
@@ -685,6 +755,11 @@ class DirectWriter:
 
     def abandon(self) -> None:
         """Give the buffer back without writing what it holds."""
+        if self._in_flight is not None:
+            try:
+                self._wait()  # its buffer is the pool's again only once written
+            except OSError:
+                pass  # abandoned anyway
         if self.buf is not None:
             self.view.release()
             self.pool.put(self.buf)

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SYNCD"
 #: (major, minor).  Peers talk when majors are equal; the lower minor wins.
-PROTOCOL_VERSION = (1, 2)  # 1.1: bundles of small files ("files"); 1.2: need "copy"
+PROTOCOL_VERSION = (1, 3)
+# 1.1: bundles of small files ("files"); 1.2: need "copy"; 1.3: signature
+# streams follow the "needs" naming them, each as soon as it is computed.
 HELLO_SIZE = len(MAGIC) + 2
 
 #: Files (agent) or objects (stager) open at once on one session: each may

@@ -159,6 +159,15 @@ class _TokenBucket:
             time.sleep(-self.tokens / self.rate)
 
 
+class _SignatureArrived:
+    """In the inbox: the signature stream ``stream`` is complete."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+
+
 class _Channel:
     """Frames both ways over a session; a thread reads the agent's answers."""
 
@@ -203,6 +212,9 @@ class _Channel:
                     self.streams.setdefault(frame.stream, []).append(frame.payload)
                 else:
                     self.signatures[frame.stream] = b"".join(self.streams.pop(frame.stream, []))
+                    # 1.3: it may follow the needs naming it; the main thread
+                    # hears of it in order with the messages.
+                    self.inbox.put(_SignatureArrived(frame.stream))
             self.inbox.put(ConnectionLostError("the agent closed the connection"))
         except BaseException as err:  # handed to the main thread, which raises it
             self.inbox.put(err)
@@ -214,6 +226,8 @@ class _Channel:
             raise ConnectionLostError(f"no answer from the agent in {timeout:.0f} s") from None
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, _SignatureArrived):
+            return item
         if item.get("type") == "error":
             raise RemoteError(f"agent: {item.get('message')}")
         return item
@@ -379,8 +393,9 @@ class Pusher:
         w.message({"type": "hello", "node": self.cfg.node.name, "mirror": self.mirror.name})
         w.flush()
         welcome = ch.next_message(self.mirror.io_timeout)
-        if welcome.get("type") != "welcome":
-            raise ProtocolError(f"expected 'welcome', got {welcome.get('type')!r}")
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            got = welcome.get("type") if isinstance(welcome, dict) else "a signature stream"
+            raise ProtocolError(f"expected 'welcome', got {got!r}")
         held = welcome.get("generation")
         if welcome.get("repair"):
             log.warning("%s: reports findings of 'syncd verify --repair': full comparison", self.mirror.name)
@@ -425,6 +440,7 @@ class Pusher:
         self._batch_paths: dict[int, list[bytes]] = {}
         self._unacked: set[bytes] = set()
         self._retried: set[bytes] = set()
+        self._sig_waiting: dict[int, Entry] = {}  # 1.3: delta items whose signature is still coming
         self._bundle: list[tuple[Entry, bytes]] = []
         self._bundle_bytes = 0
         self.awaiting = 0
@@ -458,7 +474,7 @@ class Pusher:
         w.flush()
         while True:
             msg = self._next(ch)
-            if msg["type"] == "committed":
+            if isinstance(msg, dict) and msg["type"] == "committed":
                 break
             self._dispatch(ch, result, msg)
 
@@ -474,6 +490,8 @@ class Pusher:
             w.flush()
             while True:
                 msg = self._next(ch)  # "cascading" heartbeats keep io_timeout from firing
+                if isinstance(msg, _SignatureArrived):
+                    continue  # one no item asked for: nothing to do
                 if msg["type"] == "cascaded":
                     result.below = [PushResult.from_wire(r) for r in msg.get("results") or []]
                     break
@@ -490,14 +508,21 @@ class Pusher:
         """Handle one message; returns 1 when it is the kind the caller waits for."""
         msg = self._next(ch)
         self._dispatch(ch, result, msg)
-        kind = msg["type"]
+        kind = msg["type"] if isinstance(msg, dict) else None
         if expect == "needs":
             return 1 if kind == "needs" else 0
         if expect == "planned":
             return 1 if kind == "planned" else 0
         return 1
 
-    def _dispatch(self, ch: _Channel, result: PushResult, msg: dict) -> None:
+    def _dispatch(self, ch: _Channel, result: PushResult, msg: Any) -> None:
+        if isinstance(msg, _SignatureArrived):
+            entry = self._sig_waiting.pop(msg.stream, None)
+            if entry is not None:  # else the needs naming it is still to come
+                self.awaiting -= 1
+                self._send_file(ch, result, entry, "delta", ch.signatures.pop(msg.stream))
+                ch.writer.flush()
+            return
         kind = msg["type"]
         if kind in ("needs", "planned"):
             for raw in msg.get("items") or []:
@@ -522,6 +547,9 @@ class Pusher:
             if entry is None or not msg.get("retry_whole") or path in self._retried:
                 raise RemoteError(f"agent could not stage {fspath(path or b'?')}: {msg.get('error')}")
             self._retried.add(path)
+            for stream, waiting in list(self._sig_waiting.items()):
+                if waiting.path == path:  # its signature will not come (1.3)
+                    del self._sig_waiting[stream]
             log.warning("%s: %s; sending it whole", self.mirror.name, msg.get("error"))
             self.awaiting -= 1
             self._send_file(ch, result, entry, "whole", None)
@@ -553,7 +581,15 @@ class Pusher:
         signature = None
         if need == "delta":
             if sig_stream not in ch.signatures:
-                raise ProtocolError(f"no signature arrived for {fspath(path)}")
+                if ch.version < (1, 3) or not isinstance(sig_stream, int) or isinstance(sig_stream, bool):
+                    raise ProtocolError(f"no signature arrived for {fspath(path)}")
+                if sig_stream in self._sig_waiting:
+                    raise ProtocolError(f"needs: signature stream {sig_stream} named twice")
+                # 1.3: it follows; the delta starts when it is complete.
+                self._sig_waiting[sig_stream] = entry
+                self.awaiting += 1
+                self._unacked.add(path)
+                return
             signature = ch.signatures.pop(sig_stream)
         elif need != "whole":
             raise ProtocolError(f"needs: unknown need {need!r}")
@@ -638,6 +674,10 @@ class Pusher:
                 for piece in iter_delta(sig, _chunks(fd)):
                     self._check_stop()
                     w.data(stream, piece)
+                    if len(piece) < CHUNK:
+                        # Mostly copy ops, standing for megabytes: sent now,
+                        # the edge rebuilds while the rest is matched.
+                        w.flush()
             else:
                 first = os.pread(fd, CHUNK, 0)
                 packed = self._maybe_zstd(entry.path, first)
@@ -688,6 +728,8 @@ class Pusher:
         for e in rows:
             if not self.filter.excluded_path(e.path, e.kind == 1):
                 yield e
+
+
 
 
 def _wire(e: Entry) -> list:

@@ -235,7 +235,7 @@ class Stager:
         self.manifest: Manifest | None = None
         self.root: SafeRoot | None = None
         self._tmp_n = 0
-        self.buffers = BufferPool()
+        self.buffers = BufferPool(write_behind=True)
         # The writer is shared with the commit threads, which send the acks.
         self.wlock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -264,6 +264,7 @@ class Stager:
                 self._pool.shutdown(wait=True)
             for put in self.puts.values():
                 put.discard()
+            self.buffers.close()
             self.verified.close()
             os.close(self.staging_fd)
             if self.root is not None:

@@ -516,3 +516,125 @@ def test_too_many_open_files_is_an_error(edge) -> None:  # noqa: ANN001
     assert answer["type"] == "error" and "at once" in answer["message"]
     assert peer.finish() != 0
     assert list(edge.root.iterdir()) == []
+
+
+def commit_one_file(edge, path: bytes, data: bytes, gen: int = 1) -> None:  # noqa: ANN001
+    """Generation ``gen`` of the edge: the one file ``path``, sent whole."""
+    peer = Peer(edge.ini)
+    assert push_one(peer, gen, path, data, [])["type"] == "committed"
+    assert peer.finish() == 0
+
+
+@pytest.mark.parametrize("version", [(1, 2), (1, 3)])
+def test_signatures_follow_the_needs_from_protocol_1_3_on(edge, version: tuple[int, int]) -> None:  # noqa: ANN001
+    # 1.3: the needs naming a signature stream comes first, and the signature
+    # (DATA..., END) as soon as it is computed; 1.2: signatures, then needs.
+    old = os.urandom(256 * 1024)
+    commit_one_file(edge, b"f", old)
+    new = old[:1000] + b"inserted" + old[1000:]
+    peer = Peer(edge.ini, version)
+    peer.send({**begin(2), "full": False}, {"type": "entries", "batch": 1, "rows": [row(b"f", new, gen=2)]})
+    order = []
+    while True:
+        frame = peer.r.read_frame()
+        order.append((frame.kind, frame.stream))
+        if frame.kind is FrameType.MESSAGE:
+            needs = frame.payload
+            if version < (1, 3):
+                break
+        elif frame.kind is FrameType.END:
+            if version >= (1, 3):
+                break
+    assert needs["type"] == "needs"
+    action, path, need, _, sig_stream = needs["items"][0]
+    assert (action, path, need) == ("delta", b"f", "delta")
+    kinds = [k for k, s in order if k is FrameType.MESSAGE or s == sig_stream]
+    if version >= (1, 3):
+        assert kinds[0] is FrameType.MESSAGE and kinds[-1] is FrameType.END
+    else:
+        assert kinds[0] is FrameType.DATA and kinds[-1] is FrameType.MESSAGE
+    peer.send({"type": "abort"})
+    assert peer.finish() == 0
+
+
+def test_a_signature_that_cannot_be_read_asks_for_the_file_whole() -> None:
+    # The signature thread's failure (the edge's copy unreadable) is not the
+    # session's end: the item's file is asked for again, whole (1.3).
+    from syncd.agent import Agent, _LockedWriter
+
+    sent = bytearray()
+    writer = _LockedWriter(sent.extend)
+    fake = type("FakeAgent", (), {})()
+    fake.closing, fake.failure, fake.writer = False, None, writer
+    fake._failed = lambda path, error: Agent._failed(fake, path, error)
+
+    class Failed:
+        def result(self) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    Agent._signature_done(fake, 7, b"pool/x.deb", Failed())
+    frames = list(FrameReader(_reader(bytes(sent))))
+    assert len(frames) == 1 and frames[0].kind is FrameType.MESSAGE
+    msg = frames[0].payload
+    assert msg["type"] == "failed" and msg["path"] == b"pool/x.deb" and msg["retry_whole"] is True
+    assert "Input/output error" in msg["error"]
+
+
+def _reader(data: bytes):  # noqa: ANN202
+    view = memoryview(data)
+    at = [0]
+
+    def recv(n: int) -> bytes:
+        chunk = bytes(view[at[0]:at[0] + n])
+        at[0] += len(chunk)
+        return chunk
+
+    return recv
+
+
+def test_large_replaced_and_deleted_files_are_freed_after_the_commit(edge) -> None:  # noqa: ANN001
+    # A large file replaced, and one deleted, are moved aside into staging at
+    # publish and unlinked after "committed" (here: at the session's end, or
+    # a second later); a killed agent's leftovers go at the next session.
+    big, gone = os.urandom(2 << 20), os.urandom(2 << 20)
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"big", big), row(b"gone", gone)]},
+              {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    for stream, (path, data) in enumerate([(b"big", big), (b"gone", gone)], 1):
+        peer.w.message({"type": "file", "stream": stream, "path": path, "how": "whole", "size": len(data),
+                        "sha256": hashlib.sha256(data).digest()})
+        peer.w.data(stream, data)
+        peer.w.end(stream)
+    peer.send({"type": "commit", "generation": 1})
+    answers = [peer.message() for _ in range(3)]
+    assert answers[-1]["type"] == "committed"
+    assert peer.finish() == 0
+    staging = edge.state / "staging"
+    (staging / "trash.999999999.1").write_bytes(b"left by a killed agent")
+
+    new = os.urandom(2 << 20)
+    peer = Peer(edge.ini)
+    assert not (staging / "trash.999999999.1").exists()
+    tombstone = row(b"gone", gone, gen=2)
+    tombstone[7] = 1
+    peer.send({**begin(2), "full": False},
+              {"type": "entries", "batch": 1, "rows": [row(b"big", new, gen=2), tombstone]},
+              {"type": "entries_end"})
+    needs = peer.message()
+    assert [i[:3] for i in needs["items"]][0][:2] == ["delta", b"big"]
+    assert peer.message()["type"] == "planned"
+    peer.w.message({"type": "file", "stream": 1, "path": b"big", "how": "whole", "size": len(new),
+                    "sha256": hashlib.sha256(new).digest()})
+    peer.w.data(1, new)
+    peer.w.end(1)
+    peer.send({"type": "commit", "generation": 2})
+    while (answer := peer.message())["type"] != "committed":
+        assert answer["type"] == "staged", answer
+    # Committed, and both old files are still held in staging for a moment.
+    assert len([p for p in staging.iterdir() if p.name.startswith("trash.")]) == 2
+    assert (edge.root / "big").read_bytes() == new
+    assert not (edge.root / "gone").exists()
+    assert peer.finish() == 0
+    assert [p.name for p in staging.iterdir() if p.name.startswith(("trash.", "tmp."))] == []

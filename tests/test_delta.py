@@ -21,6 +21,7 @@ from syncd.delta import (
     iter_delta,
     make_signature,
     patch_bytes,
+    signature_of_reader,
 )
 from syncd.delta import format as fmt
 from syncd.delta.encode import PIECE_SIZE
@@ -29,10 +30,12 @@ from syncd.errors import DeltaFormatError, PatchMismatchError
 
 #: Parameters small enough that every window, read and literal splits.
 TINY = DeltaParams(
-    window_min=1, window_max=3, read_ahead=1, max_literal=5, bail_run=50, probe_every=7, probe_window=2
+    window_min=1, window_max=3, read_ahead=1, max_literal=5, bail_run=50, probe_every=7, probe_window=2,
+    copy_stream=1,
 )
 SMALL = DeltaParams(
-    window_min=16, window_max=64, read_ahead=10, max_literal=100, bail_run=400, probe_every=100, probe_window=40
+    window_min=16, window_max=64, read_ahead=10, max_literal=100, bail_run=400, probe_every=100, probe_window=40,
+    copy_stream=150,
 )
 PARAMS = st.sampled_from([DeltaParams(), SMALL, TINY])
 BLOCK_SIZES = st.sampled_from([1, 2, 3, 7, 16, 64, 100])
@@ -144,6 +147,50 @@ def test_signature_streams_and_round_trips(data, block_size, strong_len, cuts):
     for i in range(whole.block_count):
         block = data[i * block_size : (i + 1) * block_size]
         assert int(whole.weak[i]) == ref_weak(block)
+
+
+@given(st.binary(max_size=5000), st.lists(st.integers(1, 3000), min_size=1, max_size=8))
+def test_signature_of_reader_equals_make_signature(data, reads):
+    # A reader that hands out fewer bytes than asked, in varying amounts.
+    at = 0
+    sizes = iter(reads * 10_000)
+
+    def readinto(view: memoryview) -> int:
+        nonlocal at
+        n = min(len(view), next(sizes), len(data) - at)
+        view[:n] = data[at : at + n]
+        at += n
+        return n
+
+    got = signature_of_reader(readinto, file_size=len(data))
+    assert got == make_signature(data)
+    assert got.encode() == make_signature(data).encode()
+
+
+def test_signature_of_reader_records_what_was_read():
+    data = pseudo_random(3 << 20)
+    view_at = [0]
+
+    def readinto(view: memoryview) -> int:
+        n = min(len(view), len(data) - view_at[0])
+        view[:n] = data[view_at[0] : view_at[0] + n]
+        view_at[0] += n
+        return n
+
+    # The file shrank after its stat: the signature is of the bytes read.
+    got = signature_of_reader(readinto, file_size=5 << 20)
+    assert got == make_signature(data, block_size=got.block_size)
+    assert got.file_size == len(data)
+
+
+def test_a_long_match_streams_copy_ops():
+    old = pseudo_random(1 << 20)
+    sig = make_signature(old, block_size=256)
+    pieces = list(iter_delta(sig, [old], params=DeltaParams(copy_stream=64 << 10)))
+    # 16 copies of 64 KiB, each sent as soon as it is complete, and the end.
+    assert len(pieces) >= 16
+    assert all(len(p) < 64 for p in pieces)
+    assert patch_bytes(old, b"".join(pieces)) == old
 
 
 def test_signature_block_size_choice():

@@ -630,10 +630,10 @@ def test_random_operations_never_touch_outside(ops: list[tuple[str, bytes]]) -> 
 _CHUNKS = st.lists(st.integers(min_value=0, max_value=300_000), max_size=12)
 
 
-@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("pooled,behind", [(True, False), (True, True), (False, False)])
 @given(sizes=_CHUNKS, start_blocks=st.integers(min_value=0, max_value=3), misalign=st.booleans())
 def test_direct_writer_writes_exactly_what_it_was_given(tmp_path_factory: pytest.TempPathFactory, pooled: bool,
-                                                         sizes: list[int], start_blocks: int,
+                                                         behind: bool, sizes: list[int], start_blocks: int,
                                                          misalign: bool) -> None:
     # Any chunking, an aligned or unaligned start, O_DIRECT or not: the file
     # holds the bytes at their offsets, the buffer goes back to the pool, and
@@ -641,7 +641,7 @@ def test_direct_writer_writes_exactly_what_it_was_given(tmp_path_factory: pytest
     path = tmp_path_factory.mktemp("direct") / "f"
     offset = start_blocks * DIRECT_ALIGN + (123 if misalign else 0)
     data = os.urandom(sum(sizes))
-    pool = BufferPool(64 * 1024) if pooled else None
+    pool = BufferPool(64 * 1024, write_behind=behind) if pooled else None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         w = DirectWriter(fd, offset, pool)
@@ -655,13 +655,37 @@ def test_direct_writer_writes_exactly_what_it_was_given(tmp_path_factory: pytest
         assert os.fstat(fd).st_size == (offset + len(data) if data else 0)
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
         if pooled:
-            assert len(pool._free) == (0 if misalign else 1)  # an unaligned start never takes one
+            # An unaligned start never takes one; writing behind, a second
+            # buffer fills while the first is written.
+            taken = 0 if misalign else (2 if behind and len(data) >= 64 * 1024 else 1)
+            assert len(pool._free) == taken
     finally:
         os.close(fd)
+        if pool is not None:
+            pool.close()
 
 
-def test_direct_writer_abandon_returns_the_buffer_and_writes_nothing_more(tmp_path: Path) -> None:
-    pool = BufferPool(DIRECT_ALIGN * 4)
+def test_direct_writer_behind_reports_a_failed_write(tmp_path: Path) -> None:
+    # The write runs in the pool's thread: its error reaches the writer's
+    # caller at the next full buffer or at close, and the buffer comes back.
+    pool = BufferPool(DIRECT_ALIGN * 4, write_behind=True)
+    (tmp_path / "f").write_bytes(b"")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        w = DirectWriter(fd, 0, pool)
+        with pytest.raises(OSError):
+            w.write(b"x" * (DIRECT_ALIGN * 9))
+            w.close()
+        w.abandon()
+        assert w._in_flight is None and w.buf is None
+    finally:
+        os.close(fd)
+        pool.close()
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_direct_writer_abandon_returns_the_buffer_and_writes_nothing_more(tmp_path: Path, behind: bool) -> None:
+    pool = BufferPool(DIRECT_ALIGN * 4, write_behind=behind)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         w = DirectWriter(fd, 0, pool)
@@ -669,9 +693,10 @@ def test_direct_writer_abandon_returns_the_buffer_and_writes_nothing_more(tmp_pa
         w.abandon()
         w.close()
         assert os.fstat(fd).st_size == DIRECT_ALIGN * 4
-        assert len(pool._free) == 1
+        assert len(pool._free) == (2 if behind else 1)
     finally:
         os.close(fd)
+        pool.close()
 
 
 def test_sha256_around_cache_reads_the_whole_file(tmp_path: Path) -> None:

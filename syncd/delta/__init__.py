@@ -9,7 +9,7 @@ The byte format is in ``docs/delta-format.md``.
 
 from .encode import DeltaParams, DeltaStats, delta_bytes, iter_delta
 from .patch import Patcher, patch_bytes
-from .signature import Signature, block_size_for, decode_signature, make_signature
+from .signature import Signature, block_size_for, decode_signature, make_signature, signature_of_reader
 
 __all__ = [
     "DeltaParams",
@@ -21,5 +21,6 @@ __all__ = [
     "delta_bytes",
     "iter_delta",
     "make_signature",
+    "signature_of_reader",
     "patch_bytes",
 ]

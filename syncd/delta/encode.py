@@ -33,7 +33,7 @@ import numpy as np
 import xxhash
 
 from . import format as fmt
-from .rollsum import Roller, weak_sum
+from .rollsum import Roller, block_sums, weak_sum
 from .signature import Signature
 
 __all__ = ["DeltaParams", "DeltaStats", "iter_delta", "delta_bytes"]
@@ -45,6 +45,10 @@ PIECE_SIZE = 1 << 20
 _PIECE_SLACK = 64
 #: Below this strong length an aligned match is confirmed by its weak sum too.
 _SHORT_STRONG = 8
+#: Blocks checked at once where the new file follows the old one block by
+#: block: from _RUN_START, doubling up to _RUN_BLOCKS while all match.
+_RUN_START = 8
+_RUN_BLOCKS = 256
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,17 @@ class DeltaParams:
     bail_run: int = 8 << 20
     probe_every: int = 8 << 20
     probe_window: int = 256 << 10
+    #: A run of matched blocks goes out as a copy op every time it covers
+    #: this much: the edge rebuilds the file while the rest is matched.
+    copy_stream: int = 4 << 20
 
     def __post_init__(self) -> None:
         if not 1 <= self.window_min <= self.window_max:
             raise ValueError("need 1 <= window_min <= window_max")
         if not 1 <= self.max_literal <= fmt.MAX_LITERAL:
             raise ValueError(f"max_literal must be in [1, {fmt.MAX_LITERAL}]")
-        if self.read_ahead < 1 or self.bail_run < 1 or self.probe_every < 1 or self.probe_window < 1:
-            raise ValueError("read_ahead, bail_run, probe_every and probe_window must be >= 1")
+        if min(self.read_ahead, self.bail_run, self.probe_every, self.probe_window, self.copy_stream) < 1:
+            raise ValueError("read_ahead, bail_run, probe_every, probe_window and copy_stream must be >= 1")
 
 
 @dataclass
@@ -186,6 +193,7 @@ class _Encoder:
         self.copy_off = 0  # pending copy, merged while contiguous
         self.copy_len = 0
         self.next_idx: int | None = 0
+        self.run_blocks = _RUN_START
         self.out: list[bytes] = []
         self.out_len = 0
         self.ready: list[bytes] = []
@@ -271,6 +279,12 @@ class _Encoder:
             self.copy_off, self.copy_len = old_off, length
         self.stats.matched_bytes += length
         self.pos = self.lit = at + length
+        if self.copy_len >= self.p.copy_stream:
+            # Out now, not when the run ends: a file that is mostly unchanged
+            # is otherwise one copy op, sent only once all of it was matched.
+            self.flush_copy()
+            self.ready.append(b"".join(self.out))
+            self.out, self.out_len = [], 0
 
     # -- matching -----------------------------------------------------------
 
@@ -289,6 +303,38 @@ class _Encoder:
             if weak_sum(self.view[at : at + self.B]) != int(self.sig.weak[idx]):
                 idx = None
         return idx
+
+    def aligned_run(self) -> int:
+        """How many full blocks from pos equal the old file's blocks
+        next_idx, next_idx + 1, ... in order: the common case of a file
+        mostly unchanged, checked many blocks to a call (their strong sums
+        side by side) instead of block by block.  Only blocks already read
+        are looked at; 0 leaves the decision to the block-by-block path."""
+        B, sl, first = self.B, self.sl, self.next_idx
+        # The batch doubles while whole batches match and starts small again
+        # after a difference: a file changed every few blocks (an index
+        # regenerated with entries added) does not hash blocks it then
+        # looks at again one by one.
+        n = min(self.index.full - first, (len(self.data) - self.pos) // B, self.run_blocks)
+        if n < 2:
+            return 0
+        view, pos, digest = self.view, self.pos, xxhash.xxh3_128_digest
+        got = b"".join([digest(view[pos + i * B : pos + (i + 1) * B])[:sl] for i in range(n)])
+        want = self.sig.strong[first * sl : (first + n) * sl]
+        if got == want:
+            self.run_blocks = min(2 * self.run_blocks, _RUN_BLOCKS)
+        else:
+            self.run_blocks = _RUN_START
+            same = np.frombuffer(got, dtype=np.uint8).reshape(n, sl) == np.frombuffer(want, dtype=np.uint8).reshape(n, sl)
+            n = int(np.argmin(same.all(axis=1)))  # the first block that differs
+            if n == 0:
+                return 0
+        if self.index.short_strong:  # short strong sums are confirmed by the weak ones too
+            blocks = np.frombuffer(self.data, dtype=np.uint8, count=n * B, offset=pos).reshape(n, B)
+            equal = block_sums(blocks) == self.sig.weak[first : first + n]
+            if not equal.all():
+                n = int(np.argmin(equal))
+        return n
 
     def roll(self, window: int) -> bool:
         """Search one window of offsets from pos; on a match emit it and return True."""
@@ -371,6 +417,13 @@ class _Encoder:
                     continue
             if self.fill(B) < B:
                 break
+            if not rolling and self.next_idx is not None:
+                run = self.aligned_run()
+                if run:
+                    first = self.next_idx
+                    self.emit_copy(self.pos, first * B, run * B)
+                    self.next_idx = first + run
+                    continue
             if not rolling:
                 at = self.pos
                 idx = self.aligned(at, self.next_idx)

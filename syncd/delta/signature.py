@@ -10,7 +10,7 @@ anything is allocated.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import xxhash
@@ -20,7 +20,7 @@ from syncd.errors import DeltaFormatError
 from . import format as fmt
 from .rollsum import block_sums
 
-__all__ = ["Signature", "block_size_for", "make_signature", "decode_signature"]
+__all__ = ["Signature", "block_size_for", "make_signature", "signature_of_reader", "decode_signature"]
 
 #: rsync's smallest default block and its largest (protocol 30 and later).
 MIN_AUTO_BLOCK = 700
@@ -174,6 +174,44 @@ def make_signature(
     if len(buf) % block_size:
         tail = buf[count * block_size :]
         _sum_blocks(tail, 1, len(tail), strong_len, weak_parts, strong_parts)
+    weak = np.concatenate(weak_parts) if weak_parts else np.zeros(0, dtype=np.uint32)
+    return Signature(block_size, strong_len, total, weak.astype(np.uint32, copy=False), b"".join(strong_parts))
+
+
+def signature_of_reader(
+    readinto: Callable[[memoryview], int], *, file_size: int, strong_len: int = 16
+) -> Signature:
+    """Signature of the old file read by ``readinto`` (fills the buffer it is
+    given as far as it can, like ``RawIOBase.readinto``; 0 at the end).
+
+    The same signature as :func:`make_signature` of the same bytes, built in
+    one reused buffer: no per-read allocation and no joining of reads.
+    """
+    block_size = block_size_for(file_size)
+    _check_params(block_size, strong_len)
+    batch = max(1, _BATCH // block_size) * block_size
+    buf = bytearray(batch)
+    view = memoryview(buf)
+    weak_parts: list[np.ndarray] = []
+    strong_parts: list[bytes] = []
+    total = 0
+    at_end = False
+    while not at_end:
+        filled = 0
+        while filled < batch:
+            n = readinto(view[filled:])
+            if not n:
+                at_end = True
+                break
+            filled += n
+        total += filled
+        count = filled // block_size
+        if count:
+            _sum_blocks(view[: count * block_size], count, block_size, strong_len, weak_parts, strong_parts)
+        if filled % block_size:  # only at the end: a batch is whole blocks
+            tail = view[count * block_size : filled]
+            _sum_blocks(tail, 1, len(tail), strong_len, weak_parts, strong_parts)
+            at_end = True
     weak = np.concatenate(weak_parts) if weak_parts else np.zeros(0, dtype=np.uint32)
     return Signature(block_size, strong_len, total, weak.astype(np.uint32, copy=False), b"".join(strong_parts))
 
