@@ -99,6 +99,14 @@ class _NoClientRekeyPacketizer(Packetizer):
 
 
 def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> paramiko.Transport:
+    # paramiko leaves Nagle on: a small packet sent while the one before is
+    # unacknowledged then waits for the peer's delayed ACK (40 ms on Linux),
+    # twice in the handshake (the auth request, the channel open) and on
+    # every small request of a push.  Its own writes are whole packets.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not TCP (a proxy's socketpair): nothing to wait for
     transport = paramiko.Transport(
         sock,
         default_window_size=WINDOW_SIZE,

@@ -70,6 +70,10 @@ def test_echo_integrity_both_ways(sshd):
     with open_session(sshd.mirror("cat")) as session:
         assert isinstance(session, Session)
         assert session.cipher == "aes128-gcm@openssh.com"
+        # Nagle off: a small request never waits for the peer's delayed ACK.
+        import socket
+
+        assert session._transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert echo_through(session, payload) == payload
         assert session.exit_status(10) == 0
 
