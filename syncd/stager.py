@@ -225,9 +225,12 @@ class _Sink:
 class Stager:
     """One stage-only session over ``recv`` / ``send_all``."""
 
-    def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None]) -> None:
+    def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None],
+                 recv_into: Callable[[memoryview], int] | None = None) -> None:
         self.cfg = cfg
-        self.reader = FrameReader(recv)
+        # Each DATA body is hashed and copied out (or decompressed) before
+        # the next frame is read: one receive buffer serves them all.
+        self.reader = FrameReader(recv, recv_into=recv_into, reuse_data=True)
         self.writer = FrameWriter(send_all)
         self.staging = cfg.node.state_dir / "staging"
         self.puts: dict[int, _Put] = {}
@@ -580,4 +583,4 @@ def serve_stage_stdio(cfg: Config) -> int:
     from .agent import stdio
 
     recv, send_all = stdio()
-    return Stager(cfg, recv, send_all).serve()
+    return Stager(cfg, recv, send_all, recv_into=lambda view: os.readv(0, [view])).serve()

@@ -254,6 +254,34 @@ def test_frame_stream_round_trip_with_recv_into(items, sizes, max_body):
     assert [(f.kind, f.stream, f.payload) for f in reader] == [tuple(i) for i in items]
 
 
+@given(frames, st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(16, 1024),
+       st.integers(8, 2000))
+def test_frame_stream_round_trip_with_reused_data_buffer(items, sizes, max_body, block_size):
+    """reuse_data: each DATA body is a view of one buffer, right until the next frame is read."""
+    raw, _ = write_frames(items, max_body=max(max_body, 1 << 16))
+    chunked = Chunked(raw, sizes)
+    reader = FrameReader(chunked, recv_into=chunked.into, max_body=1 << 16, block_size=block_size,
+                         reuse_data=True)
+    assert reader.read_hello() == PROTOCOL_VERSION
+    got = []
+    for f in reader:
+        if f.kind is FrameType.DATA:
+            assert isinstance(f.payload, memoryview)
+            got.append((f.kind, f.stream, bytes(f.payload)))  # copied before the next read
+        else:
+            got.append((f.kind, f.stream, f.payload))
+    assert got == [tuple(i) for i in items]
+
+
+def test_reused_data_buffer_truncated_body():
+    raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
+    chunked = Chunked(raw[:-100], [700])
+    reader = FrameReader(chunked, recv_into=chunked.into, block_size=64, reuse_data=True)
+    reader.read_hello()
+    with pytest.raises(ProtocolError, match="stream ended inside a DATA frame body"):
+        reader.read_frame()
+
+
 def test_recv_into_truncated_data_body():
     raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
     chunked = Chunked(raw[:-100], [700])
