@@ -306,7 +306,7 @@ class SafeRoot:
     # -- writing ------------------------------------------------------------
 
     def publish(self, src_dir_fd: int, src_name: bytes, rel: bytes,
-                park: Callable[[int, bytes, os.stat_result], object] | None = None) -> None:
+                park: Callable[[int, bytes, os.stat_result], object] | None = None) -> os.stat_result:
         """Move the staged entry ``src_name`` (in ``src_dir_fd``) to ``rel`` by one rename.
 
         An existing file or symlink at ``rel`` is replaced atomically (the
@@ -317,6 +317,8 @@ class SafeRoot:
         :meth:`sync_dir` on the parents once a batch is published.
         ``park(parent_fd, leaf, stat)`` is called first when a regular file
         is replaced (it may keep a link to it, to free its blocks later).
+        Returns the published entry's own stat (taken through the parent fd
+        at hand: the caller records it without walking the path again).
         """
         pfd, leaf = self._parent(rel, create=True)
         try:
@@ -331,6 +333,7 @@ class SafeRoot:
                 self._drop_cache()
                 _rmtree(pfd, leaf)
             os.rename(src_name, leaf, src_dir_fd=src_dir_fd, dst_dir_fd=pfd)
+            return os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(pfd)
 
@@ -369,16 +372,17 @@ class SafeRoot:
         finally:
             os.close(pfd)
 
-    def set_meta(self, rel: bytes, *, mode: int | None, mtime_ns: int | None) -> None:
+    def set_meta(self, rel: bytes, *, mode: int | None, mtime_ns: int | None) -> os.stat_result | None:
         """Set permission bits and/or mtime of ``rel`` without following a symlink.
 
         Files and directories go through an ``O_NOFOLLOW`` fd.  A symlink leaf
         gets only its own mtime (``mode`` is ignored: chmod through a symlink
-        would change its target).  atime is kept.
+        would change its target).  atime is kept.  Returns the entry's stat
+        afterwards where that costs one fstat (the common case), else None.
         """
         if mode is None and mtime_ns is None:
             validate_name(rel)
-            return
+            return None
         pfd, leaf = self._parent(rel, create=False)
         try:
             try:
@@ -388,7 +392,7 @@ class SafeRoot:
                     if mtime_ns is not None:
                         st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
                         os.utime(leaf, ns=(st.st_atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
-                    return
+                    return None
                 if err.errno != errno.EACCES or not _O_PATH:
                     raise
                 # Unreadable to us (mode 000, agent not root): reach the inode by an
@@ -404,12 +408,13 @@ class SafeRoot:
                         os.utime(proc, ns=(os.fstat(fd).st_atime_ns, mtime_ns))
                 finally:
                     os.close(fd)
-                return
+                return None
             try:
                 if mode is not None:
                     os.fchmod(fd, stat.S_IMODE(mode))
                 if mtime_ns is not None:
                     os.utime(fd, ns=(os.fstat(fd).st_atime_ns, mtime_ns))
+                return os.fstat(fd)
             finally:
                 os.close(fd)
         finally:
