@@ -169,6 +169,7 @@ class _Plan:
     seen: "_PathSet" = field(default_factory=lambda: _PathSet())  # full mode: every path listed (class below)
     pending: set[bytes] = field(default_factory=set)  # SHA-256s asked for and not yet staged
     made_dirs: set[bytes] = field(default_factory=set)  # new directories the _DirMaker made
+    signatures: int = 0  # signatures of the edge's old copies asked for
 
 
 class _PathSet:
@@ -1184,6 +1185,7 @@ class Agent:
         each one, in order, before the batch's ``needs``, which names them.
         """
         fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
+        self.plan.signatures += 1
         if self._sig_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -1244,7 +1246,9 @@ class Agent:
                 items.append([planmod.DELETE, path, None, None, None])
             self.plan.seen.clear()
         self.writer.message({"type": "planned", "items": items})
-        if self.plan.files and not self.plan.dry_run:
+        # Not while signatures read the edge's old copies: those reads would
+        # queue behind the writes (measured: the first delta started 0.1 s later).
+        if self.plan.files and not self.plan.dry_run and not self.plan.signatures:
             self._start_early_sync()
 
     def _start_early_sync(self) -> None:
