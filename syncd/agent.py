@@ -87,6 +87,8 @@ CASCADE_HEARTBEAT = 5.0
 DELTA_MIN_SIZE = 64 * 1024
 #: Replaced or deleted files from this size on are freed after the commit.
 PARK_MIN = 1 << 20
+#: From this size on, an old copy's signature is computed in two halves at once.
+SIG_SPLIT_MIN = 16 << 20
 PARK_FREE_DELAY = 1.0  # seconds after the commit
 COPY_CHUNK = 8 << 20
 # Protocol 1.2: a local copy of a file from this size on is made by a
@@ -1206,7 +1208,15 @@ class Agent:
 
             self._sig_pool = ThreadPoolExecutor(STAGING_WORKERS, thread_name_prefix="signature")
         self._sig_stream = getattr(self, "_sig_stream", 0) + 1
-        self._sig_jobs.append((self._sig_stream, path, self._sig_pool.submit(_signature_of, fd)))
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            size = 0  # _signature_of meets the same error and reports it
+        if size >= SIG_SPLIT_MIN:
+            job = _split_signature(self._sig_pool, fd, size)
+        else:
+            job = self._sig_pool.submit(_signature_of, fd)
+        self._sig_jobs.append((self._sig_stream, path, job))
         return self._sig_stream
 
     def _send_signatures(self) -> None:
@@ -1787,6 +1797,59 @@ def _index_order(path: bytes) -> tuple:
     else:
         rank = 1
     return (rank, -planmod.depth(path), path)
+
+
+def _split_signature(pool: Any, fd: int, size: int) -> Any:
+    """The encoded signature of a large file open on ``fd`` (closed at the
+    end), its two halves computed at once by the pool's two threads: the
+    first signature of a push is ready in about half the time, and its delta
+    starts while the next file's signature is read.  A Future."""
+    from concurrent.futures import Future
+
+    from .delta import block_size_for, join_signatures, signature_of_reader
+
+    block = block_size_for(size)
+    mid = size // 2 // block * block
+    ranges = [(0, mid), (mid, size - mid)]
+    done: Future = Future()
+    results: list[Any] = [None, None]
+    left = [len(ranges)]
+    lock = threading.Lock()
+
+    def part(offset: int, length: int) -> Any:
+        end = offset + length
+        at = [offset]
+
+        def readinto(view: memoryview) -> int:
+            want = min(len(view), end - at[0])
+            if want <= 0:
+                return 0
+            got = os.preadv(fd, [view[:want]], at[0])
+            at[0] += got
+            return got
+
+        return signature_of_reader(readinto, file_size=length, block_size=block)
+
+    def finished(i: int, job: Any) -> None:
+        with lock:
+            results[i] = job
+            left[0] -= 1
+            last = left[0] == 0
+        if not last:
+            return
+        os.close(fd)
+        try:
+            done.set_result(join_signatures([r.result() for r in results]).encode())
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on it
+            done.set_exception(err)
+
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+    for i, (offset, length) in enumerate(ranges):
+        pool.submit(part, offset, length).add_done_callback(functools.partial(finished, i))
+    return done
 
 
 def _signature_of(fd: int) -> bytes:

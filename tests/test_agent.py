@@ -638,3 +638,20 @@ def test_large_replaced_and_deleted_files_are_freed_after_the_commit(edge) -> No
     assert not (edge.root / "gone").exists()
     assert peer.finish() == 0
     assert [p.name for p in staging.iterdir() if p.name.startswith(("trash.", "tmp."))] == []
+
+
+def test_a_large_signature_is_computed_in_two_halves(tmp_path: Path) -> None:
+    # The two halves of a large old copy are read at once; joined, they are
+    # the file's signature.  An unreadable copy fails the one Future.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from syncd.agent import SIG_SPLIT_MIN, _split_signature
+    from syncd.delta import make_signature
+
+    data = os.urandom(SIG_SPLIT_MIN + 123_457)
+    (tmp_path / "old").write_bytes(data)
+    with ThreadPoolExecutor(2) as pool:
+        fd = os.open(tmp_path / "old", os.O_RDONLY)
+        assert _split_signature(pool, fd, len(data)).result(timeout=60) == make_signature(data).encode()
+        with pytest.raises(OSError):
+            _split_signature(pool, os.open(tmp_path, os.O_RDONLY), SIG_SPLIT_MIN).result(timeout=60)

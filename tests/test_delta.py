@@ -20,6 +20,7 @@ from syncd.delta import (
     delta_bytes,
     iter_delta,
     make_signature,
+    join_signatures,
     patch_bytes,
     signature_of_reader,
 )
@@ -165,6 +166,21 @@ def test_signature_of_reader_equals_make_signature(data, reads):
     got = signature_of_reader(readinto, file_size=len(data))
     assert got == make_signature(data)
     assert got.encode() == make_signature(data).encode()
+
+
+@given(st.binary(max_size=5000), BLOCK_SIZES, st.integers(0, 5000))
+def test_signatures_of_parts_join_into_the_whole(data, block_size, cut):
+    # Parts cut at a block boundary, each read with the whole file's blocks.
+    at = min(cut, len(data)) // block_size * block_size
+    parts = [make_signature(data[:at], block_size=block_size),
+             make_signature(data[at:], block_size=block_size)]
+    assert join_signatures(parts) == make_signature(data, block_size=block_size)
+    with pytest.raises(ValueError):
+        join_signatures([])
+    if at % block_size == 0 and len(data) > at + 1 and block_size > 1:
+        ragged = make_signature(data[:at + 1], block_size=block_size)
+        with pytest.raises(ValueError):
+            join_signatures([ragged, make_signature(data[at + 1:], block_size=block_size)])
 
 
 def test_signature_of_reader_records_what_was_read():

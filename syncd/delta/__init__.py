@@ -9,7 +9,8 @@ The byte format is in ``docs/delta-format.md``.
 
 from .encode import DeltaParams, DeltaStats, delta_bytes, iter_delta
 from .patch import Patcher, patch_bytes
-from .signature import Signature, block_size_for, decode_signature, make_signature, signature_of_reader
+from .signature import (Signature, block_size_for, decode_signature, join_signatures, make_signature,
+                        signature_of_reader)
 
 __all__ = [
     "DeltaParams",
@@ -21,6 +22,7 @@ __all__ = [
     "delta_bytes",
     "iter_delta",
     "make_signature",
+    "join_signatures",
     "signature_of_reader",
     "patch_bytes",
 ]

@@ -20,7 +20,8 @@ from syncd.errors import DeltaFormatError
 from . import format as fmt
 from .rollsum import block_sums
 
-__all__ = ["Signature", "block_size_for", "make_signature", "signature_of_reader", "decode_signature"]
+__all__ = ["Signature", "block_size_for", "make_signature", "signature_of_reader", "join_signatures",
+           "decode_signature"]
 
 #: rsync's smallest default block and its largest (protocol 30 and later).
 MIN_AUTO_BLOCK = 700
@@ -179,15 +180,19 @@ def make_signature(
 
 
 def signature_of_reader(
-    readinto: Callable[[memoryview], int], *, file_size: int, strong_len: int = 16
+    readinto: Callable[[memoryview], int], *, file_size: int, strong_len: int = 16,
+    block_size: int | None = None,
 ) -> Signature:
     """Signature of the old file read by ``readinto`` (fills the buffer it is
     given as far as it can, like ``RawIOBase.readinto``; 0 at the end).
 
     The same signature as :func:`make_signature` of the same bytes, built in
     one reused buffer: no per-read allocation and no joining of reads.
+    ``block_size`` (default: the one for ``file_size``) lets a part of a
+    larger file be read with that file's blocks (see :func:`join_signatures`).
     """
-    block_size = block_size_for(file_size)
+    if block_size is None:
+        block_size = block_size_for(file_size)
     _check_params(block_size, strong_len)
     batch = max(1, _BATCH // block_size) * block_size
     buf = bytearray(batch)
@@ -214,6 +219,24 @@ def signature_of_reader(
             at_end = True
     weak = np.concatenate(weak_parts) if weak_parts else np.zeros(0, dtype=np.uint32)
     return Signature(block_size, strong_len, total, weak.astype(np.uint32, copy=False), b"".join(strong_parts))
+
+
+def join_signatures(parts: list[Signature]) -> Signature:
+    """The signature of a file from those of consecutive parts of it, each
+    cut at a block boundary (all but the last a whole number of blocks) and
+    built with the same block size and strong length."""
+    if not parts:
+        raise ValueError("no parts to join")
+    first = parts[0]
+    for part in parts:
+        if (part.block_size, part.strong_len) != (first.block_size, first.strong_len):
+            raise ValueError("parts of one signature need one block size and strong length")
+    for part in parts[:-1]:
+        if part.file_size % part.block_size:
+            raise ValueError("only the last part may end inside a block")
+    weak = np.concatenate([p.weak for p in parts]).astype(np.uint32, copy=False)
+    return Signature(first.block_size, first.strong_len, sum(p.file_size for p in parts), weak,
+                     b"".join(p.strong for p in parts))
 
 
 def decode_signature(data, *, max_blocks: int = fmt.DEFAULT_MAX_BLOCKS) -> Signature:
