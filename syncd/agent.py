@@ -1199,7 +1199,8 @@ class Agent:
 
         Computed in a pool (numpy and the hashing release the GIL), beside
         the batch's other signatures and local copies; ``_entries`` sends
-        each one, in order, before the batch's ``needs``, which names them.
+        each one after the batch's ``needs`` as it ends (1.3), or all of
+        them, in order, before it (1.2).
         """
         fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
         self.plan.signatures += 1
@@ -1209,13 +1210,13 @@ class Agent:
             self._sig_pool = ThreadPoolExecutor(STAGING_WORKERS, thread_name_prefix="signature")
         self._sig_stream = getattr(self, "_sig_stream", 0) + 1
         try:
-            size = os.fstat(fd).st_size
+            size: int | None = os.fstat(fd).st_size
         except OSError:
-            size = 0  # _signature_of meets the same error and reports it
-        if size >= SIG_SPLIT_MIN:
+            size = None  # _signature_of meets the same error and reports it
+        if size is not None and size >= SIG_SPLIT_MIN:
             job = _split_signature(self._sig_pool, fd, size)
         else:
-            job = self._sig_pool.submit(_signature_of, fd)
+            job = self._sig_pool.submit(_signature_of, fd, size)
         self._sig_jobs.append((self._sig_stream, path, job))
         return self._sig_stream
 
@@ -1727,16 +1728,13 @@ class Agent:
         for entry in os.scandir(self.staging_fd):
             name = entry.name
             kind, _, rest = name.partition(".")
-            if kind == "trash":  # a replaced file kept to be freed after a commit
-                digits = rest.partition(".")[0]
-                if digits == str(me) or (digits.isdigit() and _alive(int(digits))):
-                    continue
-            elif kind in ("tmp", "stage"):
+            if kind in ("tmp", "stage", "trash"):
                 digits = rest.partition(".")[0]
                 pid = int(digits) if digits.isdigit() else None
                 if pid is not None and pid != me and _alive(pid):
                     continue  # another live process is writing it
-                if pid == me and not everything:
+                # This process's trash (replaced files) is freed after its commit.
+                if pid == me and (kind == "trash" or not everything):
                     continue
             elif kind == "verified" and not everything:
                 if rest == boot_id():
@@ -1799,6 +1797,32 @@ def _index_order(path: bytes) -> tuple:
     return (rank, -planmod.depth(path), path)
 
 
+def _read_ahead(fd: int) -> None:
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+    except OSError:
+        pass
+
+
+def _range_signature(fd: int, offset: int, length: int, block: int) -> Any:
+    """The signature of ``length`` bytes of ``fd`` from ``offset`` on, in
+    blocks of ``block`` (fewer bytes if the file ends first)."""
+    from .delta import signature_of_reader
+
+    end = offset + length
+    at = [offset]
+
+    def readinto(view: memoryview) -> int:
+        want = min(len(view), end - at[0])
+        if want <= 0:
+            return 0
+        got = os.preadv(fd, [view[:want]], at[0])
+        at[0] += got
+        return got
+
+    return signature_of_reader(readinto, file_size=length, block_size=block)
+
+
 def _split_signature(pool: Any, fd: int, size: int) -> Any:
     """The encoded signature of a large file open on ``fd`` (closed at the
     end), its two halves computed at once by the pool's two threads: the
@@ -1806,7 +1830,7 @@ def _split_signature(pool: Any, fd: int, size: int) -> Any:
     starts while the next file's signature is read.  A Future."""
     from concurrent.futures import Future
 
-    from .delta import block_size_for, join_signatures, signature_of_reader
+    from .delta import block_size_for, join_signatures
 
     block = block_size_for(size)
     mid = size // 2 // block * block
@@ -1815,20 +1839,6 @@ def _split_signature(pool: Any, fd: int, size: int) -> Any:
     results: list[Any] = [None, None]
     left = [len(ranges)]
     lock = threading.Lock()
-
-    def part(offset: int, length: int) -> Any:
-        end = offset + length
-        at = [offset]
-
-        def readinto(view: memoryview) -> int:
-            want = min(len(view), end - at[0])
-            if want <= 0:
-                return 0
-            got = os.preadv(fd, [view[:want]], at[0])
-            at[0] += got
-            return got
-
-        return signature_of_reader(readinto, file_size=length, block_size=block)
 
     def finished(i: int, job: Any) -> None:
         with lock:
@@ -1843,29 +1853,24 @@ def _split_signature(pool: Any, fd: int, size: int) -> Any:
         except BaseException as err:  # noqa: BLE001 - handed to whoever waits on it
             done.set_exception(err)
 
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except OSError:
-        pass
+    _read_ahead(fd)
     for i, (offset, length) in enumerate(ranges):
-        pool.submit(part, offset, length).add_done_callback(functools.partial(finished, i))
+        pool.submit(_range_signature, fd, offset, length, block).add_done_callback(functools.partial(finished, i))
     return done
 
 
-def _signature_of(fd: int) -> bytes:
-    """The encoded block signature of the file open on ``fd``, which it closes."""
-    from .delta import signature_of_reader
+def _signature_of(fd: int, size: int | None) -> bytes:
+    """The encoded block signature of the file open on ``fd`` (its ``size``
+    bytes, fewer if it shrank; None: its size now), which it closes."""
+    from .delta import block_size_for
 
     try:
-        size = os.fstat(fd).st_size
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-        except OSError:
-            pass
-        return signature_of_reader(lambda view: os.readv(fd, [view]), file_size=size).encode()
+        if size is None:
+            size = os.fstat(fd).st_size
+        _read_ahead(fd)
+        return _range_signature(fd, 0, size, block_size_for(size)).encode()
     finally:
         os.close(fd)
-
 
 
 _PID = os.getpid()  # temporary names carry it; an agent never forks
@@ -1920,8 +1925,9 @@ def grow_pipe(fd: int) -> None:
         pass  # not a pipe (a socket, a file in tests), or above pipe-max-size
 
 
-def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None]]:
-    """``recv`` and ``send_all`` over fds 0 and 1: the SSH exec channel of a remote end."""
+def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None], Callable[[memoryview], int]]:
+    """``recv``, ``send_all`` and ``recv_into`` over fds 0 and 1: the SSH
+    exec channel of a remote end."""
     grow_pipe(0)
     grow_pipe(1)
 
@@ -1934,14 +1940,17 @@ def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None]]:
             n = os.write(1, view)
             view = view[n:]
 
-    return recv, send_all
+    def recv_into(view: memoryview) -> int:
+        return os.readv(0, [view])
+
+    return recv, send_all, recv_into
 
 
 def serve_stdio(cfg: Config) -> int:
     """Run one session on fds 0 and 1 (the SSH exec channel)."""
-    recv, send_all = stdio()
+    recv, send_all, recv_into = stdio()
     if cfg.mirrors:
         # paramiko and the pusher cost ~0.15 s to import: a node that will
         # push on imports them while its own push arrives, not after it commits.
         import_in_background("syncd.push", "syncd.transport")
-    return Agent(cfg, recv, send_all, recv_into=lambda view: os.readv(0, [view])).serve()
+    return Agent(cfg, recv, send_all, recv_into=recv_into).serve()

@@ -459,13 +459,16 @@ class FrameReader:
             view[:have] = memoryview(self._buf)[self._pos:self._pos + have]
             self._buf.clear()
             self._pos = 0
-            got = have
-            while got < length:
-                n = self._recv_into(view[got:])
-                if not n:
-                    raise ProtocolError(f"stream ended inside a DATA frame body ({got} of {length} bytes)")
-                got += n
+            self._recv_rest(view, have)
         return body
+
+    def _recv_rest(self, body: memoryview, got: int) -> None:
+        """Fill ``body`` from ``got`` on, straight from the stream."""
+        while got < len(body):
+            n = self._recv_into(body[got:])
+            if not n:
+                raise ProtocolError(f"stream ended inside a DATA frame body ({got} of {len(body)} bytes)")
+            got += n
 
     def _read_data_reused(self, length: int, have: int) -> memoryview:
         if len(self._scratch) < length:
@@ -477,12 +480,7 @@ class FrameReader:
         with memoryview(self._buf) as buffered:
             body[:take] = buffered[self._pos:self._pos + take]
         self._pos += take
-        got = take
-        while got < length:
-            n = self._recv_into(body[got:])
-            if not n:
-                raise ProtocolError(f"stream ended inside a DATA frame body ({got} of {length} bytes)")
-            got += n
+        self._recv_rest(body, take)
         return body
 
     def read_hello(self) -> tuple[int, int]:

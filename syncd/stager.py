@@ -582,5 +582,5 @@ def serve_stage_stdio(cfg: Config) -> int:
     """Run one stage-only session on fds 0 and 1 (``syncd agent --stage``)."""
     from .agent import stdio
 
-    recv, send_all = stdio()
-    return Stager(cfg, recv, send_all, recv_into=lambda view: os.readv(0, [view])).serve()
+    recv, send_all, recv_into = stdio()
+    return Stager(cfg, recv, send_all, recv_into=recv_into).serve()
