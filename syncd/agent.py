@@ -75,6 +75,7 @@ from .manifest import (
     split,
 )
 from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from .session import stdio
 
 log = logging.getLogger(__name__)
 
@@ -1909,41 +1910,6 @@ def _delta_format_error() -> type:
     from .errors import DeltaFormatError
 
     return DeltaFormatError
-
-
-def grow_pipe(fd: int) -> None:
-    """Let sshd hand us 1 MiB per read instead of the default 64 KiB pipe.
-
-    A full 64 KiB pipe stalls sshd, which then withholds the SSH window from
-    the pusher: measured, it capped a push at about 130 MB/s.
-    """
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except OSError:
-        pass  # not a pipe (a socket, a file in tests), or above pipe-max-size
-
-
-def stdio() -> tuple[Callable[[int], bytes], Callable[[Any], None], Callable[[memoryview], int]]:
-    """``recv``, ``send_all`` and ``recv_into`` over fds 0 and 1: the SSH
-    exec channel of a remote end."""
-    grow_pipe(0)
-    grow_pipe(1)
-
-    def recv(n: int) -> bytes:
-        return os.read(0, n)
-
-    def send_all(data: Any) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(1, view)
-            view = view[n:]
-
-    def recv_into(view: memoryview) -> int:
-        return os.readv(0, [view])
-
-    return recv, send_all, recv_into
 
 
 def serve_stdio(cfg: Config) -> int:

@@ -135,7 +135,7 @@ def session_factory(transport: str = "auto") -> Callable:
     if transport == "auto":
         transport = "openssh" if shutil.which("ssh") else "paramiko"
     if transport == "openssh":
-        from .transport import open_openssh_session
+        from .session import open_openssh_session
 
         return open_openssh_session
     if transport == "paramiko":
@@ -299,9 +299,11 @@ class _Conn:
             negotiate(PROTOCOL_VERSION, self.reader.read_hello())
             self.welcome = self.message("welcome")
         except (ProtocolError, ConnectionLostError) as err:
-            from .transport import openssh_error
+            from .session import openssh_error
 
             raise openssh_error(self.session, err) from None
+        features = self.welcome.get("features")
+        self.features = {f for f in features if isinstance(f, str)} if isinstance(features, list) else set()
 
     def message(self, expect: str | None = None) -> dict:
         frame = self.reader.read_frame()
@@ -323,6 +325,24 @@ class _Conn:
         except SyncdError:
             pass
         self.session.close()
+
+
+class _Resumed:
+    """A session handed on mid-stream: what the last reader had read ahead
+    comes first."""
+
+    def __init__(self, session: Any, head: bytes) -> None:
+        self._session = session
+        self._head = head
+
+    def recv(self, n: int = 1 << 20) -> bytes:
+        if self._head:
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return self._session.recv(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 class _Shared:
@@ -363,8 +383,14 @@ class _Stream:
         self.error: BaseException | None = None
         self.reader = threading.Thread(target=self._acks, name="prewarm-acks", daemon=True)
 
-    def run(self) -> None:
+    def run(self, hand_over: bool = False) -> Any:
+        """Send pieces until the list ends and every one is acknowledged.
+
+        With ``hand_over`` and a stager that offers it, the edge session is
+        not closed but turned into a push agent's (``agent``) and returned,
+        for the push that follows.  Otherwise None."""
         self.reader.start()
+        handed = None
         try:
             while (item := self.shared.items.get()) is not None:
                 for piece in item:
@@ -378,11 +404,25 @@ class _Stream:
                 while self.acked < self.sent_pieces and self.error is None:
                     self.cond.wait(1.0)
             self._check()
+            if hand_over and "agent" in self.edge.features:
+                self.edge.writer.message({"type": "agent"})
+                self.edge.writer.flush()
+                self.reader.join()  # it ends at the stager's agent_ok
+                self._check()
+                handed = _Resumed(self.edge.session, self.edge.reader.detach())
+            return handed
         finally:
             self.shared.add(self.shared.wire, self.edge.sent)
-            self.edge.close()
+            if handed is None:
+                self.edge.close()
             if self.source is not None:
                 self.source.close()
+
+    def abandon(self) -> None:
+        """Close the sessions of a stream that never ran."""
+        self.edge.close()
+        if self.source is not None:
+            self.source.close()
 
     def _check(self) -> None:
         if self.error is not None:
@@ -402,6 +442,8 @@ class _Stream:
                     # Left for phase 2, which sends what is not staged.
                     log.warning("%s: %s", self.edge.session.label, msg.get("error"))
                     self.shared.add(self.shared.failed, 1)
+                elif kind == "agent_ok" and self.acked == self.sent_pieces:
+                    return  # the session is the push's from here on
                 else:
                     raise ProtocolError(f"unexpected message {kind!r} from the stager")
                 with self.cond:
@@ -709,33 +751,36 @@ def _choose_source(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None, 
                      f"of {cfg.node.name}\n{probe_table(probes)}")
 
 
-def _query_edge(cfg: Config, edge: MirrorConfig, objs: list[Obj], generation: int,
-                open_session: Callable) -> tuple[list[Obj], list[list]]:
-    """The objects the coming push will ask for, and the edge's state of each.
+def _query_edge(conn: _Conn, node: str, objs: list[Obj], generation: int) -> tuple[list[Obj], list[list]]:
+    """The objects the coming push will ask for, and the edge's state of each,
+    asked on the first stream's session before it sends anything.
 
     An edge that holds an older generation of this node gets an incremental
     push: only content stamped after it (what it already has is no concern
     of a prewarm, and staging more would leave objects no push consumes).
     """
-    conn = _Conn(edge, open_session, "edge", cfg.node.name)
-    try:
-        held = conn.welcome.get("generation")
-        if (isinstance(held, int) and not isinstance(held, bool) and held <= generation
-                and conn.welcome.get("upstream") == cfg.node.name):
-            objs = [o for o in objs if o.generation > held]
-        states: list[list] = []
-        for start in range(0, len(objs), HAVE_BATCH):
-            batch = objs[start:start + HAVE_BATCH]
-            conn.writer.message({"type": "have", "batch": start,
-                                 "objects": [[o.sha256, o.size, o.path, o.mtime_ns] for o in batch]})
-            conn.writer.flush()
-            answer = conn.message("have").get("objects")
-            if not isinstance(answer, list) or len(answer) != len(batch):
-                raise ProtocolError("have: the answer does not match the question")
-            states.extend(answer)
-        return objs, states
-    finally:
-        conn.close()
+    held = conn.welcome.get("generation")
+    if (isinstance(held, int) and not isinstance(held, bool) and held <= generation
+            and conn.welcome.get("upstream") == node):
+        objs = [o for o in objs if o.generation > held]
+    states: list[list] = []
+    for start in range(0, len(objs), HAVE_BATCH):
+        batch = objs[start:start + HAVE_BATCH]
+        conn.writer.message({"type": "have", "batch": start,
+                             "objects": [[o.sha256, o.size, o.path, o.mtime_ns] for o in batch]})
+        conn.writer.flush()
+        answer = conn.message("have").get("objects")
+        if not isinstance(answer, list) or len(answer) != len(batch):
+            raise ProtocolError("have: the answer does not match the question")
+        states.extend(answer)
+    return objs, states
+
+
+def _paramiko_session(mirror: MirrorConfig) -> Any:
+    # Imported only when a push needs its own login: paramiko takes 40 ms.
+    from .transport import open_session
+
+    return open_session(mirror)
 
 
 class _PushOpener:
@@ -759,20 +804,38 @@ class _PushOpener:
         except SyncdError as err:
             log.debug("%s: opening the push session early failed: %s", self.mirror.name, err)
 
+    def give(self, session: Any) -> None:
+        """The first stream's session, already a push agent's: the push's first attempt takes it."""
+        self.session = session
+
     def __call__(self, mirror: MirrorConfig) -> Any:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
-            if self.session is not None:
-                session, self.session = self.session, None
-                return session
+        if self.session is not None:
+            session, self.session = self.session, None
+            return session
         return self.open_session(mirror)
 
+    def close(self) -> None:
+        """Close a session no push took."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
 
-def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: Callable[[], tuple],
+
+def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: Callable[[_Conn], tuple],
            streams: int, bwlimit: float | None, progress: _Progress, opener: _PushOpener,
            open_session: Callable) -> tuple[int, int, int, int, int, list[tuple[str, bool]]]:
-    """Start the streams, then plan (the edge's answer to ``have``) while they connect.
+    """Run the streams: the first in this process, the others in worker processes.
+
+    The workers start connecting at once.  The first stream's session asks
+    the edge what it holds (``plan``) before it sends anything, so planning
+    costs no login of its own; when the staging went well that session is
+    handed to ``opener``, turned into the push's (the stager's ``agent``).
 
     Returns (bytes present, objects present, bytes staged, objects staged,
     pieces failed, errors).
@@ -782,29 +845,50 @@ def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: C
     bucket = _Bucket(ctx, bwlimit)
     procs = [ctx.Process(target=_worker, name=f"prewarm-{i}", daemon=True,
                          args=(cfg, edge, source, shared, bucket, os.getpid(), open_session))
-             for i in range(streams)]
+             for i in range(1, streams)]
     for p in procs:
         p.start()
     errors: list[tuple[str, bool]] = []
+    lead: _Stream | None = None
     try:
         try:
-            base_bytes, base_files, items = plan()
+            lead = _Stream(cfg, edge, source, shared, bucket, open_session)
+            base_bytes, base_files, items = plan(lead.edge)
         except BaseException:
             for _ in procs:
                 shared.items.put(None)
+            if lead is not None:
+                lead.abandon()
             raise
         for item in items:
             shared.items.put(item)
-        for _ in procs:
+        for _ in range(streams):
             shared.items.put(None)
         to_send = sum(piece[4] for item in items for piece in item)
+        can_hand_over = "agent" in lead.edge.features
+        handed: list[Any] = []
+
+        def run_lead() -> None:
+            try:
+                handed.append(lead.run(hand_over=True))
+            except SyncdError as err:
+                shared.errors.put((str(err), err.retryable))
+            except BaseException as err:  # noqa: BLE001 - as a worker's: reported, then decided on
+                shared.errors.put((f"{type(err).__name__}: {err}", False))
+
+        lead_thread = threading.Thread(target=run_lead, name="prewarm-0", daemon=True)
+        lead_thread.start()
         from multiprocessing.connection import wait
 
         last = 0.0
         t0 = time.monotonic()
-        while any(p.is_alive() for p in procs):
+        while lead_thread.is_alive() or any(p.is_alive() for p in procs):
             # Wake when a worker ends, not a whole progress period later.
-            wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
+            alive = [p.sentinel for p in procs if p.is_alive()]
+            if alive:
+                wait(alive, timeout=0.2)
+            else:
+                lead_thread.join(0.2)
             while True:
                 try:
                     errors.append(shared.errors.get_nowait())
@@ -812,8 +896,8 @@ def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: C
                     break
             done = shared.bytes.value
             rate = done / max(time.monotonic() - t0, 1e-3)
-            if to_send - done <= 2 * rate:
-                opener.start()  # about two seconds left
+            if not can_hand_over and to_send - done <= 2 * rate:
+                opener.start()  # about two seconds left: the push's own login meanwhile
             if time.monotonic() - last >= PROGRESS_EVERY:
                 last = time.monotonic()
                 progress.update("staging", base_bytes + done, base_files + shared.files.value)
@@ -827,6 +911,12 @@ def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: C
         for p in procs:
             if p.exitcode not in (0, None) and not errors:
                 errors.append((f"stream process {p.name} died (exit {p.exitcode})", True))
+        session = handed[0] if handed else None
+        if session is not None:
+            if errors:
+                session.close()  # staging is tried again, on new sessions
+            else:
+                opener.give(session)
     finally:
         for p in procs:
             if p.is_alive():
@@ -882,13 +972,12 @@ def prewarm(
     log.info("%s: prewarm from %s, %d stream(s), %d objects, %s\n%s", name, result.source, streams,
              result.files_total, _human(result.bytes_total), probe_table(result.probes))
     progress = _Progress(cfg, result, tty)
+    opener: _PushOpener | None = None
     try:
-        from .transport import open_session as paramiko_session
-
-        opener = _PushOpener(mirror, push_session or paramiko_session)
+        opener = _PushOpener(mirror, push_session or _paramiko_session)
         for attempt in range(1, mirror.retries + 1):
-            def plan() -> tuple[int, int, list]:
-                needed, states = _query_edge(cfg, edge, objs, generation, open_session)
+            def plan(conn: _Conn) -> tuple[int, int, list]:
+                needed, states = _query_edge(conn, cfg.node.name, objs, generation)
                 present = [i for i, st in enumerate(states) if st[0] in ("staged", "published")]
                 done_bytes = sum(needed[i].size for i in present)
                 # Verified ranges of partial objects count as done too.
@@ -933,6 +1022,8 @@ def prewarm(
         progress.update("failed", result.bytes_present + result.bytes_staged, result.files_staged, final=True)
         raise
     finally:
+        if opener is not None:
+            opener.close()
         progress.close()
         result.seconds = time.monotonic() - started
     return result

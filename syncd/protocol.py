@@ -521,3 +521,11 @@ class FrameReader:
     def __iter__(self):
         while (frame := self.read_frame()) is not None:
             yield frame
+
+    def detach(self) -> bytes:
+        """The bytes read from the stream but not yet parsed, handed over to
+        whoever reads the stream next (this reader is done with it)."""
+        rest = self._take(self._available())
+        self._buf.clear()
+        self._pos = 0
+        return rest

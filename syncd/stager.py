@@ -64,6 +64,10 @@ RANGES_SUFFIX = ".ranges"
 # Compression, as the pusher decides it: zstd only where a sample shrinks.
 ZSTD_LEVEL = 1
 ZSTD_MIN_GAIN = 0.9
+# What this stager offers beyond the messages of protocol 1.0, in its welcome.
+#   agent: after an ``agent`` message (and its ``agent_ok``) the session is a
+#          push agent's (docs/protocol.md section 7).
+FEATURES = ("agent",)
 
 
 def zstd_pays(path: bytes, sample: bytes) -> bool:
@@ -244,6 +248,8 @@ class Stager:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(COMMITS_IN_FLIGHT)
         self._commit_error: BaseException | None = None
+        # Set by an ``agent`` message: the session goes on as a push agent's.
+        self.become_agent = False
 
     def _send(self, msg: dict) -> None:
         with self.wlock:
@@ -304,6 +310,8 @@ class Stager:
                         raise ProtocolError("a MESSAGE frame without a 'type'")
                     if self._message(frame.payload):
                         self._drain()
+                        if self.become_agent:
+                            self._send({"type": "agent_ok"})
                         return 0
                     with self.wlock:
                         self.writer.flush()
@@ -362,6 +370,7 @@ class Stager:
                 "type": "welcome", "node": self.cfg.node.name,
                 "generation": None if held is None else int(held),
                 "upstream": self.manifest.get_meta("upstream") if self.manifest else None,
+                "features": list(FEATURES),
             })
             self.root = SafeRoot(self.cfg.node.root) if os.path.isdir(self.cfg.node.root) else None
         elif kind == "have":
@@ -378,6 +387,12 @@ class Stager:
             self._need_role("source", kind)
             self._get(msg)
         elif kind == "bye":
+            return True
+        elif kind == "agent":
+            # Staging is done: the same session carries the push that
+            # follows, without a second SSH login and interpreter start.
+            self._need_role("edge", kind)
+            self.become_agent = True
             return True
         else:
             raise ProtocolError(f"unknown message type {kind!r}")
@@ -580,7 +595,13 @@ class Stager:
 
 def serve_stage_stdio(cfg: Config) -> int:
     """Run one stage-only session on fds 0 and 1 (``syncd agent --stage``)."""
-    from .agent import stdio
+    from .session import stdio
 
     recv, send_all, recv_into = stdio()
-    return Stager(cfg, recv, send_all, recv_into=recv_into).serve()
+    stager = Stager(cfg, recv, send_all, recv_into=recv_into)
+    status = stager.serve()
+    if status == 0 and stager.become_agent:
+        from .agent import serve_stdio
+
+        return serve_stdio(cfg)
+    return status

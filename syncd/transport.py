@@ -4,7 +4,9 @@
 ``known_hosts`` only, authenticates, runs ``remote_command`` on an exec channel
 and returns a ``Session``: a plain byte stream (``send_all``, ``recv``,
 ``recv_exactly``, ``close_write``, ``exit_status``, ``stderr_tail``, ``close``).
-``LocalSession`` offers the same API over a local subprocess's pipes.
+``LocalSession`` offers the same API over a local subprocess's pipes, and
+``open_openssh_session`` over the OpenSSH client (both in syncd.session,
+which imports no paramiko).
 
 Every paramiko, socket or EOF failure is translated here into the errors of
 ``syncd.errors``: a refused or unknown host key is ``HostKeyError``, a refused
@@ -14,16 +16,13 @@ key ``AuthenticationError``, anything that a plain retry may cure
 
 from __future__ import annotations
 
-import collections
 import getpass
 import logging
-import os
 import pathlib
 import socket
-import subprocess
 import threading
 import sys
-from typing import Any, Protocol
+from typing import Any
 
 # paramiko.config imports invoke (0.04 s, with asyncio and unittest.mock) only
 # for ssh_config's "Match exec"; syncd never reads an ssh_config (a mirror's
@@ -41,53 +40,27 @@ from paramiko.ssh_exception import (
     SSHException,
 )
 
+from syncd import session as _session
+from syncd.session import _STDERR_SETTLE, PREFERRED_CIPHERS, RECV_BLOCK, SEND_SLICE, MirrorLike, _StreamBase, _TailBuffer
 from syncd.errors import (
     AuthenticationError,
     ConnectionLostError,
     HostKeyError,
-    SyncdError,
     TransportError,
 )
 
 log = logging.getLogger(__name__)
 
+# The sessions without paramiko live in syncd.session; named here too, so
+# that syncd.transport offers every kind of session.
+LocalSession = _session.LocalSession
+open_openssh_session = _session.open_openssh_session
+openssh_error = _session.openssh_error
+
 # Measured on loopback (DESIGN.md): a 64 MiB window with 1 MiB packets lets
 # paramiko receive at 470-510 MB/s; small packets in a large window halve it.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 1024 * 1024
-# paramiko copies what it sends into each packet; slices of this size keep
-# the number of calls low without handing it one huge object to re-slice.
-SEND_SLICE = 1024 * 1024
-RECV_BLOCK = 1024 * 1024
-STDERR_TAIL_BYTES = 16 * 1024
-# How long an exited command's last stderr may take to arrive (a grandchild
-# holding the pipe open must not hang us).
-_STDERR_SETTLE = 2.0
-
-# GCM first: it is the fastest cipher on CPUs with AES instructions and needs
-# no separate MAC.  ChaCha20 is not offered by paramiko at all.
-PREFERRED_CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "aes128-ctr",
-    "aes192-ctr",
-    "aes256-ctr",
-)
-
-
-class MirrorLike(Protocol):
-    name: str
-    host: str
-    port: int
-    user: str
-    identity_file: pathlib.Path | None
-    known_hosts: pathlib.Path
-    remote_command: str
-    connect_timeout: float
-    keepalive: int
-    # Optional attribute ``io_timeout`` (seconds, None: wait forever): a send
-    # or recv that makes no progress for that long is a ConnectionLostError.
-    # Set it above the longest the agent may legitimately stay silent.
 
 
 class _NoClientRekeyPacketizer(Packetizer):
@@ -258,69 +231,6 @@ def _describe(err: BaseException) -> str:
     return text
 
 
-class _TailBuffer:
-    """Keeps the last ``limit`` bytes written to it."""
-
-    def __init__(self, limit: int = STDERR_TAIL_BYTES) -> None:
-        self.limit = limit
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def add(self, data: bytes) -> None:
-        with self._lock:
-            self._chunks.append(data)
-            self._size += len(data)
-            while self._size - len(self._chunks[0]) >= self.limit:
-                self._size -= len(self._chunks.popleft())
-
-    def text(self) -> str:
-        with self._lock:
-            data = b"".join(self._chunks)[-self.limit:]
-        return data.decode("utf-8", errors="replace")
-
-
-class _StreamBase:
-    """What Session and LocalSession share: exact reads and the context manager."""
-
-    label: str
-
-    def recv(self, n: int) -> bytes:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def close(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def stderr_tail(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def recv_exactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; ConnectionLostError if the stream ends first."""
-        first = self.recv(n)
-        if len(first) == n:
-            return first
-        parts = bytearray(first)
-        while len(parts) < n:
-            chunk = self.recv(n - len(parts))
-            if not chunk:
-                raise ConnectionLostError(
-                    f"{self.label}: stream ended after {len(parts)} of {n} bytes"
-                    + self._stderr_hint()
-                )
-            parts += chunk
-        return bytes(parts)
-
-    def _stderr_hint(self) -> str:
-        tail = self.stderr_tail().strip()
-        return f"; remote stderr: {tail[-500:]}" if tail else ""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class Session(_StreamBase):
     """A remote command's stdin/stdout as a byte stream, over one SSH channel.
 
@@ -432,146 +342,3 @@ class Session(_StreamBase):
             pass
         self._client.close()
         self._stderr_thread.join(5)
-
-
-class LocalSession(_StreamBase):
-    """The Session API over a local subprocess's pipes (no SSH).
-
-    For tests, and for an agent on the same host.  ``command`` is a shell
-    string (like a remote command) or an argument list.
-    """
-
-    def __init__(self, command: str | list[str], *, label: str | None = None,
-                 env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> None:
-        args = command.split() if isinstance(command, str) else list(command)
-        self.label = label or f"local:{args[0] if args else '?'}"
-        self._stderr = _TailBuffer()
-        self._closed = False
-        try:
-            self._proc = subprocess.Popen(
-                command if isinstance(command, str) else args,
-                shell=isinstance(command, str),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=0,
-                env=env,
-                cwd=cwd,
-            )
-        except OSError as err:
-            raise TransportError(f"{self.label}: cannot start {command!r}: {err}") from err
-        self._stdout_fd = self._proc.stdout.fileno()
-        self._stdin_fd = self._proc.stdin.fileno()
-        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._stderr_thread.start()
-
-    def _drain_stderr(self) -> None:
-        fd = self._proc.stderr.fileno()
-        try:
-            while data := os.read(fd, 65536):
-                self._stderr.add(data)
-        except OSError:
-            pass
-
-    def send_all(self, buf: bytes | bytearray | memoryview) -> None:
-        view = memoryview(buf).cast("B")
-        fd = self._stdin_fd
-        try:
-            start = 0
-            while start < len(view):
-                start += os.write(fd, view[start:start + SEND_SLICE])
-        except (OSError, ValueError) as err:
-            raise ConnectionLostError(
-                f"{self.label}: pipe closed while sending: {err}" + self._stderr_hint()
-            ) from None
-
-    def recv(self, n: int = RECV_BLOCK) -> bytes:
-        try:
-            return os.read(self._stdout_fd, n)
-        except OSError as err:
-            raise ConnectionLostError(f"{self.label}: pipe failed while receiving: {err}") from None
-
-    def close_write(self) -> None:
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-
-    def exit_status(self, timeout: float | None = None) -> int:
-        try:
-            status = self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise ConnectionLostError(
-                f"{self.label}: no exit status within {timeout} s" + self._stderr_hint()
-            ) from None
-        self._stderr_thread.join(_STDERR_SETTLE)
-        # Match SSH, where a command killed by a signal has no exit status.
-        return status if status >= 0 else -1
-
-    def stderr_tail(self) -> str:
-        return self._stderr.text()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for pipe in (self._proc.stdin, self._proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr_thread.join(5)
-        self._proc.stderr.close()
-
-
-# -- the OpenSSH client as a transport (prewarm's parallel streams) ----------------
-
-
-def open_openssh_session(mirror: MirrorLike) -> "LocalSession":
-    """A session through the OpenSSH client binary instead of paramiko.
-
-    Each prewarm stream is one process; with paramiko that process spends
-    most of its core packetizing and encrypting in Python, while ``ssh``
-    encrypts in C at several times the rate (DESIGN.md: 530 MB/s against
-    about 300).  The same promises as syncd.transport: only the mirror's
-    ``known_hosts`` is trusted and an unknown key is refused
-    (StrictHostKeyChecking), the mirror's key only, no prompts, no user
-    ssh_config, GCM ciphers first.
-    """
-    user = mirror.user or getpass.getuser()
-    known = os.path.expanduser(str(mirror.known_hosts or "~/.ssh/known_hosts"))
-    argv = ["ssh", "-F", "/dev/null", "-T", "-x", "-a", "-p", str(mirror.port or 22), "-l", user,
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
-            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no", "-o", "Compression=no",
-            "-o", f"ConnectTimeout={max(1, int(mirror.connect_timeout))}",
-            "-c", ",".join(PREFERRED_CIPHERS)]
-    if mirror.keepalive:
-        argv += ["-o", f"ServerAliveInterval={int(mirror.keepalive)}", "-o", "ServerAliveCountMax=4"]
-    if mirror.identity_file is not None:
-        argv += ["-i", os.path.expanduser(str(mirror.identity_file)), "-o", "IdentitiesOnly=yes"]
-    argv += [mirror.host, mirror.remote_command]
-    session = LocalSession(argv, label=f"{user}@{mirror.host}:{mirror.port or 22}")
-    from .agent import grow_pipe  # one definition of the 1 MiB pipes, on both ends
-
-    for fd in (session._stdin_fd, session._stdout_fd):
-        grow_pipe(fd)
-    return session
-
-
-def openssh_error(session: "LocalSession", err: SyncdError) -> SyncdError:
-    """What an ssh client that exited before the handshake meant, from its stderr."""
-    session.close()
-    tail = session.stderr_tail().strip()
-    last = tail.splitlines()[-1] if tail else str(err)
-    if "Host key verification failed" in tail or "REMOTE HOST IDENTIFICATION HAS CHANGED" in tail:
-        return HostKeyError(f"{session.label}: host key refused: {last}")
-    if "Permission denied" in tail:
-        return AuthenticationError(f"{session.label}: {last}")
-    if tail:
-        return ConnectionLostError(f"{session.label}: {err} ({last})")
-    return err

@@ -119,6 +119,9 @@ def test_prewarm_empty_edge_then_run_once_moves_almost_nothing(site: Site) -> No
         done = site.prewarm("edge", "--streams", "2")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "self (primary) *" in done.stdout  # no other mirror: this node is the source
+        # One login per stream: the first stream's session also asked what the
+        # edge holds, and then carried the push (the stager's "agent").
+        assert relay.connections_accepted == 2
         assert site.in_sync("edge")
         ours, held = site.generation("edge")
         assert held == ours
