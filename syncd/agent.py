@@ -1722,18 +1722,26 @@ class Agent:
         ``everything``, this process's own and every staged object).
 
         Another agent or a prewarm stager may be writing into staging right
-        now: its ``tmp.PID.N`` / ``stage.PID.N`` files and ``partial.*``
-        assemblies are left alone while its process lives.
+        now: its ``tmp.PID.N`` / ``stage.PID.N`` / ``run.PID.HEX`` files and
+        ``partial.*`` assemblies are left alone while its process lives.
         """
         me = os.getpid()
         for entry in os.scandir(self.staging_fd):
             name = entry.name
             kind, _, rest = name.partition(".")
-            if kind in ("tmp", "stage", "trash"):
+            if kind in ("tmp", "stage", "trash", "run"):
                 digits = rest.partition(".")[0]
                 pid = int(digits) if digits.isdigit() else None
                 if pid is not None and pid != me and _alive(pid):
                     continue  # another live process is writing it
+                if kind == "run" and not everything:
+                    # A killed stager's in-order object: its recorded ranges
+                    # stay, as the object's partial file, for a resumed prewarm.
+                    if not name.endswith(".ranges"):
+                        from .stager import promote_run
+
+                        promote_run(self.staging_fd, name)
+                    continue
                 # This process's trash (replaced files) is freed after its commit.
                 if pid == me and (kind == "trash" or not everything):
                     continue

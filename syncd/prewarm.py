@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -229,13 +228,22 @@ def _contains(ranges: list[tuple[int, int]], off: int, length: int) -> bool:
     return any(o <= off and off + length <= o + n for o, n in ranges)
 
 
-def _pieces(objs: list[Obj], states: list[list], range_size: int) -> list[list[tuple]]:
-    """Work items: lists of (sha256, size, path, offset, length), large objects first."""
+def _pieces(objs: list[Obj], states: list[list], range_size: int, streams: int = 1) -> list[list[tuple]]:
+    """Work items: lists of (sha256, size, path, offset, length, run), large objects first.
+
+    A large object the edge holds nothing of, and no larger than one
+    stream's share of the work, is one item: its ranges in order on one
+    stream (``run``), which the stager hashes on arrival instead of reading
+    the object back.  A larger one, or one with ranges already there, is cut
+    into one item per range, so that every stream carries some of it."""
+    runs: list[list[tuple]] = []
     big: list[list[tuple]] = []
     small: list[list[tuple]] = []
     batch: list[tuple] = []
     batch_bytes = 0
     order = sorted(range(len(objs)), key=lambda i: -objs[i].size)
+    todo = sum(objs[i].size for i in order if states[i][0] not in ("staged", "published"))
+    share = todo / max(1, streams)
     for i in order:
         o = objs[i]
         state, ranges = states[i]
@@ -243,19 +251,23 @@ def _pieces(objs: list[Obj], states: list[list], range_size: int) -> list[list[t
             continue
         if o.size > range_size:
             done = [tuple(r) for r in ranges] if state == "partial" else []
-            for off in range(0, o.size, range_size):
-                length = min(range_size, o.size - off)
-                if not _contains(done, off, length):
-                    big.append([(o.sha256, o.size, o.path, off, length)])
+            whole_run = state == "none" and o.size <= share
+            pieces = [(o.sha256, o.size, o.path, off, min(range_size, o.size - off), whole_run)
+                      for off in range(0, o.size, range_size)
+                      if not _contains(done, off, min(range_size, o.size - off))]
+            if whole_run:
+                runs.append(pieces)
+            else:
+                big.extend([p] for p in pieces)
             continue
-        batch.append((o.sha256, o.size, o.path, 0, o.size))
+        batch.append((o.sha256, o.size, o.path, 0, o.size, False))
         batch_bytes += o.size
         if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
             small.append(batch)
             batch, batch_bytes = [], 0
     if batch:
         small.append(batch)
-    return big + small
+    return runs + big + small
 
 
 # -- one stream -------------------------------------------------------------------
@@ -376,6 +388,11 @@ class _Stream:
         self.edge = _Conn(edge, open_session, "edge", cfg.node.name)
         self.source = _Conn(source, open_session, "source", cfg.node.name) if source is not None else None
         self.stream_id = 0
+        # A range's own digest: XXH3-128 where both ends offer it (the
+        # object's SHA-256 is checked whole on the edge in any case).
+        offered = self.edge.features if self.source is None else self.edge.features & self.source.features
+        self.digest = "xxh3-128" if "xxh3-128" in offered else "sha256"
+        self.runs = "run" in self.edge.features
         self._packs: dict[bytes, bool] = {}
         self.sent_pieces = 0
         self.acked = 0
@@ -455,17 +472,23 @@ class _Stream:
                 self.cond.notify_all()
 
     def _open_put(self, piece: tuple, how: str) -> int:
-        sha, size, _path, off, length = piece
+        sha, size, _path, off, length, run = piece
         self.stream_id += 1
-        self.edge.writer.message({"type": "put", "stream": self.stream_id, "sha256": sha, "size": size,
-                                  "offset": off, "length": length, "how": how})
+        msg = {"type": "put", "stream": self.stream_id, "sha256": sha, "size": size,
+               "offset": off, "length": length, "how": how}
+        if length != size:
+            if self.digest != "sha256":
+                msg["digest"] = self.digest
+            if run and self.runs:
+                msg["run"] = True
+        self.edge.writer.message(msg)
         self.sent_pieces += 1
         return self.stream_id
 
     def _send_local(self, piece: tuple) -> None:
-        from .stager import ZSTD_LEVEL, zstd_pays
+        from .stager import ZSTD_LEVEL, digest_key, range_hasher, zstd_pays
 
-        sha, size, path, off, length = piece
+        sha, size, path, off, length, _run = piece
         try:
             fd = os.open(self.root + b"/" + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
@@ -492,7 +515,7 @@ class _Stream:
             # A whole object is checked against its own SHA-256 on the edge;
             # only a range needs a digest of its own.
             whole = off == 0 and length == size
-            h = None if whole else hashlib.sha256()
+            h = None if whole else range_hasher(self.digest)
             pos, end, chunk = off, off + length, first
             while True:
                 if h is not None:
@@ -507,15 +530,17 @@ class _Stream:
                 chunk = os.pread(fd, min(CHUNK, end - pos), pos)
             if cobj is not None:
                 w.data(stream, cobj.flush())
-            w.end(stream, None if h is None else {"sha256": h.digest()})
+            w.end(stream, None if h is None else {digest_key(self.digest): h.digest()})
         finally:
             os.close(fd)
 
     def _relay(self, piece: tuple) -> None:
-        sha, _size, path, off, length = piece
+        sha, _size, path, off, length, _run = piece
         src = self.source
-        src.writer.message({"type": "get", "stream": 1, "path": path, "sha256": sha, "offset": off,
-                            "length": length})
+        msg = {"type": "get", "stream": 1, "path": path, "sha256": sha, "offset": off, "length": length}
+        if self.digest != "sha256":
+            msg["digest"] = self.digest
+        src.writer.message(msg)
         src.writer.flush()
         head = src.message()
         if head.get("type") == "get_failed":
@@ -985,7 +1010,7 @@ def prewarm(
                 # So do the objects the edge holds already from an earlier generation.
                 done_bytes += result.bytes_total - sum(o.size for o in needed)
                 done_files = len(present) + len(objs) - len(needed)
-                return done_bytes, done_files, _pieces(needed, states, range_size)
+                return done_bytes, done_files, _pieces(needed, states, range_size, streams)
 
             t0 = time.monotonic()
             base_bytes, base_files, sent, staged, failed, errors = _stage(

@@ -60,14 +60,37 @@ COMMIT_THREADS = 2
 COMMITS_IN_FLIGHT = 8
 TEMP_PREFIX = "stage."
 PARTIAL_PREFIX = "partial."
+RUN_PREFIX = "run."
 RANGES_SUFFIX = ".ranges"
 # Compression, as the pusher decides it: zstd only where a sample shrinks.
 ZSTD_LEVEL = 1
 ZSTD_MIN_GAIN = 0.9
 # What this stager offers beyond the messages of protocol 1.0, in its welcome.
-#   agent: after an ``agent`` message (and its ``agent_ok``) the session is a
-#          push agent's (docs/protocol.md section 7).
-FEATURES = ("agent",)
+#   agent:    after an ``agent`` message (and its ``agent_ok``) the session is a
+#             push agent's (docs/protocol.md section 7).
+#   xxh3-128: a range's END may carry the range's XXH3-128 instead of its
+#             SHA-256 (``put``/``get`` key ``digest``): the object's own
+#             SHA-256 is what guards publishing; the range digest only
+#             decides what a resumed prewarm sends again.
+#   run:      a ``put`` with ``run`` true is one of an object's ranges sent in
+#             order on this session: the stager hashes the object as the
+#             ranges arrive and need not read it back.
+FEATURES = ("agent", "xxh3-128", "run")
+DIGESTS = ("sha256", "xxh3-128")
+
+
+def range_hasher(digest: str) -> Any:
+    """A new hasher for a range's digest (one of DIGESTS)."""
+    if digest == "xxh3-128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.sha256()
+
+
+def digest_key(digest: str) -> str:
+    """The END trailer's key that carries a range's digest."""
+    return "xxh3_128" if digest == "xxh3-128" else "sha256"
 
 
 def zstd_pays(path: bytes, sample: bytes) -> bool:
@@ -134,23 +157,35 @@ class _Put:
             raise ProtocolError("put: bad object name or range")
         if how not in ("whole", "zstd"):
             raise ProtocolError(f"put: unknown encoding {how!r}")
+        self.digest = msg.get("digest", "sha256")
+        if self.digest not in DIGESTS:
+            raise ProtocolError(f"put: unknown digest {self.digest!r}")
         self.hex = self.sha256.hex()
         self.whole = self.offset == 0 and self.length == self.size
         sfd = stager.staging_fd
+        self.run: _Run | None = None
         if self.whole:
             self.name = stager.new_tmp()
             self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                               0o600, dir_fd=sfd)
         else:
-            self.name = PARTIAL_PREFIX + self.hex
-            self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
-            if os.fstat(self.fd).st_size != self.size:
-                # Every writer of this object sets the same size: concurrent
-                # stagers agree, and a stale larger file is cut to size.
-                os.ftruncate(self.fd, self.size)
+            if msg.get("run") is True:
+                self.run = stager.run_for(self.sha256, self.size, self.offset)
+            if self.run is not None:
+                self.name = self.run.name
+                self.fd = os.open(self.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+            else:
+                self.name = PARTIAL_PREFIX + self.hex
+                self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                  dir_fd=sfd)
+                if os.fstat(self.fd).st_size != self.size:
+                    # Every writer of this object sets the same size: concurrent
+                    # stagers agree, and a stale larger file is cut to size.
+                    os.ftruncate(self.fd, self.size)
         self.pos = self.offset
         self.out = DirectWriter(self.fd, self.offset, stager.buffers if self.length >= DIRECT_MIN else None)
-        self.hasher = hashlib.sha256()
+        self.hasher = hashlib.sha256() if self.whole else range_hasher(self.digest)
+        self.chain = self.run.chain if self.run is not None else None
         if how == "zstd":
             import zstandard
 
@@ -165,6 +200,8 @@ class _Put:
         if self.pos + len(view) > self.offset + self.length:
             raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
         self.hasher.update(view)
+        if self.chain is not None:
+            self.chain.update(view)
         with disk_full_as(self._disk_full):
             self.out.write(view)
         self.pos += len(view)
@@ -179,7 +216,7 @@ class _Put:
             self._zw.flush()
         with disk_full_as(self._disk_full):
             self.out.close()
-        digest = trailer.get("sha256") if isinstance(trailer, dict) else None
+        digest = trailer.get(digest_key(self.digest)) if isinstance(trailer, dict) else None
         return self.pos == self.offset + self.length and (
             self.hasher.digest() == (self.sha256 if self.whole else digest))
 
@@ -210,6 +247,8 @@ class _Put:
             os.close(rfd)
 
     def discard(self) -> None:
+        if self.run is not None:
+            self.run.broken = True  # its hash took bytes that are not the object's
         self.out.abandon()
         if self.fd >= 0:
             os.close(self.fd)
@@ -219,6 +258,49 @@ class _Put:
                 os.unlink(self.name, dir_fd=self.stager.staging_fd)
             except FileNotFoundError:
                 pass
+
+
+class _Run:
+    """An object arriving as its ranges in order on one session, into a file
+    of this process's own (``run.PID.<sha256hex>``): it is hashed as it
+    arrives, so naming it needs no read back.  Each range is recorded as in
+    a partial file; a run that does not complete becomes the object's partial
+    file (``promote_run``), from which a resumed prewarm goes on."""
+
+    def __init__(self, sha256: bytes, size: int, name: str) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self.name = name
+        self.chain = hashlib.sha256()
+        self.pos = 0  # bytes checked so far, all in order from 0
+        self.pending = 0  # ranges checked whose commit has not run yet
+        self.broken = False
+        self.done = False
+        self.lock = threading.Lock()
+
+
+def promote_run(staging_fd: int, name: str) -> None:
+    """Hand a run over as the object's partial file, with its records, or
+    drop it when a partial file of that object exists already (two sets of
+    records cannot be merged without reading)."""
+    hexname = name.split(".", 2)[2]
+    partial = PARTIAL_PREFIX + hexname
+    try:
+        os.link(name, partial, src_dir_fd=staging_fd, dst_dir_fd=staging_fd, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        pass  # only its records are left (the data was named, or never made)
+    else:
+        try:
+            os.replace(name + RANGES_SUFFIX, partial + RANGES_SUFFIX, src_dir_fd=staging_fd, dst_dir_fd=staging_fd)
+        except FileNotFoundError:
+            pass
+    for leftover in (name, name + RANGES_SUFFIX):
+        try:
+            os.unlink(leftover, dir_fd=staging_fd)
+        except FileNotFoundError:
+            pass
 
 
 class _Sink:
@@ -250,6 +332,7 @@ class Stager:
         self._commit_error: BaseException | None = None
         # Set by an ``agent`` message: the session goes on as a push agent's.
         self.become_agent = False
+        self.runs: dict[bytes, _Run] = {}
 
     def _send(self, msg: dict) -> None:
         with self.wlock:
@@ -273,6 +356,9 @@ class Stager:
                 self._pool.shutdown(wait=True)
             for put in self.puts.values():
                 put.discard()
+            for run in self.runs.values():
+                if not run.done:
+                    promote_run(self.staging_fd, run.name)
             self.buffers.close()
             self.verified.close()
             os.close(self.staging_fd)
@@ -285,19 +371,68 @@ class Stager:
         self._tmp_n += 1
         return f"{TEMP_PREFIX}{os.getpid()}.{self._tmp_n}"
 
+    def run_for(self, sha: bytes, size: int, offset: int) -> _Run | None:
+        """The run this range continues (or, at offset 0, starts), if any.
+
+        A run starts only where no partial file of the object exists: the
+        ranges recorded there are what a resumed prewarm does not send."""
+        run = self.runs.get(sha)
+        if offset != 0:
+            if run is not None and not (run.broken or run.done) and run.pos == offset and run.size == size:
+                return run
+            return None
+        hexname = sha.hex()
+        if self._exists(PARTIAL_PREFIX + hexname):
+            return None
+        if run is not None and not run.done:
+            return None  # begun again while the first is unfinished: the partial file's way
+        name = f"{RUN_PREFIX}{os.getpid()}.{hexname}"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.staging_fd)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            os.unlink(name + RANGES_SUFFIX, dir_fd=self.staging_fd)
+        except FileNotFoundError:
+            pass
+        run = self.runs[sha] = _Run(sha, size, name)
+        return run
+
+    def _exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.staging_fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
     def _clean_dead_temps(self) -> None:
         # Not the push agent's "tmp.*": it removes those at its start, which
         # would pull files from under a stager running beside it.  Ours carry
         # their writer's PID and go only when that process is gone.
         for entry in os.scandir(self.staging_fd):
-            if not entry.name.startswith(TEMP_PREFIX):
+            name = entry.name
+            if not name.startswith((TEMP_PREFIX, RUN_PREFIX)):
                 continue
-            pid = entry.name.split(".")[1]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                try:
-                    os.unlink(entry.name, dir_fd=self.staging_fd)
-                except FileNotFoundError:
-                    pass
+            pid = name.split(".")[1]
+            if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+                continue
+            if name.startswith(RUN_PREFIX):
+                # A killed stager's run: what it recorded is kept, as the
+                # object's partial file.
+                if not name.endswith(RANGES_SUFFIX):
+                    promote_run(self.staging_fd, name)
+                elif not self._exists(name[:-len(RANGES_SUFFIX)]):
+                    try:
+                        os.unlink(name, dir_fd=self.staging_fd)
+                    except FileNotFoundError:
+                        pass
+                continue
+            try:
+                os.unlink(name, dir_fd=self.staging_fd)
+            except FileNotFoundError:
+                pass
 
     def _loop(self) -> int:
         try:
@@ -466,10 +601,15 @@ class Stager:
             raise
         if not ok:
             put.discard()
-            log.warning("%s [%d+%d]: received bytes do not match their SHA-256", put.hex, put.offset, put.length)
+            log.warning("%s [%d+%d]: received bytes do not match their digest", put.hex, put.offset, put.length)
             self._send({"type": "put_failed", "sha256": put.sha256, "offset": put.offset,
                         "error": "received bytes do not match their SHA-256"})
             return
+        run = put.run
+        if run is not None:
+            with run.lock:
+                run.pos = put.offset + put.length
+                run.pending += 1
         # A thread starts the write-out and does the rename or record, while
         # this one goes on receiving.
         if self._pool is None:
@@ -480,7 +620,12 @@ class Stager:
     def _commit(self, put: _Put) -> None:
         try:
             put.commit()
-            staged = put.whole or self._finalize(put.hex, put.sha256, put.size)
+            if put.whole:
+                staged = True
+            elif put.run is not None:
+                staged = self._finish_run(put.run)
+            else:
+                staged = self._finalize(put.hex, put.sha256, put.size)
             self._send({"type": "put_ok", "sha256": put.sha256, "offset": put.offset,
                         "length": put.length, "staged": bool(staged)})
         except BaseException as err:  # noqa: BLE001 - raised by the receiving thread
@@ -489,6 +634,32 @@ class Stager:
                 self._commit_error = err
         finally:
             self._slots.release()
+
+    def _finish_run(self, run: _Run) -> bool:
+        """After a run's range is recorded: name the object once every range
+        arrived and is recorded, by the hash taken on the way in."""
+        with run.lock:
+            run.pending -= 1
+            if run.pending or run.pos != run.size or run.broken or run.done:
+                return False
+            run.done = True
+        sfd = self.staging_fd
+        if run.chain.digest() != run.sha256:
+            log.warning("%s: assembled object does not match its SHA-256; discarded", run.sha256.hex())
+            for name in (run.name, run.name + RANGES_SUFFIX):
+                try:
+                    os.unlink(name, dir_fd=sfd)
+                except FileNotFoundError:
+                    pass
+            return False
+        hexname = run.sha256.hex()
+        os.rename(run.name, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
+        self.verified.add(hexname)
+        try:
+            os.unlink(run.name + RANGES_SUFFIX, dir_fd=sfd)
+        except FileNotFoundError:
+            pass
+        return True
 
     def _finalize(self, hexname: str, sha: bytes, size: int) -> bool:
         """Stage a partial object once its ranges cover it and its SHA-256 matches."""
@@ -539,6 +710,9 @@ class Stager:
         length = _field(msg, "length", int)
         if offset < 0 or not 0 <= length <= MAX_RANGE:
             raise ProtocolError(f"get {fspath(path)}: range out of bounds")
+        digest = msg.get("digest", "sha256")
+        if digest not in DIGESTS:
+            raise ProtocolError(f"get: unknown digest {digest!r}")
         problem = None
         entry = self.manifest.lookup(path) if self.manifest else None
         if entry is None or entry.deleted or entry.kind != KIND_FILE or entry.sha256 != sha:
@@ -563,7 +737,7 @@ class Stager:
             first = os.pread(fd, min(CHUNK, length), offset)
             packed = zstd_pays(path, first)
             self.writer.message({"type": "range", "stream": stream, "how": "zstd" if packed else "whole"})
-            h = hashlib.sha256()
+            h = range_hasher(digest)
             pos = offset
             end = offset + length
             cobj = None
@@ -587,7 +761,7 @@ class Stager:
                 tail = cobj.flush()
                 if tail:
                     self.writer.data(stream, tail)
-            self.writer.end(stream, {"sha256": h.digest()})
+            self.writer.end(stream, {digest_key(digest): h.digest()})
         finally:
             os.close(fd)
         self.writer.flush()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from syncd.fsops import boot_id, verified_this_boot
 from syncd.manifest import Manifest
@@ -209,7 +210,7 @@ def test_source_selection_picks_the_faster_sibling(site: Site) -> None:
 
 def _stager(tmp_path: Path) -> tuple[LocalSession, FrameWriter, FrameReader, Path]:
     node = tmp_path / "edge"
-    (node / "root").mkdir(parents=True)
+    (node / "root").mkdir(parents=True, exist_ok=True)
     ini = node / "sync.ini"
     ini.write_text(f"[node]\nname = edge\nroot = {node / 'root'}\nstate_dir = {node / 'state'}\n")
     code = ("import sys; from syncd import config; from syncd.stager import serve_stage_stdio; "
@@ -226,15 +227,92 @@ def _stager(tmp_path: Path) -> tuple[LocalSession, FrameWriter, FrameReader, Pat
 
 
 def _put(w: FrameWriter, r: FrameReader, stream: int, sha: bytes, size: int, off: int, data: bytes,
-         digest: bytes | None = None) -> dict:
-    w.message({"type": "put", "stream": stream, "sha256": sha, "size": size, "offset": off,
-               "length": len(data), "how": "whole"})
+         digest: bytes | None = None, *, xxh3: bool = False, run: bool = False) -> dict:
+    msg = {"type": "put", "stream": stream, "sha256": sha, "size": size, "offset": off,
+           "length": len(data), "how": "whole"}
+    if xxh3:
+        msg["digest"] = "xxh3-128"
+    if run:
+        msg["run"] = True
+    w.message(msg)
     w.data(stream, data)
-    w.end(stream, {"sha256": digest or hashlib.sha256(data).digest()})
+    if xxh3:
+        w.end(stream, {"xxh3_128": digest or xxhash.xxh3_128(data).digest()})
+    else:
+        w.end(stream, {"sha256": digest or hashlib.sha256(data).digest()})
     w.flush()
     frame = r.read_frame()
     assert frame.kind is FrameType.MESSAGE
     return frame.payload
+
+
+def _have(w: FrameWriter, r: FrameReader, sha: bytes, size: int) -> list:
+    w.message({"type": "have", "batch": 0, "objects": [[sha, size, b"iso/x", 0]]})
+    w.flush()
+    return r.read_frame().payload["objects"][0]
+
+
+def _leftovers(staging: Path) -> list[str]:
+    return sorted(p.name for p in staging.iterdir() if p.name.startswith(("run.", "partial.", "stage.")))
+
+
+def test_a_run_is_named_by_the_hash_taken_as_it_arrived(tmp_path: Path) -> None:
+    session, w, r, staging = _stager(tmp_path)
+    try:
+        mib = 1 << 20
+        good = os.urandom(3 * mib)
+        sha = hashlib.sha256(good).digest()
+        for i in range(3):
+            ack = _put(w, r, i + 1, sha, len(good), i * mib, good[i * mib:(i + 1) * mib], xxh3=True, run=True)
+            assert ack["type"] == "put_ok" and ack["staged"] is (i == 2)
+        assert (staging / sha.hex()).read_bytes() == good
+        assert _leftovers(staging) == []
+        # Ranges that each match their XXH3 but make other content: never named.
+        other = os.urandom(3 * mib)
+        for i in range(3):
+            ack = _put(w, r, 10 + i, sha[::-1], len(other), i * mib, other[i * mib:(i + 1) * mib], xxh3=True,
+                       run=True)
+            assert ack["type"] == "put_ok" and ack["staged"] is False
+        assert not (staging / sha[::-1].hex()).exists()
+        assert _leftovers(staging) == []
+        # A range that does not match its XXH3 is refused.
+        bad = _put(w, r, 20, sha, len(good), 0, good[:mib], digest=b"\0" * 16, xxh3=True)
+        assert bad["type"] == "put_failed"
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("how", ["bad range, then bye", "kill -9"])
+def test_an_unfinished_run_leaves_its_recorded_prefix_to_resume_from(tmp_path: Path, how: str) -> None:
+    session, w, r, staging = _stager(tmp_path)
+    mib = 1 << 20
+    good = os.urandom(3 * mib)
+    sha = hashlib.sha256(good).digest()
+    try:
+        assert _put(w, r, 1, sha, len(good), 0, good[:mib], xxh3=True, run=True)["type"] == "put_ok"
+        if how == "kill -9":
+            session._proc.kill()
+            session._proc.wait()
+        else:
+            bad = _put(w, r, 2, sha, len(good), mib, good[mib:2 * mib], digest=b"\0" * 16, xxh3=True, run=True)
+            assert bad["type"] == "put_failed"
+            w.message({"type": "bye"})
+            w.flush()
+            session._proc.wait(30)
+    finally:
+        session.close()
+    session, w, r, staging = _stager(tmp_path)
+    try:
+        # The next stager finds the first range recorded, as a partial object.
+        assert _have(w, r, sha, len(good)) == ["partial", [[0, mib]]]
+        assert not any(p.name.startswith("run.") for p in staging.iterdir())
+        # ... and the rest, sent as ranges, completes it (read back and checked).
+        assert _put(w, r, 1, sha, len(good), mib, good[mib:2 * mib], xxh3=True)["staged"] is False
+        assert _put(w, r, 2, sha, len(good), 2 * mib, good[2 * mib:], xxh3=True, run=True)["staged"] is True
+        assert (staging / sha.hex()).read_bytes() == good
+        assert _leftovers(staging) == []
+    finally:
+        session.close()
 
 
 def test_stager_never_names_an_unverified_object(tmp_path: Path) -> None:

@@ -366,16 +366,25 @@ def test_manifest_equals_fresh_walk_after_random_mutations(ops: list, workers: i
             tree.manifest.close()
 
 
-def touched_dirs(op: tuple) -> set[bytes]:
+def touched_dirs(op: tuple, root: bytes) -> set[bytes]:
     """What a watcher reports for one op: the directories whose entries changed.
 
     Conservatively every ancestor of each path involved (a superset of the
-    parents that inotify names), never the untouched rest of the tree.
+    parents that inotify names), never the untouched rest of the tree.  A
+    path through a symlinked directory changes the directory it points to,
+    which the watcher names by its own path: that one's ancestors count too.
     """
     kind, rel, arg = op
     paths = [rel] + ([arg] if kind == "rename" else [])
+    root = os.path.realpath(root)
     out: set[bytes] = set()
     for p in paths:
+        real = os.path.realpath(os.path.dirname(root + b"/" + p))
+        if real == root or real.startswith(root + b"/"):
+            p = (real[len(root) + 1:] + b"/" if real != root else b"") + os.path.basename(p)
+            parts = p.split(b"/")
+            for i in range(len(parts)):
+                out.add(b"/".join(parts[:i]))
         parts = p.split(b"/")
         for i in range(len(parts)):
             out.add(b"/".join(parts[:i]))
@@ -386,6 +395,8 @@ def touched_dirs(op: tuple) -> set[bytes]:
 @given(ops=st.lists(OPS, max_size=25))
 @example(ops=[("write", b"b", b""), ("symlink", b"c\xff", b"a"), ("write", b"a/a", b""),
               ("write", b"c\xff/a", b"")])  # a dirty "directory" that is a symlink to one
+@example(ops=[("write", b"a/a", b""), ("symlink", b"b", b"a"), ("scan", b"", b""), ("write", b"a", b""),
+              ("write", b"b/a", b"")])  # a file written through a symlinked directory
 def test_partial_scans_of_touched_dirs_equal_a_fresh_walk(ops: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree(Path(tmp), workers=1)
@@ -399,8 +410,9 @@ def test_partial_scans_of_touched_dirs_equal_a_fresh_walk(ops: list) -> None:
                     assert from_manifest(tree.manifest) == walk(root)
                     dirty = set()
                 else:
+                    dirty |= touched_dirs(op, root)
                     apply(root, op)
-                    dirty |= touched_dirs(op)
+                    dirty |= touched_dirs(op, root)
         finally:
             tree.manifest.close()
 
