@@ -304,6 +304,7 @@ class _Conn:
 
         self.writer = FrameWriter(send_all)
         self.reader = FrameReader(self.session.recv)
+        self.can_send_file = hasattr(self.session, "send_file")
         self.writer.hello()
         self.writer.message({"type": "hello", "node": node, "mirror": mirror.name, "role": role})
         try:
@@ -316,6 +317,14 @@ class _Conn:
             raise openssh_error(self.session, err) from None
         features = self.welcome.get("features")
         self.features = {f for f in features if isinstance(f, str)} if isinstance(features, list) else set()
+
+    def send_file(self, fd: int, offset: int, length: int) -> int:
+        """Bytes of a file straight into the session (NotImplementedError: it cannot)."""
+        if not self.can_send_file:
+            raise NotImplementedError("send_file")
+        n = self.session.send_file(fd, offset, length)
+        self.sent += n
+        return n
 
     def message(self, expect: str | None = None) -> dict:
         frame = self.reader.read_frame()
@@ -394,6 +403,7 @@ class _Stream:
         self.digest = "xxh3-128" if "xxh3-128" in offered else "sha256"
         self.runs = "run" in self.edge.features
         self._packs: dict[bytes, bool] = {}
+        self._chunk = bytearray(CHUNK)  # ranges are read into this, hashed and sent from it
         self.sent_pieces = 0
         self.acked = 0
         self.cond = threading.Condition()
@@ -486,6 +496,7 @@ class _Stream:
         return self.stream_id
 
     def _send_local(self, piece: tuple) -> None:
+        from .push import COMPRESSED_SUFFIXES
         from .stager import ZSTD_LEVEL, digest_key, range_hasher, zstd_pays
 
         sha, size, path, off, length, _run = piece
@@ -501,38 +512,78 @@ class _Stream:
                 self.shared.add(self.shared.failed, 1)
                 return
             w = self.edge.writer
-            first = os.pread(fd, min(CHUNK, length), off)
+            first = None
             packed = self._packs.get(path)
             if packed is None:
-                # One decision per file: the ranges of an ISO are alike.
-                packed = self._packs[path] = zstd_pays(path, first)
+                # One decision per file: the ranges of an ISO are alike.  A
+                # name that says "compressed" decides without a read.
+                if path.lower().endswith(COMPRESSED_SUFFIXES):
+                    packed = False
+                else:
+                    first = os.pread(fd, min(CHUNK, length), off)
+                    packed = zstd_pays(path, first)
+                self._packs[path] = packed
             stream = self._open_put(piece, "zstd" if packed else "whole")
+            # A whole object is checked against its own SHA-256 on the edge;
+            # only a range needs a digest of its own.
+            whole = off == 0 and length == size
+            if whole and not packed and first is None and self.edge.can_send_file:
+                # Nothing to look at on this side: file to pipe, no copy here.
+                self._send_file(stream, fd, path, off, length)
+                w.end(stream, None)
+                return
             cobj = None
             if packed:
                 import zstandard
 
                 cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-            # A whole object is checked against its own SHA-256 on the edge;
-            # only a range needs a digest of its own.
-            whole = off == 0 and length == size
             h = None if whole else range_hasher(self.digest)
-            pos, end, chunk = off, off + length, first
-            while True:
-                if h is not None:
-                    h.update(chunk)
-                pos += len(chunk)
-                out = cobj.compress(chunk) if cobj else chunk
-                if out:
-                    self.bucket.take(len(out))
-                    w.data(stream, out)
-                if pos >= end or not chunk:
-                    break
-                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+            pos, end = off, off + length
+            with memoryview(self._chunk) as buf:
+                while pos < end:
+                    if first is not None:
+                        chunk, first = memoryview(first), None
+                    else:
+                        chunk = buf[:os.preadv(fd, [buf[:min(CHUNK, end - pos)]], pos)]
+                        if not chunk:
+                            raise SyncdError(f"{fspath(path)}: shrank while being read")
+                    if h is not None:
+                        h.update(chunk)
+                    pos += len(chunk)
+                    # Sent (or copied into the writer) before the buffer is read into again.
+                    out = cobj.compress(chunk) if cobj else chunk
+                    if out:
+                        self.bucket.take(len(out))
+                        w.data(stream, out)
             if cobj is not None:
                 w.data(stream, cobj.flush())
             w.end(stream, None if h is None else {digest_key(self.digest): h.digest()})
         finally:
             os.close(fd)
+
+    def _send_file(self, stream: int, fd: int, path: bytes, off: int, length: int) -> None:
+        w = self.edge.writer
+        pos, end = off, off + length
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            self.bucket.take(n)
+
+            def body(at: int = pos, n: int = n) -> None:
+                try:
+                    got = self.edge.send_file(fd, at, n)
+                except NotImplementedError:
+                    self.edge.can_send_file = False
+                    got = 0
+                if got < n:  # the rest the ordinary way (or the file shrank)
+                    rest = os.pread(fd, n - got, at + got)
+                    if len(rest) != n - got:
+                        raise SyncdError(f"{fspath(path)}: shrank while being read")
+                    self.edge.writer.flush()
+                    self.edge.session.send_all(rest)
+                    self.edge.sent += len(rest)
+
+            w.data_from(stream, n, body)
+            pos += n
 
     def _relay(self, piece: tuple) -> None:
         sha, _size, path, off, length, _run = piece
@@ -728,6 +779,14 @@ def _probe_one(cfg: Config, mirror: MirrorConfig, sample: Obj | None, generation
         out.note = str(err).splitlines()[0][:120]
 
 
+def _must_probe(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None) -> bool:
+    """Whether choosing the source takes probes (another mirror may serve)."""
+    others = {m.name for m in cfg.mirrors if m.name != mirror.name}
+    if wanted is not None:
+        others &= set(wanted)
+    return bool(others)
+
+
 def _choose_source(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None, objs: list[Obj], generation: int,
                    timeout: float, open_session: Callable) -> tuple[MirrorConfig | None, list[Probe]]:
     others = {m.name: m for m in cfg.mirrors if m.name != mirror.name}
@@ -852,38 +911,76 @@ class _PushOpener:
             session.close()
 
 
-def _stage(cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, plan: Callable[[_Conn], tuple],
-           streams: int, bwlimit: float | None, progress: _Progress, opener: _PushOpener,
-           open_session: Callable) -> tuple[int, int, int, int, int, list[tuple[str, bool]]]:
+class _Launch:
+    """The streams of one staging attempt, started: worker processes for all
+    but the first, and the first stream's login in a thread of this process.
+    Started before this node's snapshot where the source is known without
+    probing, so the logins (a third of a second) overlap the snapshot."""
+
+    def __init__(self, cfg: Config, edge: MirrorConfig, source: MirrorConfig | None, streams: int,
+                 bwlimit: float | None, open_session: Callable) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.streams = streams
+        self.shared = _Shared(ctx)
+        self.bucket = _Bucket(ctx, bwlimit)
+        # Forked before any thread of ours exists.
+        self.procs = [ctx.Process(target=_worker, name=f"prewarm-{i}", daemon=True,
+                                  args=(cfg, edge, source, self.shared, self.bucket, os.getpid(), open_session))
+                      for i in range(1, streams)]
+        for p in self.procs:
+            p.start()
+        self._lead: _Stream | None = None
+        self._error: BaseException | None = None
+
+        def connect() -> None:
+            try:
+                self._lead = _Stream(cfg, edge, source, self.shared, self.bucket, open_session)
+            except BaseException as err:  # noqa: BLE001 - raised where the lead is asked for
+                self._error = err
+
+        self._thread = threading.Thread(target=connect, name="prewarm-0-login", daemon=True)
+        self._thread.start()
+
+    def lead(self) -> _Stream:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._lead is not None
+        return self._lead
+
+    def abort(self) -> None:
+        """Stop the streams before they got any work."""
+        for _ in self.procs:
+            self.shared.items.put(None)
+        self._thread.join()
+        if self._lead is not None:
+            self._lead.abandon()
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+def _stage(cfg: Config, launch: _Launch, plan: Callable[[_Conn], tuple], progress: _Progress,
+           opener: _PushOpener) -> tuple[int, int, int, int, int, list[tuple[str, bool]]]:
     """Run the streams: the first in this process, the others in worker processes.
 
-    The workers start connecting at once.  The first stream's session asks
-    the edge what it holds (``plan``) before it sends anything, so planning
-    costs no login of its own; when the staging went well that session is
-    handed to ``opener``, turned into the push's (the stager's ``agent``).
+    The first stream's session asks the edge what it holds (``plan``) before
+    it sends anything, so planning costs no login of its own; when the
+    staging went well that session is handed to ``opener``, turned into the
+    push's (the stager's ``agent``).
 
     Returns (bytes present, objects present, bytes staged, objects staged,
     pieces failed, errors).
     """
-    ctx = multiprocessing.get_context("fork")
-    shared = _Shared(ctx)
-    bucket = _Bucket(ctx, bwlimit)
-    procs = [ctx.Process(target=_worker, name=f"prewarm-{i}", daemon=True,
-                         args=(cfg, edge, source, shared, bucket, os.getpid(), open_session))
-             for i in range(1, streams)]
-    for p in procs:
-        p.start()
+    shared, procs, streams = launch.shared, launch.procs, launch.streams
     errors: list[tuple[str, bool]] = []
-    lead: _Stream | None = None
     try:
         try:
-            lead = _Stream(cfg, edge, source, shared, bucket, open_session)
+            lead = launch.lead()
             base_bytes, base_files, items = plan(lead.edge)
         except BaseException:
-            for _ in procs:
-                shared.items.put(None)
-            if lead is not None:
-                lead.abandon()
+            launch.abort()
             raise
         for item in items:
             shared.items.put(item)
@@ -983,12 +1080,26 @@ def prewarm(
         raise UsageError("--streams must be at least 1")
     started = time.monotonic()
     result = PrewarmResult(mirror=name, streams=streams)
-    generation, objs = _snapshot(cfg, mirror)
+    edge = stage_mirror(mirror)
+    launch: _Launch | None = None
+    if not _must_probe(cfg, mirror, sources):
+        launch = _Launch(cfg, edge, None, streams, bwlimit, open_session)
+    try:
+        generation, objs = _snapshot(cfg, mirror)
+    except BaseException:
+        if launch is not None:
+            launch.abort()
+        raise
     result.generation = generation
     result.files_total = len(objs)
     result.bytes_total = sum(o.size for o in objs)
-    edge = stage_mirror(mirror)
-    source, result.probes = _choose_source(cfg, mirror, sources, objs, generation, probe_timeout, open_session)
+    try:
+        source, result.probes = _choose_source(cfg, mirror, sources, objs, generation, probe_timeout,
+                                               open_session)
+    except BaseException:
+        if launch is not None:
+            launch.abort()
+        raise
     result.source = source.name if source is not None else SELF
     if source is not None:
         source = stage_mirror(source)
@@ -1013,8 +1124,10 @@ def prewarm(
                 return done_bytes, done_files, _pieces(needed, states, range_size, streams)
 
             t0 = time.monotonic()
-            base_bytes, base_files, sent, staged, failed, errors = _stage(
-                cfg, edge, source, plan, streams, bwlimit, progress, opener, open_session)
+            if launch is None:
+                launch = _Launch(cfg, edge, source, streams, bwlimit, open_session)
+            this, launch = launch, None
+            base_bytes, base_files, sent, staged, failed, errors = _stage(cfg, this, plan, progress, opener)
             if attempt == 1:
                 result.files_present = base_files
                 result.bytes_present = base_bytes
@@ -1047,6 +1160,8 @@ def prewarm(
         progress.update("failed", result.bytes_present + result.bytes_staged, result.files_staged, final=True)
         raise
     finally:
+        if launch is not None:
+            launch.abort()
         if opener is not None:
             opener.close()
         progress.close()

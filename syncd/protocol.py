@@ -329,6 +329,15 @@ class FrameWriter:
                 self.flush()
                 self._send_all(piece)
 
+    def data_from(self, stream: int, length: int, send_body: Callable[[], None]) -> None:
+        """One DATA frame whose body ``send_body`` sends itself, straight
+        after the header (from a file, without passing through Python)."""
+        if length > self.max_body:
+            raise ProtocolError(f"DATA frame body of {length} bytes exceeds the limit of {self.max_body}")
+        self._buf += frame_header(FrameType.DATA, stream, length)
+        self.flush()
+        send_body()
+
     def flush(self) -> None:
         if self._buf:
             buf, self._buf = self._buf, bytearray()

@@ -8,6 +8,7 @@ before their first login.  syncd.transport re-exports every name here.
 from __future__ import annotations
 
 import collections
+import errno
 import getpass
 import os
 import pathlib
@@ -165,6 +166,31 @@ class LocalSession(_StreamBase):
             raise ConnectionLostError(
                 f"{self.label}: pipe closed while sending: {err}" + self._stderr_hint()
             ) from None
+
+    def send_file(self, fd: int, offset: int, length: int) -> int:
+        """Send ``length`` bytes of file ``fd`` from ``offset`` without
+        copying them through this process (splice(2) into the pipe).  Returns
+        how many went; fewer when the file is shorter.  NotImplementedError
+        where splice is not available (the caller then reads and sends)."""
+        splice = getattr(os, "splice", None)
+        if splice is None:
+            raise NotImplementedError("os.splice")
+        sent = 0
+        try:
+            while sent < length:
+                n = splice(fd, self._stdin_fd, length - sent, offset_src=offset + sent)
+                if n == 0:
+                    break
+                sent += n
+        except OSError as err:
+            if sent == 0 and err.errno in (errno.EINVAL, errno.ENOSYS):
+                raise NotImplementedError(f"splice: {err}") from None
+            if err.errno in (errno.EPIPE, errno.EBADF):
+                raise ConnectionLostError(
+                    f"{self.label}: pipe closed while sending: {err}" + self._stderr_hint()
+                ) from None
+            raise
+        return sent
 
     def recv(self, n: int = RECV_BLOCK) -> bytes:
         try:
