@@ -687,6 +687,20 @@ class DirectWriter:
                 else:
                     self._drain(size)
 
+    def space(self) -> memoryview | None:
+        """The free part of the aligned buffer, to read into directly (then
+        :meth:`advance`); None when writes are not buffered here."""
+        return None if self.buf is None else self.view[self.fill:]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were put into :meth:`space`: count them, and write a full buffer out."""
+        self.fill += n
+        if self.fill == len(self.view):
+            if self.pool.write_behind:
+                self._write_behind()
+            else:
+                self._drain(self.fill)
+
     def _write_behind(self) -> None:
         """Hand the full buffer to the pool's threads; go on in another."""
         self._wait()

@@ -393,6 +393,7 @@ class FrameReader:
         self.block_size = block_size
         self._buf = bytearray()
         self._pos = 0
+        self._body_left = 0  # of a DATA body read_frame(lazy=True) left in the stream
 
     def _available(self) -> int:
         return len(self._buf) - self._pos
@@ -498,8 +499,14 @@ class FrameReader:
             raise ProtocolError(f"handshake: stream ended after {len(got)} bytes ({got!r})")
         return parse_hello(self._take(HELLO_SIZE))
 
-    def read_frame(self) -> Frame | None:
-        """The next frame, or None when the stream ends cleanly between frames."""
+    def read_frame(self, lazy: bool = False) -> Frame | None:
+        """The next frame, or None when the stream ends cleanly between frames.
+
+        With ``lazy``, a DATA frame comes with its body left in the stream
+        (``payload`` is its length): the caller reads it with
+        :meth:`read_body_into` or :meth:`read_body` before the next frame."""
+        if self._body_left:
+            raise ProtocolError(f"{self._body_left} bytes of a DATA body left unread")
         if not self._fill(HEADER_SIZE):
             left = self._available()
             if left:
@@ -516,6 +523,9 @@ class FrameReader:
             )
         self._pos += HEADER_SIZE
         if kind is FrameType.DATA:
+            if lazy:
+                self._body_left = length
+                return Frame(kind, stream, length)
             return Frame(kind, stream, self._read_data(length))
         if not self._fill(length):
             raise ProtocolError(
@@ -530,6 +540,35 @@ class FrameReader:
     def __iter__(self):
         while (frame := self.read_frame()) is not None:
             yield frame
+
+    def read_body_into(self, view: memoryview) -> int:
+        """Up to ``len(view)`` bytes of the lazy DATA body into ``view``: from
+        what is buffered, else straight from the stream into the caller's
+        buffer (no copy through ours).  0 once the body is read."""
+        n = min(len(view), self._body_left)
+        if not n:
+            return 0
+        have = self._available()
+        if have:
+            n = min(n, have)
+            with memoryview(self._buf) as buffered:
+                view[:n] = buffered[self._pos:self._pos + n]
+            self._pos += n
+        elif self._recv_into is not None:
+            n = self._recv_into(view[:n])
+        else:
+            chunk = self._recv(n)
+            n = len(chunk)
+            view[:n] = chunk
+        if not n:
+            raise ProtocolError(f"stream ended inside a DATA frame body ({self._body_left} bytes missing)")
+        self._body_left -= n
+        return n
+
+    def read_body(self) -> bytes | memoryview:
+        """The rest of the lazy DATA body, as read_frame would have returned it."""
+        length, self._body_left = self._body_left, 0
+        return self._read_data(length)
 
     def detach(self) -> bytes:
         """The bytes read from the stream but not yet parsed, handed over to

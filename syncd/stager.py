@@ -195,6 +195,34 @@ class _Put:
             self._zw = None
             self.feed = self._write
 
+    def receive(self, reader: FrameReader, length: int) -> None:
+        """A DATA body of ``length`` bytes from ``reader`` (read lazily):
+        raw bytes go from the stream straight into the aligned write buffer
+        and are hashed there, with no copy in between."""
+        space = self.out.space() if self._zw is None else None
+        if space is None:
+            self.feed(reader.read_body())
+            return
+        if self.pos + length > self.offset + self.length:
+            raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
+        left = length
+        while left:
+            if not space:
+                space = self.out.space()
+            view = space[:left]
+            n = reader.read_body_into(view)
+            got = view[:n]
+            self.hasher.update(got)
+            if self.chain is not None:
+                self.chain.update(got)
+            space = space[n:]
+            # The buffer may go out (and a new one come) here: the views of
+            # the old one are not used again.
+            del view, got
+            self.out.advance(n)
+            self.pos += n
+            left -= n
+
     def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         if self.pos + len(view) > self.offset + self.length:
@@ -437,7 +465,7 @@ class Stager:
     def _loop(self) -> int:
         try:
             while True:
-                frame = self.reader.read_frame()
+                frame = self.reader.read_frame(lazy=True)
                 if frame is None:
                     return 0
                 if frame.kind is FrameType.MESSAGE:
@@ -455,7 +483,7 @@ class Stager:
                     put = self.puts.get(frame.stream)
                     if put is None:
                         raise ProtocolError(f"DATA for stream {frame.stream}, which no 'put' opened")
-                    put.feed(frame.payload)
+                    put.receive(self.reader, frame.payload)
                     continue
                 else:
                     self._end(frame.stream, frame.payload)

@@ -10,7 +10,9 @@ thread accepts, two threads per connection pump; ``stop()`` ends them all.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import socket
 import struct
 import threading
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 _BLOCK = 64 * 1024
+_SPLICE_BLOCK = 1 << 20
 
 
 class _Throttle:
@@ -70,6 +73,12 @@ class _Connection:
         limit = self._limits[direction]
         block = throttle.block_size() if throttle else _BLOCK
         try:
+            if throttle is None and limit is None and hasattr(os, "splice"):
+                # Nothing to look at: socket to pipe to socket in the kernel.
+                # The relay then takes next to no CPU from the tools it
+                # measures (on a 2-core host a copying relay took a share).
+                self._splice(src, dst, direction)
+                return
             while True:
                 data = src.recv(block)
                 if not data:
@@ -103,6 +112,29 @@ class _Connection:
                 finished = self._done == 2
             if finished:
                 self._close()
+
+    def _splice(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        r, w = os.pipe()
+        try:
+            try:
+                fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), _SPLICE_BLOCK)
+            except OSError:
+                pass
+            while True:
+                n = os.splice(src.fileno(), w, _SPLICE_BLOCK)
+                if not n:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                moved = 0
+                while moved < n:
+                    moved += os.splice(r, dst.fileno(), n - moved)
+                self._account(direction, n)
+        finally:
+            os.close(r)
+            os.close(w)
 
     def _account(self, direction: str, n: int) -> None:
         setattr(self, direction, getattr(self, direction) + n)

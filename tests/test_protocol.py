@@ -273,6 +273,55 @@ def test_frame_stream_round_trip_with_reused_data_buffer(items, sizes, max_body,
     assert got == [tuple(i) for i in items]
 
 
+@given(frames, st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(8, 2000),
+       st.lists(st.integers(1, 900), min_size=1, max_size=6), st.booleans(), st.booleans())
+def test_lazy_data_bodies_read_in_any_pieces(items, sizes, block_size, takes, use_into, whole):
+    """read_frame(lazy=True): a DATA body stays in the stream, and
+    read_body_into (in pieces of any size) or read_body gives exactly its bytes."""
+    raw, _ = write_frames(items, max_body=1 << 16)
+    chunked = Chunked(raw, sizes)
+    reader = FrameReader(chunked, recv_into=chunked.into if use_into else None, max_body=1 << 16,
+                         block_size=block_size, reuse_data=use_into)
+    assert reader.read_hello() == PROTOCOL_VERSION
+    got = []
+    i = 0
+    while (f := reader.read_frame(lazy=True)) is not None:
+        if f.kind is FrameType.DATA:
+            if whole:
+                body = bytes(reader.read_body())
+            else:
+                body = bytearray()
+                while True:
+                    buf = bytearray(takes[i % len(takes)])
+                    i += 1
+                    n = reader.read_body_into(memoryview(buf))
+                    if not n:
+                        break
+                    body += buf[:n]
+            assert len(body) == f.payload
+            got.append((f.kind, f.stream, bytes(body)))
+        else:
+            got.append((f.kind, f.stream, f.payload))
+    assert got == [tuple(i) for i in items]
+
+
+def test_a_lazy_body_must_be_read_before_the_next_frame():
+    raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 500), (FrameType.END, 3, None)])
+    reader = FrameReader(Chunked(raw, [700]))
+    reader.read_hello()
+    assert reader.read_frame(lazy=True).payload == 500
+    with pytest.raises(ProtocolError, match="left unread"):
+        reader.read_frame()
+    raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
+    chunked = Chunked(raw[:-100], [700])
+    reader = FrameReader(chunked, recv_into=chunked.into, block_size=64)
+    reader.read_hello()
+    reader.read_frame(lazy=True)
+    with pytest.raises(ProtocolError, match="stream ended inside a DATA frame body"):
+        while reader.read_body_into(memoryview(bytearray(4096))):
+            pass
+
+
 def test_reused_data_buffer_truncated_body():
     raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
     chunked = Chunked(raw[:-100], [700])
