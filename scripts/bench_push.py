@@ -24,8 +24,8 @@ Steps:
                an untimed-for-the-target initial copy, then a no-op resync
 
 Each tool's run starts after ``sync`` (no dirty pages left by the other); rsync
-runs first in every step (``--syncd-first`` swaps).  The relay pumps in this
-process's threads, a cost both tools share.  After each step DST1 and DST2 are compared with SRC (path, kind, mode, size,
+runs first in every step (``--syncd-first`` swaps).  The relay splices in the
+kernel (next to no CPU taken from the tools it measures).  After each step DST1 and DST2 are compared with SRC (path, kind, mode, size,
 SHA-256; mtime differences are counted and reported), outside the timing.
 syncd's output and -v log of each step are kept in WORK/logs (see --keep).
 Targets: incremental bytes at most half of rsync's, incremental and no-op wall
