@@ -79,6 +79,7 @@ class _StreamBase:
     """What Session and LocalSession share: exact reads and the context manager."""
 
     label: str
+    _stderr: _TailBuffer
 
     def recv(self, n: int) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -86,8 +87,9 @@ class _StreamBase:
     def close(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def stderr_tail(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def stderr_tail(self) -> str:
+        """The last of what the remote (or local) command wrote to stderr."""
+        return self._stderr.text()
 
     def recv_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes; ConnectionLostError if the stream ends first."""
@@ -214,9 +216,6 @@ class LocalSession(_StreamBase):
         self._stderr_thread.join(_STDERR_SETTLE)
         # Match SSH, where a command killed by a signal has no exit status.
         return status if status >= 0 else -1
-
-    def stderr_tail(self) -> str:
-        return self._stderr.text()
 
     def close(self) -> None:
         if self._closed:

@@ -322,9 +322,6 @@ class Session(_StreamBase):
         self._stderr_thread.join(_STDERR_SETTLE)
         return status
 
-    def stderr_tail(self) -> str:
-        return self._stderr.text()
-
     def close(self) -> None:
         if self._closed:
             return
