@@ -151,6 +151,26 @@ def test_prewarm_empty_edge_then_run_once_moves_almost_nothing(site: Site) -> No
         assert not any((edge / "state/staging").iterdir())  # nothing staged that no push consumed
 
 
+def test_a_stager_without_features_still_gets_the_edge_filled(site: Site) -> None:
+    """A stager of before features (no runs, no XXH3, no hand-over): ranges
+    carry SHA-256 digests, and the push logs in on its own."""
+    old = site.base / "old_stager.py"
+    old.write_text("import sys\nimport syncd.stager as s\ns.FEATURES = ()\n"
+                   "from syncd.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    with Relay(site.ssh.host, site.ssh.port) as relay:
+        command = " ".join(shlex.quote(x) for x in [sys.executable, str(old), "agent", "--config",
+                                                     str(site.base / "edge" / "sync.ini")])
+        edge = site.add_mirror("edge", relay, remote_command=command)
+        fill(site.primary / "root", big=1, big_mib=9, small=12, small_kib=300)
+        done = site.prewarm("edge", "--streams", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert site.in_sync("edge")
+        ours, held = site.generation("edge")
+        assert held == ours
+        assert relay.connections_accepted == 3  # two streams, and the push's own login
+        assert sorted(p.name for p in (edge / "state/staging").iterdir()) == []
+
+
 def test_kill_9_at_60_percent_then_resume_sends_under_half(site: Site) -> None:
     # Throttled so the kill lands mid-transfer; the rerun goes through the same relay.
     with Relay(site.ssh.host, site.ssh.port, rate_up=40e6) as relay:
