@@ -1737,9 +1737,9 @@ class Agent:
                 if kind == "run" and not everything:
                     # A killed stager's in-order object: its recorded ranges
                     # stay, as the object's partial file, for a resumed prewarm.
-                    if not name.endswith(".ranges"):
-                        from .stager import promote_run
+                    from .stager import RANGES_SUFFIX, promote_run
 
+                    if not name.endswith(RANGES_SUFFIX):
                         promote_run(self.staging_fd, name)
                     continue
                 # This process's trash (replaced files) is freed after its commit.

@@ -682,10 +682,7 @@ class DirectWriter:
             self.fill += n
             view = view[n:]
             if self.fill == size:
-                if self.pool.write_behind:
-                    self._write_behind()
-                else:
-                    self._drain(size)
+                self._buffer_full()
 
     def space(self) -> memoryview | None:
         """The free part of the aligned buffer, to read into directly (then
@@ -696,10 +693,13 @@ class DirectWriter:
         """``n`` bytes were put into :meth:`space`: count them, and write a full buffer out."""
         self.fill += n
         if self.fill == len(self.view):
-            if self.pool.write_behind:
-                self._write_behind()
-            else:
-                self._drain(self.fill)
+            self._buffer_full()
+
+    def _buffer_full(self) -> None:
+        if self.pool.write_behind:
+            self._write_behind()
+        else:
+            self._drain(self.fill)
 
     def _write_behind(self) -> None:
         """Hand the full buffer to the pool's threads; go on in another."""

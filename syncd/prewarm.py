@@ -319,12 +319,22 @@ class _Conn:
         self.features = {f for f in features if isinstance(f, str)} if isinstance(features, list) else set()
 
     def send_file(self, fd: int, offset: int, length: int) -> int:
-        """Bytes of a file straight into the session (NotImplementedError: it cannot)."""
-        if not self.can_send_file:
-            raise NotImplementedError("send_file")
-        n = self.session.send_file(fd, offset, length)
-        self.sent += n
-        return n
+        """``length`` bytes of a file into the session: straight from the file
+        where the session can (splice), else read and sent.  Returns how many
+        went; fewer only when the file is shorter."""
+        got = 0
+        if self.can_send_file:
+            try:
+                got = self.session.send_file(fd, offset, length)
+            except NotImplementedError:
+                self.can_send_file = False
+            self.sent += got
+        if got < length:
+            rest = os.pread(fd, length - got, offset + got)
+            self.sent += len(rest)
+            self.session.send_all(rest)
+            got += len(rest)
+        return got
 
     def message(self, expect: str | None = None) -> dict:
         frame = self.reader.read_frame()
@@ -569,18 +579,8 @@ class _Stream:
             self.bucket.take(n)
 
             def body(at: int = pos, n: int = n) -> None:
-                try:
-                    got = self.edge.send_file(fd, at, n)
-                except NotImplementedError:
-                    self.edge.can_send_file = False
-                    got = 0
-                if got < n:  # the rest the ordinary way (or the file shrank)
-                    rest = os.pread(fd, n - got, at + got)
-                    if len(rest) != n - got:
-                        raise SyncdError(f"{fspath(path)}: shrank while being read")
-                    self.edge.writer.flush()
-                    self.edge.session.send_all(rest)
-                    self.edge.sent += len(rest)
+                if self.edge.send_file(fd, at, n) != n:
+                    raise SyncdError(f"{fspath(path)}: shrank while being read")
 
             w.data_from(stream, n, body)
             pos += n
@@ -1086,14 +1086,9 @@ def prewarm(
         launch = _Launch(cfg, edge, None, streams, bwlimit, open_session)
     try:
         generation, objs = _snapshot(cfg, mirror)
-    except BaseException:
-        if launch is not None:
-            launch.abort()
-        raise
-    result.generation = generation
-    result.files_total = len(objs)
-    result.bytes_total = sum(o.size for o in objs)
-    try:
+        result.generation = generation
+        result.files_total = len(objs)
+        result.bytes_total = sum(o.size for o in objs)
         source, result.probes = _choose_source(cfg, mirror, sources, objs, generation, probe_timeout,
                                                open_session)
     except BaseException:

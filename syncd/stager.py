@@ -93,6 +93,15 @@ def digest_key(digest: str) -> str:
     return "xxh3_128" if digest == "xxh3-128" else "sha256"
 
 
+def _unlink(staging_fd: int, *names: str) -> None:
+    """Remove these names from staging; one already gone is no error."""
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=staging_fd)
+        except FileNotFoundError:
+            pass
+
+
 def zstd_pays(path: bytes, sample: bytes) -> bool:
     from .push import COMPRESSED_SUFFIXES
 
@@ -282,10 +291,7 @@ class _Put:
             os.close(self.fd)
             self.fd = -1
         if self.whole:
-            try:
-                os.unlink(self.name, dir_fd=self.stager.staging_fd)
-            except FileNotFoundError:
-                pass
+            _unlink(self.stager.staging_fd, self.name)
 
 
 class _Run:
@@ -324,11 +330,7 @@ def promote_run(staging_fd: int, name: str) -> None:
             os.replace(name + RANGES_SUFFIX, partial + RANGES_SUFFIX, src_dir_fd=staging_fd, dst_dir_fd=staging_fd)
         except FileNotFoundError:
             pass
-    for leftover in (name, name + RANGES_SUFFIX):
-        try:
-            os.unlink(leftover, dir_fd=staging_fd)
-        except FileNotFoundError:
-            pass
+    _unlink(staging_fd, name, name + RANGES_SUFFIX)
 
 
 class _Sink:
@@ -421,10 +423,7 @@ class Stager:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        try:
-            os.unlink(name + RANGES_SUFFIX, dir_fd=self.staging_fd)
-        except FileNotFoundError:
-            pass
+        _unlink(self.staging_fd, name + RANGES_SUFFIX)
         run = self.runs[sha] = _Run(sha, size, name)
         return run
 
@@ -452,15 +451,9 @@ class Stager:
                 if not name.endswith(RANGES_SUFFIX):
                     promote_run(self.staging_fd, name)
                 elif not self._exists(name[:-len(RANGES_SUFFIX)]):
-                    try:
-                        os.unlink(name, dir_fd=self.staging_fd)
-                    except FileNotFoundError:
-                        pass
+                    _unlink(self.staging_fd, name)
                 continue
-            try:
-                os.unlink(name, dir_fd=self.staging_fd)
-            except FileNotFoundError:
-                pass
+            _unlink(self.staging_fd, name)
 
     def _loop(self) -> int:
         try:
@@ -631,7 +624,7 @@ class Stager:
             put.discard()
             log.warning("%s [%d+%d]: received bytes do not match their digest", put.hex, put.offset, put.length)
             self._send({"type": "put_failed", "sha256": put.sha256, "offset": put.offset,
-                        "error": "received bytes do not match their SHA-256"})
+                        "error": "received bytes do not match their digest"})
             return
         run = put.run
         if run is not None:
@@ -671,22 +664,20 @@ class Stager:
             if run.pending or run.pos != run.size or run.broken or run.done:
                 return False
             run.done = True
+        return self._name_object(run.name, run.sha256.hex(), run.chain.digest() == run.sha256)
+
+    def _name_object(self, assembled: str, hexname: str, matches: bool) -> bool:
+        """An object assembled from ranges under ``assembled`` (with its
+        records): named ``hexname`` when its SHA-256 ``matches``, else
+        discarded.  True when named."""
         sfd = self.staging_fd
-        if run.chain.digest() != run.sha256:
-            log.warning("%s: assembled object does not match its SHA-256; discarded", run.sha256.hex())
-            for name in (run.name, run.name + RANGES_SUFFIX):
-                try:
-                    os.unlink(name, dir_fd=sfd)
-                except FileNotFoundError:
-                    pass
+        if not matches:
+            log.warning("%s: assembled object does not match its SHA-256; discarded", hexname)
+            _unlink(sfd, assembled, assembled + RANGES_SUFFIX)
             return False
-        hexname = run.sha256.hex()
-        os.rename(run.name, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
+        os.rename(assembled, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
         self.verified.add(hexname)
-        try:
-            os.unlink(run.name + RANGES_SUFFIX, dir_fd=sfd)
-        except FileNotFoundError:
-            pass
+        _unlink(sfd, assembled + RANGES_SUFFIX)
         return True
 
     def _finalize(self, hexname: str, sha: bytes, size: int) -> bool:
@@ -710,21 +701,7 @@ class Stager:
             if now.st_ino != os.fstat(fd).st_ino:
                 return False
             digest, offset = sha256_around_cache(fd, self.buffers)
-            if offset != size or digest != sha:
-                log.warning("%s: assembled object does not match its SHA-256; discarded", hexname)
-                for name in (partial, partial + RANGES_SUFFIX):
-                    try:
-                        os.unlink(name, dir_fd=sfd)
-                    except FileNotFoundError:
-                        pass
-                return False
-            os.rename(partial, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
-            self.verified.add(hexname)
-            try:
-                os.unlink(partial + RANGES_SUFFIX, dir_fd=sfd)
-            except FileNotFoundError:
-                pass
-            return True
+            return self._name_object(partial, hexname, offset == size and digest == sha)
         finally:
             os.close(fd)
 
