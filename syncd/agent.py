@@ -158,7 +158,7 @@ class _Row:  # slots: a full comparison holds one per path until commit
 
 @dataclass
 class _Plan:
-    generation: int = 0
+    generation: int | None = 0  # None: named by the commit (1.4, a push fed by a running scan)
     full: bool = False
     dry_run: bool = False
     filter: Filter = field(default_factory=lambda: Filter.from_lists())
@@ -982,8 +982,11 @@ class Agent:
             rule_filter = Filter.parse(rules)
         except ValueError as err:
             raise ProtocolError(f"begin: {err}") from None
+        generation = msg.get("generation")
+        if generation is not None or self.version < (1, 4):
+            generation = _field(msg, "generation", int)
         self.plan = _Plan(
-            generation=_field(msg, "generation", int),
+            generation=generation,
             full=bool(msg.get("full")),
             dry_run=bool(msg.get("dry_run")),
             filter=rule_filter,
@@ -1336,7 +1339,12 @@ class Agent:
     def _commit_locked(self, msg: dict) -> None:
         self._drain()
         plan = self.plan
-        if _field(msg, "generation", int) != plan.generation:
+        generation = _field(msg, "generation", int)
+        if plan.generation is None:
+            if generation < 0:
+                raise ProtocolError("commit: generation is negative")
+            plan.generation = generation
+        elif generation != plan.generation:
             raise ProtocolError("commit: generation differs from begin")
         if self.incoming:
             raise ProtocolError("commit while files are still arriving")

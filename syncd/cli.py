@@ -15,9 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from .errors import EXIT_FAILURE, SyncdError
+
+if TYPE_CHECKING:
+    from .scan import ScanFeed
 
 log = logging.getLogger("syncd")
 
@@ -142,24 +146,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .verify import refuse_broken_release
 
             with gc_paused(), Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
-                # A mirror's manifest is written by its agent from its upstream's
-                # rows; only a node that publishes by itself scans its root.
-                if manifest.get_meta("upstream") is None:
-                    result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers)
-                    log.info("scan: %s", result.summary())
-                    if not args.no_verify:
-                        refuse_broken_release(cfg, manifest)
                 printing = threading.Lock()
 
                 def show(mirror: str, item) -> None:  # noqa: ANN001
                     with printing:
                         out.write(f"{mirror}: {item.line()}\n")
 
-                results = push_tree(
-                    cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
-                    on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
-                    links=links,
-                )
+                def push(feed: "ScanFeed | None" = None) -> list:
+                    return push_tree(
+                        cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
+                        on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
+                        links=links, feed=feed,
+                    )
+
+                def checked_scan(feed: "ScanFeed | None" = None) -> None:
+                    result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers, feed=feed)
+                    log.info("scan: %s", result.summary())
+                    if not args.no_verify:
+                        refuse_broken_release(cfg, manifest)
+                    if feed is not None:
+                        feed.finish(result)
+
+                # A mirror's manifest is written by its agent from its upstream's
+                # rows; only a node that publishes by itself scans its root.
+                if manifest.get_meta("upstream") is not None:
+                    results = push()
+                elif not _new_mirrors(manifest, mirrors):
+                    checked_scan()
+                    results = push()
+                else:
+                    # A mirror never pushed to is sent every row: it is fed
+                    # the rows while the scan finds them, and the others wait.
+                    results = _scan_and_push(checked_scan, push, parties=sum(1 for m in mirrors if not m.via))
                 manifest.set_meta("last_tree", json.dumps([r.to_wire() for r in results]))
         finally:
             for link in links.values():
@@ -169,6 +187,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in r.report():
             out.write(("(dry run) " if args.dry_run else "") + line + "\n")
     return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
+
+
+def _new_mirrors(manifest, mirrors) -> bool:  # noqa: ANN001
+    """Whether a mirror (not a standby) has never acknowledged a generation."""
+    acked = manifest.acknowledged()
+    return any(m.name not in acked for m in mirrors if not m.via)
+
+
+def _scan_and_push(checked_scan: Callable, push: Callable, parties: int) -> list:
+    """Scan in this thread while the pushes run in another, fed by the scan."""
+    from .scan import ScanFeed
+
+    feed = ScanFeed(parties)
+    results: list = []
+    failed: list[BaseException] = []
+
+    def pushing() -> None:
+        try:
+            results.extend(push(feed))
+        except BaseException as err:  # raised in the main thread, below
+            failed.append(err)
+
+    pusher = threading.Thread(target=pushing, name="push-tree", daemon=True)
+    pusher.start()
+    try:
+        checked_scan(feed)
+    except BaseException as err:
+        feed.fail(err)  # the pushes end with nothing published
+        raise
+    finally:
+        pusher.join()
+    if failed:
+        raise failed[0]
+    return results
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:

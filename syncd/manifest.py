@@ -464,6 +464,18 @@ class Manifest:
 
     # -- writing ------------------------------------------------------------
 
+    def acknowledged(self) -> set[str]:
+        """Names of the downstreams that have acknowledged a generation (read
+        without SQLAlchemy: ``run --once`` asks before its scan)."""
+        raw = self._raw()
+        try:
+            rows = raw.execute("SELECT name FROM downstreams WHERE generation IS NOT NULL").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: {err}") from err
+        finally:
+            raw.close()
+        return {name for (name,) in rows}
+
     def writer(self) -> "ManifestWriter":
         """One write transaction: upserts in batches, then an optional generation bump."""
         return ManifestWriter(self)

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SYNCD"
 #: (major, minor).  Peers talk when majors are equal; the lower minor wins.
-PROTOCOL_VERSION = (1, 3)
+PROTOCOL_VERSION = (1, 4)
 # 1.1: bundles of small files ("files"); 1.2: need "copy"; 1.3: signature
-# streams follow the "needs" naming them, each as soon as it is computed.
+# streams follow the "needs" naming them, each as soon as it is computed;
+# 1.4: "begin" may leave the generation to "commit" (a push fed by a scan).
 HELLO_SIZE = len(MAGIC) + 2
 
 #: Files (agent) or objects (stager) open at once on one session: each may

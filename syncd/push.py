@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
 BATCHES_IN_FLIGHT = 4
+# While a scan feeds the rows, the pusher looks at the agent's answers this
+# often when no rows are ready: the files they ask for go out meanwhile.
+FEED_POLL = 0.005
 CHUNK = 1 << 20
 # zstd pays only where it shrinks the bytes noticeably; the sample decides.
 # Files up to this size travel together, in bundles of about BUNDLE_BYTES
@@ -62,6 +65,7 @@ class PushResult:
     generation: int
     held_before: int | None = None
     full: bool = False
+    fed: bool = False  # the rows came from this node's scan while it ran
     ok: bool = False
     error: str | None = None
     bytes_sent: int = 0
@@ -126,8 +130,9 @@ class PushResult:
         c = self.counts()
         held = "none" if self.held_before is None else str(self.held_before)
         what = ", ".join(f"{n} {k}" for k, n in c.items() if n) or "nothing to do"
+        how = " (full comparison, fed by the scan)" if self.fed else " (full comparison)" if self.full else ""
         return (
-            f"{self.mirror}: generation {held} -> {self.generation}{' (full comparison)' if self.full else ''}: "
+            f"{self.mirror}: generation {held} -> {self.generation}{how}: "
             f"{what}; {self.files_sent} files, {self.bytes_sent} bytes sent, {self.bytes_received} received "
             f"in {self.seconds:.2f} s"
         )
@@ -340,8 +345,13 @@ class Pusher:
         cascade: bool = True,
         force_full: bool = False,
         stop: threading.Event | None = None,
+        feed: Any = None,
     ) -> None:
         self.cascade = cascade
+        # A syncd.scan.ScanFeed: this node is scanning meanwhile.  A mirror
+        # that holds nothing is sent the rows as the scan finds them; any
+        # other push waits for the scan's end.
+        self.feed = feed
         self.force_full = force_full
         self.stop = stop
         self.cfg = cfg
@@ -401,6 +411,17 @@ class Pusher:
             log.warning("%s: reports findings of 'syncd verify --repair': full comparison", self.mirror.name)
         if held is not None and (not isinstance(held, int) or isinstance(held, bool)):
             raise ProtocolError("welcome: generation is not an integer")
+        downstreams = welcome.get("downstreams") or []
+        if self.feed is not None:
+            sub = None
+            if held is None and ch.version >= (1, 4) and not self.force_full:
+                sub = self.feed.subscribe()
+            else:
+                self.feed.decline()
+            if sub is not None:
+                self._streamed(ch, result, sub, downstreams)
+                return
+            self.feed.wait()  # the scan's end, then as without a feed
         target = self.manifest.generation
         result.generation = target
         result.held_before = held
@@ -408,7 +429,6 @@ class Pusher:
         # generation lists (hand edits, bit rot caught by the edge's stat data).
         full = held is None or held > target or self.force_full
         result.full = full
-        downstreams = welcome.get("downstreams") or []
         if held == target and not full:
             result.ok = True
             self._cascade(ch, result, downstreams)
@@ -418,7 +438,8 @@ class Pusher:
         # plans: its first "needs" may ask for a delta.
         importer = None if self.dry_run else import_in_background("syncd.delta")
         try:
-            self._plan_and_send(ch, result, held, target, full)
+            rows = self.manifest.entries(include_deleted=False) if full else self.manifest.changes_since(held)
+            self._plan_and_send(ch, result, rows, target, full)
         finally:
             if importer is not None:
                 importer.join()  # never cut off by the interpreter's exit mid-import
@@ -426,14 +447,47 @@ class Pusher:
         if not self.dry_run:  # a dry run's abort ended the agent's session
             self._cascade(ch, result, downstreams)
 
-    def _plan_and_send(self, ch: _Channel, result: PushResult, held: int | None, target: int, full: bool) -> None:
+    def _streamed(self, ch: _Channel, result: PushResult, sub: Any, downstreams: list) -> None:
+        """A full comparison fed by the running scan (protocol 1.4).
+
+        ``begin`` names no generation: the scan has not committed one yet.
+        The rows go out as the scan hands them over, and the agent's answers
+        are served in between, so files flow while the tree is still being
+        walked and hashed; ``commit`` names the generation the scan made.
+        Nothing is published before that commit, and a scan that fails (or
+        a release it refuses) ends the push with nothing published.
+        """
+        result.full = result.fed = True
+        try:
+            self._plan_and_send(ch, result, self._fed_rows(ch, result, sub), None, True)
+        finally:
+            self.feed.leave(sub)
+        result.ok = True
+        if not self.dry_run:
+            self._cascade(ch, result, downstreams)
+
+    def _fed_rows(self, ch: _Channel, result: PushResult, sub: Any) -> Iterator[Entry]:
+        feed = self.feed
+        while True:
+            while not ch.inbox.empty():  # answers that came meanwhile: their files go now
+                self._outstanding -= self._handle(ch, result, expect="needs")
+            rows = feed.take(sub, FEED_POLL)
+            if rows is None:
+                self._check_stop()
+                continue
+            if not rows:
+                return
+            for row in rows:
+                yield Entry(*row)
+
+    def _plan_and_send(self, ch: _Channel, result: PushResult, rows: Iterable[Entry], target: int | None,
+                       full: bool) -> None:
         w = ch.writer
         w.message({
             "type": "begin", "generation": target, "full": full, "dry_run": self.dry_run,
             "filter": self.rules, "max_delete_ppm": round(self.cfg.node.max_delete * 1_000_000),
             "force_deletes": self.force_deletes,
         })
-        rows = self.manifest.entries(include_deleted=False) if full else self.manifest.changes_since(held)
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.
         self._by_path: dict[bytes, Entry] = {}
@@ -444,7 +498,7 @@ class Pusher:
         self._bundle: list[tuple[Entry, bytes]] = []
         self._bundle_bytes = 0
         self.awaiting = 0
-        outstanding = 0
+        self._outstanding = 0  # entries batches not yet answered
         batch_no = 0
         for batch in _batches(self._filtered(rows), BATCH_ROWS):
             self._check_stop()
@@ -453,14 +507,16 @@ class Pusher:
             for e in batch:
                 self._by_path[e.path] = e
             self._batch_paths[batch_no] = [e.path for e in batch]
-            outstanding += 1
+            self._outstanding += 1
             w.flush()
-            while outstanding >= BATCHES_IN_FLIGHT:
-                outstanding -= self._handle(ch, result, expect="needs")
+            while self._outstanding >= BATCHES_IN_FLIGHT:
+                self._outstanding -= self._handle(ch, result, expect="needs")
         w.message({"type": "entries_end"})
         w.flush()
-        while outstanding:
-            outstanding -= self._handle(ch, result, expect="needs")
+        if target is None:  # fed by the scan, which has now committed
+            target = result.generation = self.feed.wait().generation
+        while self._outstanding:
+            self._outstanding -= self._handle(ch, result, expect="needs")
         while self._handle(ch, result, expect="planned") == 0:
             pass
         while self.awaiting:
@@ -766,6 +822,7 @@ def push_tree(
     on_item: Callable[[str, planmod.Item], None] | None = None,
     cascade: bool = True,
     links: dict[str, Link] | None = None,
+    feed: Any = None,
 ) -> list[PushResult]:
     """Push to every direct downstream at once (each cascading to its subtree).
 
@@ -773,6 +830,9 @@ def push_tree(
     hangs does not hold back the others.  A mirror with ``via = T`` is an edge
     normally served by T; it is pushed to directly only while T fails
     (failover), and left to T again once T succeeds.
+
+    With ``feed`` (a syncd.scan.ScanFeed), this node is still scanning: see
+    :class:`Pusher`.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -789,7 +849,7 @@ def push_tree(
                     link.close()  # the mirror's settings changed: a new session
                 link = links[m.name] = Link(m)
         return push_with_retries(cfg, m, manifest, dry_run=dry_run, force_deletes=force_deletes,
-                                 on_item=on_item, cascade=cascade, link=link)
+                                 on_item=on_item, cascade=cascade, link=link, feed=feed)
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.node.parallel_pushes), thread_name_prefix="push") as pool:
         results = list(pool.map(one, direct))
@@ -817,13 +877,18 @@ def push_with_retries(
     force_full: bool = False,
     stop: threading.Event | None = None,
     link: Link | None = None,
+    feed: Any = None,
 ) -> PushResult:
     """Push, retrying a lost connection with exponential backoff and jitter.
 
     A retry resumes: what the agent staged survives the lost session, and it
     does not ask for those bytes again.  Anything but a lost connection (a
-    bad host key, a refusal by the agent) is final at once.
+    bad host key, a refusal by the agent) is final at once.  With ``feed``,
+    a scan that fails ends the push, which then records nothing: the run
+    reports the scan's error.
     """
+    from .scan import FeedClosed
+
     result = PushResult(mirror=mirror.name, generation=manifest.generation)
     for attempt in range(1, mirror.retries + 1):
         result.attempts = attempt
@@ -832,8 +897,10 @@ def push_with_retries(
         try:
             Pusher(cfg, mirror, manifest, dry_run=dry_run, force_deletes=force_deletes,
                    on_item=on_item, open_session=open_session, cascade=cascade,
-                   force_full=force_full, stop=stop).run(result, link)
+                   force_full=force_full, stop=stop, feed=feed).run(result, link)
             break
+        except FeedClosed as err:
+            return _not_pushed(result, err)
         except SyncdError as err:
             result.error = str(err)
             if not err.retryable or attempt == mirror.retries or (stop is not None and stop.is_set()):
@@ -845,6 +912,15 @@ def push_with_retries(
                     break
             else:
                 sleep(delay)
+    if feed is not None:
+        # The scan's write transaction is open until it ends: the row
+        # recorded below would wait for it.
+        try:
+            scanned = feed.wait()
+        except FeedClosed as err:
+            return _not_pushed(result, err)
+        if not result.ok:
+            result.generation = scanned.generation  # the one it failed to push
     if not dry_run:
         now = time.time_ns()
         if result.ok:
@@ -859,6 +935,14 @@ def push_with_retries(
         log.info("%s", result.summary())
     else:
         log.error("%s", result.summary())
+    return result
+
+
+def _not_pushed(result: PushResult, err: BaseException) -> PushResult:
+    """The scan feeding this push failed: nothing of it is recorded (the run
+    reports the scan's own error)."""
+    result.ok = False
+    result.error = f"not pushed: this node's scan failed ({err.args[0] if err.args else err})"
     return result
 
 

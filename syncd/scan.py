@@ -90,6 +90,150 @@ class ScanResult:
         return text
 
 
+#: Rows a feed hands over at a time, and how many such batches a pusher that
+#: streams may have waiting before the scan waits for it (bounded memory).
+FEED_BATCH = 500
+FEED_QUEUE = 16
+#: Rows kept for a pusher that has not said yet whether it streams (its SSH
+#: login and the agent's welcome take a few tenths of a second).  Past this,
+#: a late pusher waits for the scan's end instead, like a push without a feed.
+FEED_REPLAY = 50_000
+
+
+class FeedClosed(Exception):
+    """The scan feeding a push failed or was given up: push nothing of it."""
+
+
+class ScanFeed:
+    """The live rows of a running full scan, for pushes that start before it ends.
+
+    ``run --once`` scans and pushes at the same time for a mirror that holds
+    nothing yet (a full comparison of every row): each row goes out as soon
+    as it is final (listed, and hashed if it changed), in place of being read
+    back from the manifest after the scan committed.  The scan calls
+    :meth:`put` with batches of final rows (``ENTRY_COLUMNS`` tuples), then,
+    once it has committed and the caller's checks passed, :meth:`finish`
+    (or :meth:`fail`).  Rows are final: a directory's row goes out when the
+    directory itself was listed (one that vanished first is never sent), a
+    file's once hashed.  The order keeps every directory before what it holds.
+
+    Each push that can stream calls :meth:`subscribe` (it gets every row so
+    far, then the rest); every other one calls :meth:`decline` or simply
+    :meth:`wait` for the end.  ``parties`` is how many pushes will say one or
+    the other: once all have, rows are no longer kept for latecomers.
+    """
+
+    def __init__(self, parties: int) -> None:
+        self._cond = threading.Condition()
+        self._undecided = parties
+        self._replay: list[list[tuple]] | None = []
+        self._replayed = 0
+        self._subs: list[deque] = []
+        self._result: ScanResult | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def subscribers(self) -> int:
+        """How many pushes are taking the rows now."""
+        with self._cond:
+            return len(self._subs)
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone may still take the rows (the scan skips building them otherwise)."""
+        return self._replay is not None or bool(self._subs)
+
+    # -- the scan's side
+
+    def put(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        with self._cond:
+            if self._replay is not None:
+                self._replay.append(rows)
+                self._replayed += len(rows)
+                if self._replayed > FEED_REPLAY:
+                    self._replay = None  # latecomers wait for the end instead
+            for sub in self._subs:
+                while len(sub) >= FEED_QUEUE and sub in self._subs:
+                    self._cond.wait()
+                sub.append(rows)
+            self._cond.notify_all()
+
+    def finish(self, result: ScanResult) -> None:
+        """The scan committed and the caller's checks passed: the rows are all out."""
+        with self._cond:
+            self._result = result
+            self._replay = None
+            self._cond.notify_all()
+
+    def fail(self, err: BaseException) -> None:
+        with self._cond:
+            if self._result is None and self._error is None:
+                self._error = err
+            self._replay = None
+            self._cond.notify_all()
+
+    # -- a push's side
+
+    def subscribe(self) -> deque | None:
+        """A queue of the rows so far and to come (for :meth:`take`), or None
+        when too late: the rows were let go, or the scan is over."""
+        with self._cond:
+            sub = None
+            if self._replay is not None:
+                sub = deque(self._replay)
+                self._subs.append(sub)
+            self._decided()
+            return sub
+
+    def decline(self) -> None:
+        with self._cond:
+            self._decided()
+
+    def leave(self, sub: deque) -> None:
+        """A streaming push ended (or failed): never wait for it again."""
+        with self._cond:
+            if sub in self._subs:
+                self._subs.remove(sub)
+            sub.clear()
+            self._cond.notify_all()
+
+    def take(self, sub: deque, timeout: float | None = None) -> list[tuple] | None:
+        """The next batch of rows; ``[]`` when there are no more (the scan
+        finished); None when none came within ``timeout``.  Raises
+        :class:`FeedClosed` if the scan failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not sub and self._result is None and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+            if sub:
+                rows = sub.popleft()
+                self._cond.notify_all()
+                return rows
+            if self._error is not None:
+                raise FeedClosed(self._error)
+            return [] if self._result is not None else None
+
+    def wait(self) -> ScanResult:
+        """Block until the scan finished; its result, or :class:`FeedClosed`."""
+        with self._cond:
+            while self._result is None and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise FeedClosed(self._error)
+            return self._result
+
+    def _decided(self) -> None:  # with the lock held
+        self._undecided -= 1
+        if self._undecided <= 0 and self._replay is not None and self._result is None:
+            self._replay = None
+            self._cond.notify_all()
+
+
 class _Vanished(Exception):
     """The file went away or stopped being a regular file while we looked."""
 
@@ -180,6 +324,7 @@ def scan(
     workers: int = 2,
     on_change: Callable[[str, bytes], None] | None = None,
     dirs: Iterable[bytes] | None = None,
+    feed: ScanFeed | None = None,
 ) -> ScanResult:
     """Walk ``root`` and bring ``manifest`` up to date in one transaction.
 
@@ -190,6 +335,10 @@ def scan(
 
     The caller holds the state_dir lock.  Bumps the generation once if
     anything changed; a killed scan commits nothing.
+
+    With ``feed`` (a full scan only), every live row also goes to the feed
+    once it is final, for pushes that run meanwhile (see :class:`ScanFeed`).
+    The caller finishes the feed after its own checks.
     """
     started = time.monotonic()
     root_b = os.fsencode(os.path.abspath(root))
@@ -210,14 +359,38 @@ def scan(
     skip_prefixes: list[bytes] = []
 
     partial = dirs is not None
+    if partial and feed is not None:
+        raise ValueError("scan: a feed goes with a full scan")
     writer = manifest.writer()
-    rows = _no_rows() if partial else manifest.iter_entries(with_sha256=False)
+    # A feed sends the unchanged rows too, with their hashes.
+    rows = _no_rows() if partial else manifest.iter_entries(with_sha256=feed is not None)
+    out: list[tuple] = []  # final rows not yet handed to the feed
+    listed: dict[bytes, tuple] = {}  # directories' rows, fed once they are listed themselves
+
+    def emit(row: tuple) -> None:
+        out.append(row)
+        if len(out) >= FEED_BATCH:
+            flush()
+
+    def flush() -> None:
+        nonlocal out
+        if out:
+            feed.put(out)
+            out = []
+
+    def keep(row: tuple | None) -> None:
+        # A row the scan leaves as it was (unreadable, still changing).
+        if feeding and row is not None and not row[_DELETED]:
+            emit(row)
+
+    feeding = have_sha = feed is not None
 
     def tombstone(row: tuple) -> None:
         if row[_DELETED]:
             return
         for p in skip_prefixes:
             if row[_PARENT] == p or row[_PARENT].startswith(p + b"/"):
+                keep(row)  # below an unreadable directory: kept as it was
                 return
         writer.tombstone(row[_PARENT], row[_NAME], gen)
         changed(DELETED, row)
@@ -237,10 +410,12 @@ def scan(
         if isinstance(outcome, OSError):
             # Unreadable now (permissions, I/O error): keep what we knew.
             log.warning("cannot read %s: %s; kept as it was", fspath(rel), outcome.strerror)
+            keep(old)
             return
         if outcome is None:
             log.warning("%s is still changing; left for the next scan", fspath(rel))
             result.unstable.append(rel)
+            keep(old)
             return
         digest, st = outcome
         result.files_hashed += 1
@@ -249,16 +424,19 @@ def scan(
         row = (parent, name, KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino,
                digest, None)
         if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
-            writer.upsert(row + (gen, 0))
+            row += (gen, 0)
             changed(ADDED, row)
-        elif writer.sha256_of(parent, name) != digest:
-            writer.upsert(row + (gen, 0))
+        elif (old[_SHA] if have_sha else writer.sha256_of(parent, name)) != digest:
+            row += (gen, 0)
             changed(MODIFIED, row)
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-            writer.upsert(row + (gen, 0))
+            row += (gen, 0)
             changed(META, row)
         else:
-            writer.upsert(row + (old[_GEN], 0))  # same content and metadata: no new generation
+            row += (old[_GEN], 0)  # same content and metadata: no new generation
+        writer.upsert(row)
+        if feeding:
+            emit(row)
 
     def drain(limit: int) -> None:
         while len(in_flight) > limit:
@@ -284,6 +462,10 @@ def scan(
     try:
         while heap:
             d = heapq.heappop(heap)
+            if feeding and not feed.wanted:  # every push declined: stop building rows
+                feeding = False
+                out.clear()
+                listed.clear()
             old_rows: dict[bytes, tuple] = {}
             if partial:
                 if d in visited:
@@ -302,6 +484,7 @@ def scan(
                 old_rows[row[_NAME]] = row
                 row = next(rows, None)
             dir_path = root_b + b"/" + d if d else root_b
+            mine = listed.pop(d, None) if feeding else None
             try:
                 with os.scandir(dir_path) as it:
                     dirents = list(it)
@@ -309,6 +492,7 @@ def scan(
                 if partial:
                     continue  # gone: its parent's visit tombstones it and all below
                 dirents = []  # vanished since its parent was listed: its rows are deletions
+                mine = None  # and it is never fed
                 if d:
                     parent, name = split(d)
                     writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, gen, 1))
@@ -319,7 +503,12 @@ def scan(
                 log.warning("cannot list %s: %s; kept as it was", fspath(d), err.strerror)
                 result.unreadable.append(d)
                 skip_prefixes.append(d)
+                keep(mine)
+                for old in old_rows.values():
+                    keep(old)
                 continue
+            if mine is not None:
+                emit(mine)  # listed: it exists, and comes before what it holds
             result.entries += len(dirents)
             pop = old_rows.pop
             for de in dirents:
@@ -341,6 +530,8 @@ def scan(
                                             mode & 0o7777, st.st_ino)
                     and mode & 0o170000 == stat.S_IFREG
                 ):
+                    if feeding:
+                        emit(old)
                     continue
                 perm = stat.S_IMODE(mode)
                 fresh = old is None or old[_DELETED]
@@ -359,6 +550,8 @@ def scan(
                         and old[_INO] == st.st_ino
                         and old[_MODE] == perm
                     ):
+                        if feeding:
+                            emit(old)
                         continue
                     batch.append((join(d, name), d, name, None if fresh else old))
                     batch_bytes += st.st_size
@@ -369,14 +562,19 @@ def scan(
                     new = (d, name, KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
                     if not partial or fresh or old[_KIND] != KIND_DIR:
                         heapq.heappush(heap, rel)
+                    final = old
                     if fresh or old[_KIND] != KIND_DIR:
-                        writer.upsert(new + (gen, 0))
+                        final = new + (gen, 0)
                         changed(ADDED, new)
                     elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-                        writer.upsert(new + (gen, 0))
+                        final = new + (gen, 0)
                         changed(META, new)
                     elif (old[_CTIME], old[_INO]) != (st.st_ctime_ns, st.st_ino):
-                        writer.upsert(new + (old[_GEN], 0))
+                        final = new + (old[_GEN], 0)
+                    if final is not old:
+                        writer.upsert(final)
+                    if feeding:
+                        listed[rel] = final
                 elif stat.S_ISLNK(mode):
                     if (
                         not fresh
@@ -384,6 +582,8 @@ def scan(
                         and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO])
                         == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                     ):
+                        if feeding:
+                            emit(old)
                         continue
                     try:
                         target = os.readlink(dir_path + b"/" + name)
@@ -394,13 +594,16 @@ def scan(
                     new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
                            st.st_ino, None, target)
                     if fresh or old[_KIND] != KIND_SYMLINK:
-                        writer.upsert(new + (gen, 0))
+                        new += (gen, 0)
                         changed(ADDED, new)
                     elif old[_TARGET] != target:
-                        writer.upsert(new + (gen, 0))
+                        new += (gen, 0)
                         changed(RELINKED, new)
                     else:
-                        writer.upsert(new + (old[_GEN], 0))
+                        new += (old[_GEN], 0)
+                    writer.upsert(new)
+                    if feeding:
+                        emit(new)
                 else:
                     # FIFOs, sockets, devices are not mirrored; one that
                     # replaced a mirrored path deletes that path.
@@ -413,6 +616,8 @@ def scan(
             row = next(rows, None)
         submit()
         drain(0)
+        if feeding:
+            flush()
         if result.changes:
             writer.set_generation(gen, result.changes)
             result.generation = gen

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from syncd import config as configmod
-from syncd.errors import EXIT_FAILURE
+from syncd.errors import EXIT_FAILURE, ScanError
 from syncd.manifest import Manifest
-from syncd.push import push_with_retries
-from syncd.scan import scan
+from syncd.push import PushResult, push_tree, push_with_retries
+from syncd.scan import ScanFeed, scan
 from tests.nodes import SYNCD, Node, make_node, tree_listing
 from tests.relay import Relay
 
@@ -77,6 +79,82 @@ def test_full_sync_then_idempotent(pair: Pair) -> None:
     assert again.bytes_sent < 200  # a handshake and a goodbye, nothing else
     # Nothing temporary was left in the served tree, nor in staging.
     assert not list((pair.edge.state / "staging").iterdir())
+
+
+def fed_push(pair: Pair, *, fail: BaseException | None = None) -> PushResult:
+    """In process: the push starts, subscribes to the scan's feed, and only
+    then does the scan run (so the rows really are fed, not read back)."""
+    cfg = configmod.load(pair.primary.ini)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        feed = ScanFeed(parties=1)
+        results: list[PushResult] = []
+        pushing = threading.Thread(target=lambda: results.extend(push_tree(cfg, m, feed=feed)))
+        pushing.start()
+        deadline = time.monotonic() + 30
+        while not feed.subscribers and pushing.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert feed.subscribers == 1
+        try:
+            result = scan(cfg.node.root, m, feed=feed)
+            if fail is not None:
+                raise fail
+            feed.finish(result)
+        except BaseException as err:
+            feed.fail(err)
+            if err is not fail:
+                raise
+        finally:
+            pushing.join()
+    return results[0]
+
+
+def test_a_new_mirror_is_fed_the_rows_while_the_scan_runs(pair: Pair) -> None:
+    populate(pair.primary.root)
+    for i in range(1200):  # more than one entries batch, in many directories
+        d = pair.primary.root / "pool" / f"d{i % 40}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i}").write_bytes(b"%d" % i * (i % 7))
+    r = fed_push(pair)
+    assert r.ok, r.error
+    assert r.fed and r.full and r.generation == 1
+    assert "(full comparison, fed by the scan)" in r.summary()
+    assert pair.in_sync()
+    # The edge recorded what an ordinary push records: the next run moves nothing.
+    with Manifest.open(pair.edge.state, "edge", create=False) as m:
+        assert m.generation == 1 and m.get_meta("upstream_generation") == "1"
+    assert not list((pair.edge.state / "staging").iterdir())
+    again = pair.push()
+    assert again.ok and again.files_sent == 0 and not again.full
+
+
+def test_a_fed_push_whose_scan_fails_publishes_nothing(pair: Pair) -> None:
+    populate(pair.primary.root)
+    r = fed_push(pair, fail=ScanError("the release does not check out"))
+    assert not r.ok and "scan failed" in r.error
+    assert tree_listing(pair.edge.root) == {}
+    with Manifest.open(pair.primary.state, "primary", create=False) as m:
+        assert m.acknowledged() == set() and not m.downstreams()  # nothing recorded of it
+    # The next run converges.
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pair.in_sync()
+
+
+def test_a_known_mirror_waits_for_the_scan_while_a_new_one_is_fed(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    pair = Pair(tmp_path, sshd)
+    populate(pair.primary.root)
+    assert pair.cli("run", "--once").returncode == 0
+    (pair.primary.root / "added").write_text("new")
+    (pair.primary.root / "README").unlink()
+    late = make_node(tmp_path, "late")
+    late.write()
+    pair.primary.mirrors.append((late, {}))
+    pair.primary.write(sshd)
+    proc = pair.cli("run", "--once")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "edge: generation 1 -> 2: 1 new, 1 delete" in proc.stdout
+    assert "late: generation none -> 2 (full comparison" in proc.stdout  # fed if the scan was slower
+    assert tree_listing(late.root) == tree_listing(pair.primary.root) == tree_listing(pair.edge.root)
 
 
 def test_every_kind_of_change(pair: Pair) -> None:

@@ -7,6 +7,8 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from syncd import scan as scan_mod
-from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest
-from syncd.scan import ADDED, DELETED, META, MODIFIED, RELINKED, scan
+from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, Manifest
+from syncd.scan import ADDED, DELETED, META, MODIFIED, RELINKED, FeedClosed, ScanFeed, scan
 
 
 class Tree:
@@ -33,6 +35,33 @@ class Tree:
         self.last = scan(self.root, self.manifest, workers=self.workers,
                          on_change=lambda kind, path: seen.__setitem__(path, kind))
         return seen
+
+    def fed_scan(self) -> list[tuple]:
+        """A full scan feeding one subscriber on another thread: the rows it was fed."""
+        feed = ScanFeed(parties=1)
+        sub = feed.subscribe()
+        got: list[tuple] = []
+        failed: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                while rows := feed.take(sub):
+                    got.extend(rows)
+            except BaseException as err:  # noqa: BLE001 - checked below
+                failed.append(err)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        try:
+            self.last = scan(self.root, self.manifest, workers=self.workers, feed=feed)
+            feed.finish(self.last)
+        except BaseException as err:
+            feed.fail(err)
+            raise
+        finally:
+            reader.join()
+        assert not failed
+        return got
 
     def p(self, rel: str | bytes) -> bytes:
         return os.fsencode(self.root) + b"/" + (rel if isinstance(rel, bytes) else rel.encode())
@@ -217,9 +246,9 @@ def test_file_vanishing_before_hash(tree: Tree, monkeypatch: pytest.MonkeyPatch)
     assert tree.manifest.lookup(b"flee") is None
 
 
-def test_unreadable_directory_keeps_its_rows(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tree.root / "locked").mkdir()
-    (tree.root / "locked" / "sub").mkdir()
+def scanned_then_locked(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory ``locked`` (with ``f`` and ``sub/g``) is scanned, then can no longer be listed."""
+    (tree.root / "locked" / "sub").mkdir(parents=True)
     (tree.root / "locked" / "f").write_bytes(b"x")
     (tree.root / "locked" / "sub" / "g").write_bytes(b"y")
     tree.scan()
@@ -232,6 +261,10 @@ def test_unreadable_directory_keeps_its_rows(tree: Tree, monkeypatch: pytest.Mon
         return real(path)
 
     monkeypatch.setattr(scan_mod.os, "scandir", refuse)
+
+
+def test_unreadable_directory_keeps_its_rows(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    scanned_then_locked(tree, monkeypatch)
     assert tree.scan() == {}
     assert tree.last.unreadable == [b"locked"]
     assert tree.manifest.lookup(b"locked/sub/g").deleted == 0
@@ -250,6 +283,135 @@ def test_killed_scan_commits_nothing(tree: Tree, monkeypatch: pytest.MonkeyPatch
         tree.scan()
     assert tree.manifest.generation == 1
     assert tree.manifest.lookup(b"b") is None
+
+
+# -- the feed: rows for a push that runs during the scan ---------------------
+
+
+def assert_fed_rows_are_the_manifest(fed: list[tuple], m: Manifest) -> None:
+    """Every live row exactly once, as committed, each directory before what it holds."""
+    live = {e.path: tuple(e) for e in m.entries()}
+    seen: set[bytes] = set()
+    for row in fed:
+        e = Entry(*row)
+        assert e.path not in seen, f"{e.path!r} fed twice"
+        assert not e.deleted
+        assert live.get(e.path) == tuple(e), f"{e.path!r} fed as {e}, committed as {live.get(e.path)}"
+        assert not e.parent or e.parent in seen, f"{e.path!r} fed before its directory"
+        seen.add(e.path)
+    assert seen == set(live)
+
+
+def test_feed_gives_every_live_row_once_its_final(tree: Tree) -> None:
+    (tree.root / "d" / "e").mkdir(parents=True)
+    (tree.root / "d" / "e" / "f").write_bytes(b"x" * 5000)
+    (tree.root / "top").write_bytes(b"t")
+    os.symlink("top", tree.root / "d" / "link")
+    fed = tree.fed_scan()
+    assert_fed_rows_are_the_manifest(fed, tree.manifest)
+    # Again with nothing changed (rows read back, with their hashes), and
+    # after a change of each kind.
+    assert_fed_rows_are_the_manifest(tree.fed_scan(), tree.manifest)
+    (tree.root / "top").write_bytes(b"u")
+    os.chmod(tree.root / "d", 0o700)
+    os.unlink(tree.root / "d" / "link")
+    os.symlink("d", tree.root / "d" / "link")
+    shutil.rmtree(tree.root / "d" / "e")
+    assert_fed_rows_are_the_manifest(tree.fed_scan(), tree.manifest)
+
+
+def test_feed_never_gives_a_directory_that_vanished_before_its_listing(
+        tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "gone" / "sub").mkdir(parents=True)
+    (tree.root / "gone" / "sub" / "f").write_bytes(b"f")
+    (tree.root / "stay").write_bytes(b"s")
+    real = os.scandir
+    gone = tree.p("gone")
+
+    def vanish(path):  # noqa: ANN001, ANN202
+        if path == gone:
+            shutil.rmtree(path)  # listed by its parent, gone before its own listing
+        return real(path)
+
+    monkeypatch.setattr(scan_mod.os, "scandir", vanish)
+    fed = tree.fed_scan()
+    assert [Entry(*r).path for r in fed] == [b"stay"]
+    assert_fed_rows_are_the_manifest(fed, tree.manifest)
+
+
+def test_feed_gives_the_rows_an_unreadable_directory_keeps(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "open").write_bytes(b"o")
+    scanned_then_locked(tree, monkeypatch)
+    fed = tree.fed_scan()
+    assert tree.last.unreadable == [b"locked"]
+    assert_fed_rows_are_the_manifest(fed, tree.manifest)
+
+
+def test_feed_keeps_the_old_row_of_a_file_still_changing(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.root / "busy").write_bytes(b"v1")
+    tree.scan()
+    (tree.root / "busy").write_bytes(b"v2 longer")
+    monkeypatch.setattr(scan_mod, "hash_file", lambda path: None)  # never settles
+    fed = tree.fed_scan()
+    assert tree.last.unstable == [b"busy"]
+    assert_fed_rows_are_the_manifest(fed, tree.manifest)
+    assert Entry(*fed[0]).size == 2  # the row it keeps
+
+
+def test_feed_replays_for_a_late_subscriber_and_drops_once_all_decided() -> None:
+    feed = ScanFeed(parties=2)
+    feed.put([("", b"a")])
+    late = feed.subscribe()  # first party: gets what came so far
+    assert late is not None and list(late) == [[("", b"a")]]
+    feed.decline()  # second party: nobody else will come
+    assert feed.subscribe() is None  # too late now
+    feed.put([("", b"b")])
+    assert feed.take(late) == [("", b"a")]
+    assert feed.take(late) == [("", b"b")]
+    assert feed.take(late, timeout=0.01) is None  # nothing yet
+    feed.finish(scan_mod.ScanResult(generation=1, previous_generation=0))
+    assert feed.take(late) == []
+    assert feed.wait().generation == 1
+
+
+def test_feed_replay_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan_mod, "FEED_REPLAY", 10)
+    feed = ScanFeed(parties=1)
+    for i in range(3):
+        feed.put([("", b"%d" % j) for j in range(5)])
+    assert not feed.wanted
+    assert feed.subscribe() is None
+
+
+def test_feed_waits_for_a_slow_subscriber_and_never_for_one_that_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 2)
+    feed = ScanFeed(parties=1)
+    sub = feed.subscribe()
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(5):
+            feed.put([("", b"%d" % i)])
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.1)
+    assert not done.is_set() and len(sub) == 2  # bounded: the scan waits
+    feed.leave(sub)
+    producer.join(5)
+    assert done.is_set()
+
+
+def test_feed_failure_reaches_every_push() -> None:
+    feed = ScanFeed(parties=2)
+    sub = feed.subscribe()
+    feed.decline()
+    feed.fail(OSError("disk on fire"))
+    with pytest.raises(FeedClosed, match="disk on fire"):
+        feed.take(sub)
+    with pytest.raises(FeedClosed):
+        feed.wait()
 
 
 # -- the model-based property ---------------------------------------------
@@ -350,9 +512,12 @@ def test_manifest_equals_fresh_walk_after_random_mutations(ops: list, workers: i
         try:
             root = os.fsencode(tree.root)
             generation = 0
-            for op in ops + [("scan", b"", b"")]:
+            for n, op in enumerate(ops + [("scan", b"", b"")]):
                 if op[0] == "scan":
-                    tree.scan()
+                    if n % 2:
+                        tree.scan()
+                    else:  # the same scan, feeding a push meanwhile
+                        assert_fed_rows_are_the_manifest(tree.fed_scan(), tree.manifest)
                     assert from_manifest(tree.manifest) == walk(root)
                     assert tree.manifest.generation in (generation, generation + 1)
                     assert (tree.manifest.generation > generation) == (tree.last.changes > 0)

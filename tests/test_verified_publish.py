@@ -247,3 +247,24 @@ def test_edge_is_consistent_at_every_moment_of_a_push(pair: Pair) -> None:
     assert problems == []
     assert len(seen) == 2 and checks[0] > 2  # the reader watched release 1 turn into release 2
     assert pair.in_sync()
+
+
+def test_a_new_mirror_fed_during_the_scan_gets_nothing_of_a_refused_release(pair: Pair) -> None:
+    # The first run --once pushes to a new mirror while it scans (fed the rows
+    # if its scan is the slower); the primary's own check of its release comes
+    # after the scan, and refuses: that push never commits, nothing is published.
+    build_release(pair.primary.root, pair.keys, 1)
+    build_release(pair.primary.root, pair.keys, 2, stale_release=True)  # Release lists the old Packages
+    (pair.primary.root / "README").write_text("version 1\n")
+    proc = pair.cli("-v", "run", "--once")
+    assert proc.returncode == EXIT_FAILURE
+    assert "refusing to push" in proc.stderr
+    assert tree_listing(pair.edge.root) == {}
+    st = pair.cli("status", "--json")
+    mirror = json.loads(st.stdout)["mirrors"][0]
+    assert mirror["generation"] is None and not mirror["last_error"]  # the push was not what failed
+    # Fixed at the source: the next run publishes.
+    build_release(pair.primary.root, pair.keys, 2)
+    proc = pair.cli("-v", "run", "--once")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pair.in_sync()
