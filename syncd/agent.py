@@ -758,12 +758,13 @@ class Agent:
     def _message(self, msg: dict) -> bool:
         kind = msg["type"]
         if kind == "hello":
-            if self._importer is None:
+            held = self.manifest.get_meta("upstream_generation")
+            if self._importer is None and held is not None:
                 # numpy and the signature code (0.07 s of CPU) for a push's
                 # first changed file: imported from here on, while the
                 # upstream reads the welcome and sends its first entries.
+                # (A mirror without a generation decides at begin.)
                 self._importer = import_in_background("syncd.delta")
-            held = self.manifest.get_meta("upstream_generation")
             # Findings of `syncd verify --repair` are in rows no generation
             # will list: claiming no generation asks for a full comparison.
             repair = self.manifest.get_meta(META_REPAIR) is not None
@@ -994,10 +995,18 @@ class Agent:
             seen=_PathSet(where=self.staging),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
-        if not self.plan.dry_run and self._importer is None:
+        if not self.plan.dry_run and self._importer is None and not (self._manifest_empty and self._root_empty()):
             # numpy and the signature code (0.07 s), for the first changed
-            # file, imported while the entries arrive.
+            # file, imported while the entries arrive.  Not into an empty
+            # mirror: it has no old copy to send a signature of.
             self._importer = import_in_background("syncd.delta")
+
+    def _root_empty(self) -> bool:
+        try:
+            with os.scandir(self.cfg.node.root) as it:
+                return next(it, None) is None
+        except OSError:
+            return False
 
     def _entries(self, msg: dict) -> None:
         batch = _field(msg, "batch", int)
