@@ -636,6 +636,7 @@ class Agent:
         self._sig_jobs: list = []
         self._tmp_counter = itertools.count(1)
         self._manifest_empty = False
+        self._began_empty = False  # this push began on an empty mirror (see _begin)
         self._missing: set[bytes] = set()
         # path -> (mode, mtime_ns) the staging thread applies; object -> what it applied
         self._wanted_meta: dict[bytes, tuple[int, int]] = {}
@@ -966,6 +967,9 @@ class Agent:
         # afresh from root, now that the lock keeps other writers out.
         self.root.forget()
         self._manifest_empty = self.lookup.empty()  # see _manifest_row
+        # A new mirror: nothing here for a full comparison to delete, and no
+        # old copy to send a signature of.  (The lock keeps other writers out.)
+        self._began_empty = self._manifest_empty and self._root_empty()
         self.staged_at_begin = _staged_objects(self.staging_fd)
         self.staged_this_push = set()
         self._known_path = None  # the manifest may have changed since the last push
@@ -995,10 +999,9 @@ class Agent:
             seen=_PathSet(where=self.staging),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
-        if not self.plan.dry_run and self._importer is None and not (self._manifest_empty and self._root_empty()):
+        if not self.plan.dry_run and self._importer is None and not self._began_empty:
             # numpy and the signature code (0.07 s), for the first changed
-            # file, imported while the entries arrive.  Not into an empty
-            # mirror: it has no old copy to send a signature of.
+            # file, imported while the entries arrive.
             self._importer = import_in_background("syncd.delta")
 
     def _root_empty(self) -> bool:
@@ -1043,7 +1046,7 @@ class Agent:
         "delta" or None (no bytes wanted).
         """
         plan = self.plan
-        if plan.full:
+        if plan.full and not self._began_empty:  # for the deletion walk
             plan.seen.add(row.path)
         parent = split(row.path)[0]
         if parent and parent in self._missing:
@@ -1273,7 +1276,7 @@ class Agent:
     def _entries_end(self) -> None:
         """Full comparison: what this edge has that the upstream did not list goes."""
         items = []
-        if self.plan.full:
+        if self.plan.full and not self._began_empty:  # (an empty mirror holds nothing unlisted)
             for path, is_dir, listed in self._walk():
                 if listed or self.plan.filter.excluded_path(path, is_dir):
                     continue
@@ -1283,7 +1286,7 @@ class Agent:
                     continue
                 self.plan.deletes.append(path)
                 items.append([planmod.DELETE, path, None, None, None])
-            self.plan.seen.clear()
+        self.plan.seen.clear()
         self.writer.message({"type": "planned", "items": items})
         # Not while signatures read the edge's old copies: those reads would
         # queue behind the writes (measured: the first delta started 0.1 s later).
