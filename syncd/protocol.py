@@ -73,7 +73,8 @@ class Frame:
     """One decoded frame.
 
     ``payload`` is the decoded value for MESSAGE and END (None for an END with an
-    empty body) and the raw ``bytes`` for DATA.
+    empty body) and the raw bytes for DATA (a memoryview from a reader with
+    ``reuse_data`` or ``bodies``).
     """
 
     kind: FrameType
@@ -357,6 +358,66 @@ class FrameWriter:
             self.flush()
 
 
+class BodyPool:
+    """Buffers for DATA bodies that outlive the next read, recycled.
+
+    A reader given ``bodies`` reads each DATA body into a buffer taken from
+    here (the body is a memoryview of its first bytes), for a caller that
+    hands bodies on to other threads; whoever is done with a body gives it
+    back.  A fresh 1 MiB ``bytearray`` per frame cost its memset and page
+    faults (glibc maps and unmaps a block that large each time): a fifth of
+    the agent main thread's CPU in a bulk push.
+
+    Memory stays bounded: at most ``limit`` buffers wait here (plus one per
+    thread giving back at the same moment), each of ``size`` bytes or of the
+    largest body that needed more.  A body never given back is simply
+    garbage, and a buffer is reused only once nothing refers to its bytes
+    any more (:meth:`give_back` checks), so a consumer that keeps a view by
+    mistake costs an allocation, never a body overwritten under it.
+    """
+
+    def __init__(self, size: int = 1 << 20, limit: int = 8) -> None:
+        self.size = max(size, 1)
+        self.limit = limit
+        self._free: list[bytearray] = []
+
+    def take(self, length: int) -> memoryview:
+        """A view of ``length`` bytes to read a body into (its old bytes, not zeroes)."""
+        try:
+            buf = self._free.pop()  # atomic: the reader takes, the consumers' threads give back
+        except IndexError:
+            buf = None
+        if buf is None or len(buf) < length:
+            # A body larger than the buffer popped: that one is dropped, so
+            # the pool follows the frames' sizes (max_body at most).
+            buf = bytearray(max(length, self.size))
+        return memoryview(buf)[:length]
+
+    def give_back(self, body: Any) -> None:
+        """``body`` (a view from :meth:`take`; anything else is ignored) is
+        done with: its view is released and its buffer kept for the next
+        body, unless a view of it is still alive somewhere."""
+        if not isinstance(body, memoryview):
+            return
+        try:
+            buf = body.obj
+            body.release()  # BufferError while something holds a buffer of this very view
+            if type(buf) is not bytearray or len(buf) < self.size:
+                return  # not one of ours
+            # Still exported (a slice or a cast of the body alive): a
+            # bytearray cannot be resized then.  Shrinking by one byte and
+            # growing back moves and reallocates nothing.
+            buf.append(buf.pop())
+        except (BufferError, ValueError):  # ValueError: given back before (released)
+            return
+        if len(self._free) < self.limit:
+            self._free.append(buf)
+
+    def clear(self) -> None:
+        """Let go of the buffers kept (between pushes)."""
+        self._free.clear()
+
+
 class FrameReader:
     """Parses frames out of a ``recv(n)`` byte stream.
 
@@ -374,6 +435,7 @@ class FrameReader:
         block_size: int = 1024 * 1024,
         recv_into: Callable[[memoryview], int] | None = None,
         reuse_data: bool = False,
+        bodies: BodyPool | None = None,
     ) -> None:
         self._recv = recv
         # Optional: read into a given buffer.  A DATA body that is not yet
@@ -386,6 +448,10 @@ class FrameReader:
         # fault in and zero each time (a fifth of a receiver's CPU at 1 MiB
         # frames).
         self._reuse = reuse_data and recv_into is not None
+        # With recv_into: each DATA body is a memoryview of a buffer of
+        # ``bodies`` (instead of reuse_data's one buffer), for a caller that
+        # hands bodies on and gives each back to the pool once done with it.
+        self._bodies = bodies if recv_into is not None else None
         self._scratch = bytearray()
         self._chunk = bytearray(block_size) if recv_into is not None else None
         self.max_body = max_body
@@ -434,8 +500,10 @@ class FrameReader:
         received chunks and joined once, instead of passing through the
         buffer (which would copy every byte twice more)."""
         have = self._available()
+        if self._bodies is not None:
+            return self._read_data_to(self._bodies.take(length), have)
         if self._reuse:
-            return self._read_data_reused(length, have)
+            return self._read_data_to(self._reused(length), have)
         if have >= length:
             return self._take(length)
         if self._recv_into is not None:
@@ -480,13 +548,17 @@ class FrameReader:
                 raise ProtocolError(f"stream ended inside a DATA frame body ({got} of {len(body)} bytes)")
             got += n
 
-    def _read_data_reused(self, length: int, have: int) -> memoryview:
+    def _reused(self, length: int) -> memoryview:
         if len(self._scratch) < length:
             # A new buffer, not a resize: the caller may still hold a view
             # of the old one (it must not use it, but it may not have let go).
             self._scratch = bytearray(max(length, self.block_size))
-        body = memoryview(self._scratch)[:length]
-        take = min(have, length)
+        return memoryview(self._scratch)[:length]
+
+    def _read_data_to(self, body: memoryview, have: int) -> memoryview:
+        """Fill ``body`` with the DATA body: what is buffered, then the rest
+        straight from the stream."""
+        take = min(have, len(body))
         with memoryview(self._buf) as buffered:
             body[:take] = buffered[self._pos:self._pos + take]
         self._pos += take
