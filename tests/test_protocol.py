@@ -83,6 +83,10 @@ def test_value_types_are_exact():
     assert decode_value(encode_value(0)) == 0 and type(decode_value(encode_value(0))) is int
     assert decode_value(encode_value((1, b"x"))) == [1, b"x"]
     assert decode_value(encode_value(bytearray(b"ab"))) == b"ab"
+    # bytes, not views of the input (which compare equal), from any input buffer.
+    for raw in (encode_value([b"ab", {"k": b""}]), memoryview(encode_value([b"ab", {"k": b""}]))):
+        got = decode_value(raw)
+        assert type(got[0]) is bytes and type(got[1]["k"]) is bytes
     # Names travel as bytes even when they are not UTF-8.
     assert decode_value(encode_value({"path": b"caf\xe9/\xff"})) == {"path": b"caf\xe9/\xff"}
 
