@@ -74,7 +74,8 @@ from .manifest import (
     join,
     split,
 )
-from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from .protocol import (MAX_OPEN_STREAMS, PROTOCOL_VERSION, BodyPool, FrameReader, FrameType, FrameWriter,
+                       negotiate)
 from .session import stdio
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ STAGING_WORKERS = 2
 # Chunks (each at most a frame body) waiting for one staging thread: memory
 # stays bounded by this, not by file sizes.
 STAGING_QUEUE = 16
+# DATA body buffers kept for reuse: as many as can be out at once (every
+# queue full, one chunk in each staging thread's hands, one being read).
+BODY_BUFFERS = STAGING_WORKERS * (STAGING_QUEUE + 1) + 1
 # A bundle ("files", protocol 1.1) carries at most this many files and bytes.
 BUNDLE_MAX_FILES = 4096
 BUNDLE_MAX_BYTES = 16 << 20
@@ -578,8 +582,10 @@ class _Stager(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=STAGING_QUEUE)
 
     def run(self) -> None:
+        give_back = self.agent.bodies.give_back
         while True:
             item = self.queue.get()
+            payload = None
             try:
                 if item is None:
                     return
@@ -604,6 +610,14 @@ class _Stager(threading.Thread):
                 except BaseException:  # noqa: BLE001 - this thread must go on draining its queue
                     log.exception("staging thread: while failing")
             finally:
+                # The chunk's buffer goes back to the reader once it is
+                # written, dropped or failed: nothing holds its bytes then
+                # (DirectWriter copies them into its aligned buffer or
+                # writes them at once, the zstd writer and the patcher take
+                # what they keep into their own).  A view still alive, such
+                # as one in a failure's traceback, keeps it from reuse:
+                # give_back checks.
+                give_back(payload)
                 self.queue.task_done()
 
     def put(self, item: tuple) -> None:
@@ -624,7 +638,9 @@ class Agent:
     def __init__(self, cfg: Config, recv: Callable[[int], bytes], send_all: Callable[[Any], None],
                  recv_into: Callable[[memoryview], int] | None = None) -> None:
         self.cfg = cfg
-        self.reader = FrameReader(recv, recv_into=recv_into)
+        # DATA bodies go to the staging threads, which give each buffer back.
+        self.bodies = BodyPool(limit=BODY_BUFFERS)
+        self.reader = FrameReader(recv, recv_into=recv_into, bodies=self.bodies)
         self.writer = _LockedWriter(send_all)
         self.stagers: list[_Stager] = []  # started at the first file
         self._next_stager = 0
@@ -1347,6 +1363,7 @@ class Agent:
         finally:
             self._unlock()
             gc.enable()
+            self.bodies.clear()  # the session may stay open, idle, until the next push
 
     def _commit_locked(self, msg: dict) -> None:
         self._drain()

@@ -186,6 +186,11 @@ def _write_config(workdir: pathlib.Path, port: int, host_keys: list[pathlib.Path
         "MaxStartups 64:30:128",
         "ClientAliveInterval 0",
     ]
+    if os.environ.get("PYTHONPATH"):
+        # sshd gives a session a fresh environment: without this, the agent
+        # of a checkout run by PYTHONPATH (a worktree) would be the copy
+        # installed in the venv.
+        lines.append(f"SetEnv PYTHONPATH={os.environ['PYTHONPATH']}")
     if rekey_limit:
         lines.append(f"RekeyLimit {rekey_limit}")
     lines += extra

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from syncd.errors import ProtocolError
 from syncd.manifest import Manifest
 from syncd.protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 from syncd.transport import LocalSession
@@ -590,6 +591,105 @@ def _reader(data: bytes):  # noqa: ANN202
         return chunk
 
     return recv
+
+
+def test_files_interleaved_in_frames_of_any_size_arrive_intact(edge) -> None:  # noqa: ANN001
+    # The agent reads DATA bodies into recycled buffers that the staging
+    # threads give back: streams interleaved frame by frame, frames from one
+    # byte to 3 MiB, whole, zstd and a bundle, each file arrives intact.
+    import random
+
+    import zstandard
+
+    rnd = random.Random(5)
+    text = b"".join(b"Package: p%d\nVersion: 1.%d\n\n" % (i, i % 7) for i in range(200_000))
+    files = {b"a": rnd.randbytes((5 << 20) + 3), b"b": rnd.randbytes(2 << 20), b"c": rnd.randbytes(777),
+             b"d": text}
+    bundle = [(b"e%d" % i, rnd.randbytes(rnd.randrange(200_000))) for i in range(10)]
+    peer = Peer(edge.ini)
+    rows = [row(path, data) for path, data in list(files.items()) + bundle]
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    bodies = {}
+    for stream, (path, data) in enumerate(files.items(), 1):
+        how = "zstd" if path == b"d" else "whole"
+        peer.w.message({"type": "file", "stream": stream, "path": path, "how": how, "size": len(data),
+                        "sha256": hashlib.sha256(data).digest()})
+        bodies[stream] = zstandard.ZstdCompressor().compress(data) if how == "zstd" else data
+    stream = len(files) + 1
+    peer.w.message({"type": "files", "stream": stream, "how": "whole",
+                    "items": [[p, len(d), hashlib.sha256(d).digest()] for p, d in bundle]})
+    bodies[stream] = b"".join(d for _, d in bundle)
+    sizes = [1, 3 << 20, 4096, 1 << 20, 65537, 7, (1 << 20) - 1]
+    at = dict.fromkeys(bodies, 0)
+    i = 0
+    while at:
+        for stream in list(at):
+            piece = bodies[stream][at[stream]:at[stream] + sizes[i % len(sizes)]]
+            i += 1
+            if piece:
+                peer.w.data(stream, piece)
+                at[stream] += len(piece)
+            else:
+                peer.w.end(stream)
+                del at[stream]
+    peer.send({"type": "commit", "generation": 1})
+    while (answer := peer.message())["type"] != "committed":
+        assert answer["type"] == "staged", answer
+    assert peer.finish() == 0
+    for path, data in list(files.items()) + bundle:
+        assert (edge.root / path.decode()).read_bytes() == data
+
+
+def test_staging_threads_give_each_body_buffer_back() -> None:
+    # Fed, dropped (a dead file, a failed session) or failed: the staging
+    # thread gives the chunk's buffer back, unless a view of it is still
+    # alive (here one kept by the consumer, or one in a kept traceback).
+    from syncd.agent import _Stager
+    from syncd.protocol import BodyPool
+
+    class Inc:
+        def __init__(self, dead: bool = False, keep: bool = False, fail: bool = False) -> None:
+            self.dead, self.keep, self.fail, self.path = dead, keep, fail, b"f"
+            self.fed: list[bytes] = []
+
+        def feed(self, data: memoryview) -> None:
+            self.fed.append(bytes(data))
+            view = memoryview(data)[1:]
+            if self.keep:
+                self.kept = view
+            if self.fail:
+                raise ValueError("corrupt")  # its traceback holds ``view``
+
+        def discard(self) -> None:
+            pass
+
+    def stage(inc: Inc, failure: Exception | None = None) -> bool:
+        """Whether the chunk's buffer is back in the pool once it is staged."""
+        fed = [] if inc.dead or failure else [b"0123456789"]
+        pool = BodyPool(16, limit=4)
+        fake = type("FakeAgent", (), {})()
+        fake.bodies, fake.failure, fake.closing = pool, failure, False
+        fake.errors = []
+        fake._staging_failed = lambda inc, err: fake.errors.append(err)  # kept, with its traceback
+        stager = _Stager(fake, 0)
+        stager.start()
+        body = pool.take(10)
+        body[:] = b"0123456789"
+        buf = body.obj
+        stager.put((inc, body))
+        stager.put(None)
+        stager.join()
+        assert inc.fed == fed
+        assert [type(e) for e in fake.errors] == ([ValueError] if inc.fail else [])
+        return any(b is buf for b in pool._free)
+
+    assert stage(Inc())
+    assert stage(Inc(dead=True))
+    assert stage(Inc(), failure=ProtocolError("the session failed"))
+    assert not stage(Inc(keep=True))
+    assert not stage(Inc(fail=True))
 
 
 def test_large_replaced_and_deleted_files_are_freed_after_the_commit(edge) -> None:  # noqa: ANN001

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import tracemalloc
+from collections import deque
 
 import pytest
 from hypothesis import given
@@ -15,6 +17,7 @@ from syncd.protocol import (
     HEADER_SIZE,
     MAGIC,
     PROTOCOL_VERSION,
+    BodyPool,
     Frame,
     FrameReader,
     FrameType,
@@ -80,6 +83,10 @@ def test_value_types_are_exact():
     assert decode_value(encode_value(0)) == 0 and type(decode_value(encode_value(0))) is int
     assert decode_value(encode_value((1, b"x"))) == [1, b"x"]
     assert decode_value(encode_value(bytearray(b"ab"))) == b"ab"
+    # bytes, not views of the input (which compare equal), from any input buffer.
+    for raw in (encode_value([b"ab", {"k": b""}]), memoryview(encode_value([b"ab", {"k": b""}]))):
+        got = decode_value(raw)
+        assert type(got[0]) is bytes and type(got[1]["k"]) is bytes
     # Names travel as bytes even when they are not UTF-8.
     assert decode_value(encode_value({"path": b"caf\xe9/\xff"})) == {"path": b"caf\xe9/\xff"}
 
@@ -329,6 +336,126 @@ def test_reused_data_buffer_truncated_body():
     reader.read_hello()
     with pytest.raises(ProtocolError, match="stream ended inside a DATA frame body"):
         reader.read_frame()
+
+
+# ---------------------------------------------------------------- recycled DATA bodies
+
+
+@given(st.lists(st.tuples(st.binary(max_size=3000), st.booleans()), max_size=20),
+       st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(8, 2000),
+       st.integers(1, 2000), st.integers(0, 4), st.integers(0, 6))
+def test_recycled_bodies_equal_the_bodies_sent(bodies, sizes, block_size, pool_size, limit, held):
+    """With a BodyPool, every DATA body read equals the one sent, for any
+    body sizes (empty, smaller or larger than the pool's buffers) and split
+    points, while its consumer still holds up to ``held`` earlier bodies:
+    a buffer not given back is never read into."""
+    raw = bytearray(hello_bytes())
+    for i, (body, after_message) in enumerate(bodies):
+        if after_message:  # the body then starts in the reader's own buffer
+            raw += frame_header(FrameType.MESSAGE, i, 1) + b"\x00"
+        raw += frame_header(FrameType.DATA, i, len(body)) + body
+    chunked = Chunked(bytes(raw), sizes)
+    pool = BodyPool(pool_size, limit=limit)
+    reader = FrameReader(chunked, recv_into=chunked.into, block_size=block_size, bodies=pool)
+    assert reader.read_hello() == PROTOCOL_VERSION
+    out: deque[tuple[int, memoryview]] = deque()
+    got: list[tuple[int, bytes]] = []
+    for f in reader:
+        if f.kind is FrameType.DATA:
+            assert isinstance(f.payload, memoryview)
+            out.append((f.stream, f.payload))
+            if len(out) > held:
+                stream, body = out.popleft()
+                got.append((stream, bytes(body)))
+                pool.give_back(body)
+    got += [(stream, bytes(body)) for stream, body in out]
+    assert got == [(i, body) for i, (body, _) in enumerate(bodies)]
+
+
+def test_a_body_given_back_is_read_into_again():
+    raw = hello_bytes() + b"".join(frame_header(FrameType.DATA, 1, n) + c * n
+                                   for n, c in ((100, b"a"), (40, b"b"), (300, b"c")))
+    chunked = Chunked(raw, [])
+    pool = BodyPool(256, limit=2)
+    reader = FrameReader(chunked, recv_into=chunked.into, bodies=pool)
+    reader.read_hello()
+    first = reader.read_frame().payload
+    buf = first.obj
+    pool.give_back(first)
+    second = reader.read_frame().payload
+    assert second.obj is buf and bytes(second) == b"b" * 40
+    pool.give_back(second)
+    # Larger than the buffers so far: a buffer of its own, kept from then on.
+    third = reader.read_frame().payload
+    assert third.obj is not buf and len(third.obj) == 300 and bytes(third) == b"c" * 300
+    big = third.obj
+    pool.give_back(third)
+    assert pool.take(10).obj is big
+
+
+def test_a_buffer_still_viewed_is_not_reused():
+    pool = BodyPool(64, limit=4)
+    for hold in ("slice", "cast", "export"):
+        body = pool.take(10)
+        body[:] = b"0123456789"
+        buf = body.obj
+        # A consumer that kept (by mistake) a slice, a cast, or a buffer of the
+        # body itself (as a C extension holding a Py_buffer would).
+        kept = {"slice": lambda: body[2:5], "cast": lambda: body.cast("c")[2:5],
+                "export": lambda: (ctypes.c_char * 3).from_buffer(body, 2)}[hold]()
+        pool.give_back(body)
+        other = pool.take(10)
+        assert other.obj is not buf, hold
+        other[:] = b"x" * 10
+        assert bytes(kept) == b"234", hold
+        pool.give_back(other)
+        del kept  # now unreferenced, it is garbage: the pool did not keep it
+        assert all(b is not buf for b in pool._free)
+
+
+def test_a_body_given_back_twice_is_kept_once():
+    pool = BodyPool(64, limit=4)
+    body = pool.take(10)
+    pool.give_back(body)
+    pool.give_back(body)
+    assert pool.take(10).obj is not pool.take(10).obj
+
+
+def test_body_pool_keeps_at_most_its_limit():
+    pool = BodyPool(16, limit=3)
+    bodies = [pool.take(16) for _ in range(10)]
+    bufs = [b.obj for b in bodies]
+    for body in bodies:
+        pool.give_back(body)
+    again = [pool.take(16).obj for _ in range(10)]
+    assert sum(any(a is b for b in bufs) for a in again) == 3
+    pool.clear()
+    assert all(pool.take(16).obj is not a for a in again)
+
+
+def test_body_pool_ignores_what_it_did_not_hand_out():
+    pool = BodyPool(16, limit=3)
+    for other in (b"bytes", memoryview(b"x" * 32), memoryview(bytearray(4)), None):
+        pool.give_back(other)
+    assert pool._free == []
+
+
+def test_recycled_body_truncated():
+    raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
+    chunked = Chunked(raw[:-100], [700])
+    reader = FrameReader(chunked, recv_into=chunked.into, block_size=64, bodies=BodyPool(1024))
+    reader.read_hello()
+    with pytest.raises(ProtocolError, match="stream ended inside a DATA frame body"):
+        reader.read_frame()
+
+
+def test_body_pool_needs_recv_into():
+    # Without recv_into a body is gathered from recv's chunks, as before.
+    raw, _ = write_frames([(FrameType.DATA, 3, b"x" * 5000)])
+    pool = BodyPool(1024)
+    reader = FrameReader(Chunked(raw, [700]), bodies=pool)
+    reader.read_hello()
+    assert reader.read_frame().payload == b"x" * 5000
 
 
 def test_recv_into_truncated_data_body():
