@@ -99,6 +99,10 @@ ASYNC_COPY_MIN = 1 << 20
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
+# New data files published while the push still arrives: in batches of at
+# least this many (or what came within the wait), one syncfs each.
+EARLY_PUBLISH_BATCH = 64
+EARLY_PUBLISH_WAIT = 0.05
 # Threads that stage arriving files (create, decompress or patch, hash, write:
 # the GIL is released for the syscalls and the hashing), while the main
 # thread reads and parses frames.  A file goes to one of them whole.
@@ -176,6 +180,8 @@ class _Plan:
     seen: "_PathSet" = field(default_factory=lambda: _PathSet())  # full mode: every path listed (class below)
     pending: set[bytes] = field(default_factory=set)  # SHA-256s asked for and not yet staged
     made_dirs: set[bytes] = field(default_factory=set)  # new directories the _DirMaker made
+    fresh: set[bytes] = field(default_factory=set)  # files at paths the edge did not have
+    early: dict[bytes, os.stat_result] = field(default_factory=dict)  # published before the commit
     signatures: int = 0  # signatures of the edge's old copies asked for
 
 
@@ -356,6 +362,8 @@ class _Incoming:
         self.agent.staged_this_push.add(obj)
         if meta is not None:
             self.agent._applied[obj] = meta
+        if self.agent._early_rows:
+            self.agent._staged_now(obj)
         return obj
 
     def _close_fds(self) -> None:
@@ -570,6 +578,76 @@ class _DirMaker(threading.Thread):
         return self.made
 
 
+class _EarlyPublisher(threading.Thread):
+    """Publishes new data files while the rest of a push still arrives.
+
+    Only what the commit itself would publish first, and what a held-back
+    generation would publish as well: a data file (not in the index group)
+    at a path the edge does not have, whose content this session received
+    and hashed, staged with its final mode and mtime, under no other path
+    of the plan.  It starts once the plan is complete and its deletions
+    pass the guard.  Each batch is made durable by one syncfs before its
+    renames (as at commit), so a reader never meets a file that a crash
+    could leave torn.  The commit then publishes the rest: the other data
+    files, the index group, the deletions, and directory mtimes last.  A
+    push that ends without its commit leaves these files in place, verified
+    and unrecorded: the next push finds them there and sends nothing again.
+    It has a SafeRoot of its own (the main thread's caches directory fds).
+    """
+
+    def __init__(self, agent: "Agent") -> None:
+        super().__init__(name="early-publish", daemon=True)
+        self.agent = agent
+        self._cond = threading.Condition()
+        self._ready: list[tuple[str, "_Row"]] = []
+        self._stopping = False
+        self.published: dict[bytes, os.stat_result] = {}  # path -> its stat once published
+        self.error: BaseException | None = None
+
+    def offer(self, items: list[tuple[str, "_Row"]]) -> None:
+        with self._cond:
+            self._ready += items
+            self._cond.notify()
+
+    def run(self) -> None:
+        agent = self.agent
+        with SafeRoot(agent.cfg.node.root) as root:
+            while True:
+                with self._cond:
+                    while not self._ready and not self._stopping:
+                        self._cond.wait()
+                    if not self._ready:
+                        return
+                    # A few at a time are not worth a syncfs each: gather a moment.
+                    if not self._stopping and len(self._ready) < EARLY_PUBLISH_BATCH:
+                        self._cond.wait(EARLY_PUBLISH_WAIT)
+                    batch, self._ready = self._ready, []
+                if self.error is not None:
+                    continue  # the commit raises it; the rest waits in staging
+                try:
+                    syncfs(agent.staging_fd)
+                except OSError as err:
+                    self.error = err
+                    continue
+                for obj, row in batch:
+                    try:
+                        self.published[row.path] = root.publish(agent.staging_fd, obj.encode(), row.path)
+                    except (OSError, UnsafePathError) as err:
+                        # Left to the commit, which also replaces a file
+                        # standing where a directory goes (and says why not).
+                        log.debug("%s: published at the commit (%s)", fspath(row.path), err)
+
+    def finish(self) -> dict[bytes, os.stat_result]:
+        """Publish what was offered, stop; the paths published (raises what failed)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.published
+
+
 _END = object()  # queued after a file's last chunk
 
 
@@ -669,6 +747,9 @@ class Agent:
         self._freers: list[threading.Thread] = []
         self._session_over = threading.Event()
         self._dir_maker: _DirMaker | None = None  # started at a push's first new directory
+        self._early: _EarlyPublisher | None = None  # started at entries_end (see the class)
+        self._early_rows: dict[str, _Row] = {}  # object -> the row it may go live as early
+        self._early_lock = threading.Lock()
         self._copies: list[_LocalCopy] = []  # decided in this entries batch, not yet handed over
         self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
@@ -711,6 +792,10 @@ class Agent:
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
+                try:
+                    self._stop_early_publish()
+                except (OSError, UnsafePathError):
+                    pass  # the session failed already; what went live is verified
                 self.buffers.close()
                 self._unmake_dirs()
                 self._session_over.set()
@@ -992,6 +1077,7 @@ class Agent:
         self._missing = set()  # directories this plan found absent
         self._wanted_meta = {}
         self._applied = {}
+        self._stop_early_publish()
         rules = msg.get("filter") or []
         if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
             raise ProtocolError("begin: filter is not a list of rules")
@@ -1141,6 +1227,8 @@ class Agent:
                     return [planmod.META, row.path, None, None, None]
                 return None
         plan.files.append(row)
+        if st is None:
+            plan.fresh.add(row.path)
         obj = row.sha256.hex()
         if row.sha256 in plan.pending or obj in self.staged_at_begin or obj in self.staged_this_push:
             return [planmod.NEW, row.path, None, None, None]  # already staged or on its way
@@ -1308,6 +1396,51 @@ class Agent:
         # queue behind the writes (measured: the first delta started 0.1 s later).
         if self.plan.files and not self.plan.dry_run and not self.plan.signatures:
             self._start_early_sync()
+        if self.plan.fresh and not self.plan.dry_run:
+            self._start_early_publish()
+
+    def _start_early_publish(self) -> None:
+        plan = self.plan
+        if plan.deletes:
+            try:  # a plan the guard will refuse changes nothing before it does
+                planmod.check_deletions(len(set(plan.deletes)), max(self.lookup.live_count(), len(plan.deletes)),
+                                        plan.max_delete, force=self.force_deletes, where=self.cfg.node.name)
+            except SyncdError:
+                return
+        uses = _object_uses(plan.files)
+        eligible: dict[str, _Row] = {}
+        for row in plan.files:
+            obj = row.sha256.hex()
+            if (uses[obj] == 1 and row.path in plan.fresh and row.path in self._wanted_meta
+                    and not self.index(row.path)):
+                eligible[obj] = row
+        if not eligible:
+            return
+        self._early = _EarlyPublisher(self)
+        self._early.start()
+        ready = []
+        with self._early_lock:
+            self._early_rows = eligible
+            for obj in [o for o in eligible if o in self._applied]:  # staged already
+                row = eligible.pop(obj)
+                if self._applied[obj] == (row.mode, row.mtime_ns):
+                    ready.append((obj, row))
+        if ready:
+            self._early.offer(ready)
+
+    def _staged_now(self, obj: str) -> None:
+        """In a staging thread: ``obj`` is staged, hashed and has its final
+        mode and mtime; it goes live early if the plan allows it."""
+        with self._early_lock:
+            row = self._early_rows.pop(obj, None)
+        if row is not None and self._early is not None and self._applied.get(obj) == (row.mode, row.mtime_ns):
+            self._early.offer([(obj, row)])
+
+    def _stop_early_publish(self) -> dict[bytes, os.stat_result]:
+        with self._early_lock:
+            self._early_rows = {}
+        early, self._early = self._early, None
+        return early.finish() if early is not None else {}
 
     def _start_early_sync(self) -> None:
         """Planning is over and the last files are arriving: write what is
@@ -1368,6 +1501,7 @@ class Agent:
     def _commit_locked(self, msg: dict) -> None:
         self._drain()
         plan = self.plan
+        plan.early = self._stop_early_publish()
         generation = _field(msg, "generation", int)
         if plan.generation is None:
             if generation < 0:
@@ -1430,6 +1564,11 @@ class Agent:
         stats: dict[bytes, os.stat_result | None] = {}
         for group in (data, index):
             for row in group:
+                if row.path in plan.early and id(row) not in meta_only and row.kind == KIND_FILE:
+                    stats[row.path] = plan.early[row.path]  # live already (_EarlyPublisher)
+                    uses[row.sha256.hex()] -= 1
+                    published += 1
+                    continue
                 if id(row) in meta_only:
                     stats[row.path] = root.set_meta(row.path, mode=row.mode, mtime_ns=row.mtime_ns)
                 elif row.kind == KIND_SYMLINK:
@@ -1708,6 +1847,10 @@ class Agent:
         uses = _object_uses(plan.files)
         touched = False
         for row in plan.files + plan.links:
+            if row.kind == KIND_FILE and row.path in plan.early:
+                uses[row.sha256.hex()] -= 1
+                went_live.append(row)  # live already (_EarlyPublisher)
+                continue
             if self.index(row.path) or root.lstat(row.path) is not None:
                 continue
             if row.kind == KIND_FILE and row.sha256.hex() in corrupt:

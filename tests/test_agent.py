@@ -755,3 +755,90 @@ def test_a_large_signature_is_computed_in_two_halves(tmp_path: Path) -> None:
         assert _split_signature(pool, fd, len(data)).result(timeout=60) == make_signature(data).encode()
         with pytest.raises(OSError):
             _split_signature(pool, os.open(tmp_path, os.O_RDONLY), SIG_SPLIT_MIN).result(timeout=60)
+
+
+def send_whole(peer: Peer, stream: int, path: bytes, data: bytes) -> None:
+    peer.w.message({"type": "file", "stream": stream, "path": path, "how": "whole", "size": len(data),
+                    "sha256": hashlib.sha256(data).digest()})
+    peer.w.data(stream, data)
+    peer.w.end(stream)
+    peer.w.flush()
+
+
+def staged_paths(peer: Peer, n: int) -> set[bytes]:
+    got: set[bytes] = set()
+    while len(got) < n:
+        m = peer.message()
+        assert m["type"] == "staged", m
+        got |= set(m["paths"]) if "paths" in m else {m["path"]}
+    return got
+
+
+def listing_settles(root: Path, want: set[str], timeout: float = 10) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()}
+        if got == want or time.monotonic() > deadline:
+            return got
+
+
+def test_new_data_files_go_live_during_the_push_and_the_rest_at_its_commit(edge) -> None:  # noqa: ANN001
+    # Once the plan is complete, a new data file goes live as soon as it is
+    # staged (durable, hashed, final mode and mtime); the index group, and a
+    # content published under two paths, wait for the commit.
+    files = {b"pool/a.deb": b"a" * 3000, b"pool/b.deb": b"b", b"dists/Release": b"Origin: test\n",
+             b"twin1": b"same", b"twin2": b"same"}
+    dirs = [[d, 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1] for d in (b"pool", b"dists")]
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": dirs + [row(p, d) for p, d in files.items()]},
+              {"type": "entries_end"})
+    needs = peer.message()
+    assert peer.message()["type"] == "planned"
+    wanted = [item[1] for item in needs["items"] if item[2] == "whole"]
+    for i, path in enumerate(wanted):
+        send_whole(peer, i + 1, path, files[path])
+    assert staged_paths(peer, len(wanted)) == set(wanted)
+    assert listing_settles(edge.root, {"pool/a.deb", "pool/b.deb"}) == {"pool/a.deb", "pool/b.deb"}
+    assert (edge.root / "pool/a.deb").read_bytes() == files[b"pool/a.deb"]
+    assert (edge.root / "pool/a.deb").stat().st_mtime_ns == 1_700_000_000_000_000_000
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.generation == 0  # nothing recorded before the commit
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    for path, data in files.items():
+        assert (edge.root / os.fsdecode(path)).read_bytes() == data
+    with Manifest.open(edge.state, "edge") as m:
+        early = m.lookup(b"pool/a.deb")
+        assert early.ino == (edge.root / "pool/a.deb").stat().st_ino
+    assert not list((edge.state / "staging").iterdir())
+
+
+def test_a_plan_the_deletion_guard_will_refuse_publishes_nothing_early(edge) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    rows = [row(b"f%d" % i, b"%d" % i) for i in range(10)]
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    for i in range(10):
+        send_whole(peer, i + 1, b"f%d" % i, b"%d" % i)
+    staged_paths(peer, 10)
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    # Generation 2 lists one new file and none of the ten: a guard of 10% refuses it.
+    peer = Peer(edge.ini)
+    peer.send(dict(begin(2), max_delete_ppm=100_000),
+              {"type": "entries", "batch": 1, "rows": [row(b"new", b"new", gen=2)]}, {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert len(peer.message()["items"]) == 10  # planned: ten deletions
+    send_whole(peer, 1, b"new", b"new")
+    assert staged_paths(peer, 1) == {b"new"}
+    time.sleep(0.2)  # longer than the early publisher's wait
+    assert not (edge.root / "new").exists()
+    peer.send({"type": "commit", "generation": 2})
+    answer = peer.message()
+    assert answer["type"] == "error" and answer["kind"] == "DeletionGuardError"
+    peer.finish()
+    assert not (edge.root / "new").exists()
+    assert sorted(os.listdir(edge.root)) == sorted(f"f{i}" for i in range(10))
