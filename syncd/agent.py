@@ -2,9 +2,11 @@
 
 The agent does every write on its host.  It validates each name from the
 wire, stages received files under ``state_dir/staging`` (content-addressed by
-SHA-256, same filesystem as root), checks each one's SHA-256, and only at
+SHA-256, same filesystem as root), checks each one's SHA-256, and at
 ``commit`` publishes the generation into root, in the order of DESIGN.md:
 directories, data files, index files together, deletions, directory mtimes.
+(New data files at new paths may go live before, once the plan is complete:
+``_EarlyPublisher``.)
 Every file reaches its final name by ``rename(2)`` through ``SafeRoot``,
 which never follows a symlink below root.  The manifest records the new
 generation only after publishing.
@@ -182,6 +184,7 @@ class _Plan:
     made_dirs: set[bytes] = field(default_factory=set)  # new directories the _DirMaker made
     fresh: set[bytes] = field(default_factory=set)  # files at paths the edge did not have
     early: dict[bytes, os.stat_result] = field(default_factory=dict)  # published before the commit
+    ended: bool = False  # entries_end came: the plan is complete
     signatures: int = 0  # signatures of the edge's old copies asked for
 
 
@@ -619,13 +622,17 @@ class _EarlyPublisher(threading.Thread):
                     if not self._ready:
                         return
                     # A few at a time are not worth a syncfs each: gather a moment.
-                    if not self._stopping and len(self._ready) < EARLY_PUBLISH_BATCH:
-                        self._cond.wait(EARLY_PUBLISH_WAIT)
+                    deadline = time.monotonic() + EARLY_PUBLISH_WAIT
+                    while not self._stopping and len(self._ready) < EARLY_PUBLISH_BATCH:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
                     batch, self._ready = self._ready, []
                 if self.error is not None:
                     continue  # the commit raises it; the rest waits in staging
                 try:
-                    syncfs(agent.staging_fd)
+                    agent.sync_staging()
                 except OSError as err:
                     self.error = err
                     continue
@@ -750,6 +757,8 @@ class Agent:
         self._early: _EarlyPublisher | None = None  # started at entries_end (see the class)
         self._early_rows: dict[str, _Row] = {}  # object -> the row it may go live as early
         self._early_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._sync_error: OSError | None = None  # sticky (see sync_staging)
         self._copies: list[_LocalCopy] = []  # decided in this entries batch, not yet handed over
         self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
@@ -825,7 +834,7 @@ class Agent:
                 if self.failure is not None:
                     return self.failure.exit_status  # a staging thread failed: logged and sent
                 if frame is None:
-                    return 0  # the client closed: a session without commit publishes nothing
+                    return 0  # the client closed: a session without commit publishes nothing more
                 if frame.kind is FrameType.MESSAGE:
                     if not isinstance(frame.payload, dict) or not isinstance(frame.payload.get("type"), str):
                         raise ProtocolError("a MESSAGE frame without a 'type'")
@@ -1090,7 +1099,7 @@ class Agent:
         except ValueError as err:
             raise ProtocolError(f"begin: {err}") from None
         generation = msg.get("generation")
-        if generation is not None or self.version < (1, 4):
+        if generation is not None or self.version < (1, 4) or not msg.get("full"):
             generation = _field(msg, "generation", int)
         self.plan = _Plan(
             generation=generation,
@@ -1114,6 +1123,8 @@ class Agent:
             return False
 
     def _entries(self, msg: dict) -> None:
+        if self.plan.ended:
+            raise ProtocolError("entries after entries_end")
         batch = _field(msg, "batch", int)
         raw_rows = _field(msg, "rows", list)
         items: list[list] = []
@@ -1379,6 +1390,9 @@ class Agent:
 
     def _entries_end(self) -> None:
         """Full comparison: what this edge has that the upstream did not list goes."""
+        if self.plan.ended:
+            raise ProtocolError("entries_end twice")
+        self.plan.ended = True
         items = []
         if self.plan.full and not self._began_empty:  # (an empty mirror holds nothing unlisted)
             for path, is_dir, listed in self._walk():
@@ -1433,8 +1447,9 @@ class Agent:
         mode and mtime; it goes live early if the plan allows it."""
         with self._early_lock:
             row = self._early_rows.pop(obj, None)
-        if row is not None and self._early is not None and self._applied.get(obj) == (row.mode, row.mtime_ns):
-            self._early.offer([(obj, row)])
+            early = self._early
+        if row is not None and early is not None and self._applied.get(obj) == (row.mode, row.mtime_ns):
+            early.offer([(obj, row)])
 
     def _stop_early_publish(self) -> dict[bytes, os.stat_result]:
         with self._early_lock:
@@ -1450,12 +1465,26 @@ class Agent:
 
         def sync() -> None:
             try:
-                syncfs(self.staging_fd)
+                self.sync_staging()
             except OSError as err:
                 self._early_sync_error = err  # the commit raises it: nothing is published
 
         self._early_sync = threading.Thread(target=sync, name="early-syncfs", daemon=True)
         self._early_sync.start()
+
+    def sync_staging(self) -> None:
+        """``syncfs`` of staging, one caller at a time, and sticky: a write-out
+        error is reported to one ``syncfs`` call only, so whoever meets it
+        records it for every later caller (the early syncfs thread, the
+        early publisher, the commit) and none goes on to rename."""
+        with self._sync_lock:
+            if self._sync_error is None:
+                try:
+                    syncfs(self.staging_fd)
+                except OSError as err:
+                    self._sync_error = err
+            if self._sync_error is not None:
+                raise self._sync_error
 
     def _join_early_sync(self) -> None:
         if self._early_sync is not None:
@@ -1545,7 +1574,7 @@ class Agent:
         root = self.root
         # What was staged reaches the disk before anything references it.
         self._join_early_sync()
-        syncfs(self.staging_fd)
+        self.sync_staging()
         # 1. Directories, parents first (the new ones are made already, mostly).
         for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):
             if row.path not in plan.made_dirs:
@@ -1580,7 +1609,7 @@ class Agent:
             # (the indices) can reference them: one syncfs (a journal commit,
             # the data being on disk already) instead of an fsync per directory.
             if group:
-                syncfs(self.staging_fd)
+                self.sync_staging()
         # 4. Deletions, deepest first: after the indices that referenced them.
         for path in planmod.deletion_order(set(plan.deletes)):
             root.remove(path, park=self._park_deleted)
@@ -1589,7 +1618,7 @@ class Agent:
             stats[row.path] = root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
         # The manifest says "generation G is here" only once it is, durably
         # (deletions and directory metadata included).
-        syncfs(self.staging_fd)
+        self.sync_staging()
         self._record(plan, stats)
         self._drop_objects(uses)
         # Objects still staged were kept for a held-back generation that
@@ -1837,7 +1866,8 @@ class Agent:
         plan = self.plan
         root = self.root
         went_live: list[_Row] = []
-        syncfs(self.staging_fd)  # as in _publish: staged bytes are durable before any rename
+        self._join_early_sync()
+        self.sync_staging()  # as in _publish: staged bytes are durable before any rename
         for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):
             if row.path in plan.made_dirs:
                 went_live.append(row)
@@ -1866,7 +1896,7 @@ class Agent:
             went_live.append(row)
             touched = True
         if touched:
-            syncfs(self.staging_fd)
+            self.sync_staging()
         self._drop_objects(uses)
         held = self.manifest.get_meta("upstream_generation")
         client = getattr(self, "client", "?")

@@ -15,8 +15,8 @@
 - APScheduler runs each mirror's ``schedule`` as a full reconcile (a full
   comparison, repairing drift no generation lists) and ``[verify] schedule``
   as a ``syncd verify`` of this node's own tree.
-- SIGTERM: pushes stop at the next chunk (the agent publishes nothing of an
-  uncommitted generation), the daemon exits within 10 s.  SIGHUP: reload
+- SIGTERM: pushes stop at the next chunk (the agent publishes nothing more of
+  an uncommitted generation than new data files that went live early), the daemon exits within 10 s.  SIGHUP: reload
   sync.ini (a broken file is logged and the old config kept).  A lock file
   (``state_dir/daemon.lock``) keeps a second daemon off the same state_dir.
 - A primary checks each new generation's own index group (signatures,

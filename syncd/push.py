@@ -346,8 +346,10 @@ class Pusher:
         force_full: bool = False,
         stop: threading.Event | None = None,
         feed: Any = None,
+        stream: bool = True,
     ) -> None:
         self.cascade = cascade
+        self.stream = stream  # False: this mirror fell behind a feed once, and waits for the scan's end
         # A syncd.scan.ScanFeed: this node is scanning meanwhile.  A mirror
         # that holds nothing is sent the rows as the scan finds them; any
         # other push waits for the scan's end.
@@ -414,7 +416,7 @@ class Pusher:
         downstreams = welcome.get("downstreams") or []
         if self.feed is not None:
             sub = None
-            if held is None and ch.version >= (1, 4) and not self.force_full:
+            if held is None and ch.version >= (1, 4) and not self.force_full and self.stream:
                 sub = self.feed.subscribe()
             else:
                 self.feed.decline()
@@ -454,7 +456,7 @@ class Pusher:
         The rows go out as the scan hands them over, and the agent's answers
         are served in between, so files flow while the tree is still being
         walked and hashed; ``commit`` names the generation the scan made.
-        Nothing is published before that commit, and a scan that fails (or
+        Nothing is published before entries_end, and a scan that fails (or
         a release it refuses) ends the push with nothing published.
         """
         result.full = result.fed = True
@@ -762,8 +764,8 @@ class Pusher:
 
     def _check_stop(self) -> None:
         # Checked between chunks (1 MiB at most): a stop ends the session at
-        # once; the agent publishes nothing of an uncommitted generation and
-        # discards the partial file.
+        # once; the agent publishes nothing more of an uncommitted generation
+        # (new data files may be live already) and discards the partial file.
         if self.stop is not None and self.stop.is_set():
             raise StoppedError(f"{self.mirror.name}: push stopped (the daemon is shutting down)")
 
@@ -887,20 +889,31 @@ def push_with_retries(
     a scan that fails ends the push, which then records nothing: the run
     reports the scan's error.
     """
-    from .scan import FeedClosed
+    from .scan import FeedClosed, FeedLeft
 
     result = PushResult(mirror=mirror.name, generation=manifest.generation)
-    for attempt in range(1, mirror.retries + 1):
+    stream = True
+    attempt = 0
+    while attempt < mirror.retries:
+        attempt += 1
         result.attempts = attempt
         result.items = []
         result.below = []
+        result.fed = False
         try:
             Pusher(cfg, mirror, manifest, dry_run=dry_run, force_deletes=force_deletes,
                    on_item=on_item, open_session=open_session, cascade=cascade,
-                   force_full=force_full, stop=stop, feed=feed).run(result, link)
+                   force_full=force_full, stop=stop, feed=feed, stream=stream).run(result, link)
             break
         except FeedClosed as err:
             return _not_pushed(result, err)
+        except FeedLeft:
+            # It fell behind while another push waited for the scan: pushed
+            # again once the scan is over (what it staged is not sent again).
+            log.info("%s: pushing after the scan (the rows came faster than it took them)", mirror.name)
+            stream = False
+            attempt -= 1
+            continue
         except SyncdError as err:
             result.error = str(err)
             if not err.retryable or attempt == mirror.retries or (stop is not None and stop.is_set()):

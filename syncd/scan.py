@@ -98,10 +98,30 @@ FEED_QUEUE = 16
 #: login and the agent's welcome take a few tenths of a second).  Past this,
 #: a late pusher waits for the scan's end instead, like a push without a feed.
 FEED_REPLAY = 50_000
+#: How long the scan waits for a streaming push that fell behind while
+#: another push waits for the scan's end, before it lets the slow one go.
+FEED_STALL = 1.0
 
 
 class FeedClosed(Exception):
     """The scan feeding a push failed or was given up: push nothing of it."""
+
+
+class FeedLeft(Exception):
+    """This push fell behind while another push waited for the scan's end:
+    it was let go, and pushes again (an ordinary full comparison, resuming
+    from what it staged) once the scan has ended."""
+
+
+class _Sub:
+    """One streaming push's queue of batches (by identity: two queues may be equal)."""
+
+    __slots__ = ("batches", "left", "dropped")
+
+    def __init__(self, batches: list[list[tuple]]) -> None:
+        self.batches: deque[list[tuple]] = deque(batches)
+        self.left = False  # it left, or was let go: never waited for again
+        self.dropped = False  # let go (FeedLeft): it fell behind
 
 
 class ScanFeed:
@@ -118,9 +138,14 @@ class ScanFeed:
     file's once hashed.  The order keeps every directory before what it holds.
 
     Each push that can stream calls :meth:`subscribe` (it gets every row so
-    far, then the rest); every other one calls :meth:`decline` or simply
+    far, then the rest); every other one calls :meth:`decline` and then
     :meth:`wait` for the end.  ``parties`` is how many pushes will say one or
     the other: once all have, rows are no longer kept for latecomers.
+
+    A streaming push takes rows between the files it sends, so the scan may
+    wait for it (bounded memory).  It never waits long for one while another
+    push waits for the scan's end: after ``FEED_STALL`` seconds the slow one
+    is let go (:class:`FeedLeft`) and pushes again after the scan.
     """
 
     def __init__(self, parties: int) -> None:
@@ -128,7 +153,8 @@ class ScanFeed:
         self._undecided = parties
         self._replay: list[list[tuple]] | None = []
         self._replayed = 0
-        self._subs: list[deque] = []
+        self._subs: list[_Sub] = []
+        self._waiting = 0  # pushes in wait(): someone needs the scan's end
         self._result: ScanResult | None = None
         self._error: BaseException | None = None
 
@@ -154,10 +180,19 @@ class ScanFeed:
                 self._replayed += len(rows)
                 if self._replayed > FEED_REPLAY:
                     self._replay = None  # latecomers wait for the end instead
-            for sub in self._subs:
-                while len(sub) >= FEED_QUEUE and sub in self._subs:
-                    self._cond.wait()
-                sub.append(rows)
+            # A snapshot: the list changes while this waits (a push leaves,
+            # or joins and gets this batch from the replay).
+            for sub in list(self._subs):
+                stalled = 0.0
+                while len(sub.batches) >= FEED_QUEUE and not sub.left:
+                    if self._waiting and stalled >= FEED_STALL:
+                        self._drop(sub, dropped=True)
+                        break
+                    started = time.monotonic()
+                    self._cond.wait(FEED_STALL / 4)
+                    stalled += time.monotonic() - started
+                if not sub.left:
+                    sub.batches.append(rows)
             self._cond.notify_all()
 
     def finish(self, result: ScanResult) -> None:
@@ -176,13 +211,13 @@ class ScanFeed:
 
     # -- a push's side
 
-    def subscribe(self) -> deque | None:
+    def subscribe(self) -> _Sub | None:
         """A queue of the rows so far and to come (for :meth:`take`), or None
         when too late: the rows were let go, or the scan is over."""
         with self._cond:
             sub = None
             if self._replay is not None:
-                sub = deque(self._replay)
+                sub = _Sub(self._replay)
                 self._subs.append(sub)
             self._decided()
             return sub
@@ -191,38 +226,44 @@ class ScanFeed:
         with self._cond:
             self._decided()
 
-    def leave(self, sub: deque) -> None:
+    def leave(self, sub: _Sub) -> None:
         """A streaming push ended (or failed): never wait for it again."""
         with self._cond:
-            if sub in self._subs:
-                self._subs.remove(sub)
-            sub.clear()
-            self._cond.notify_all()
+            self._drop(sub, dropped=False)
 
-    def take(self, sub: deque, timeout: float | None = None) -> list[tuple] | None:
+    def take(self, sub: _Sub, timeout: float | None = None) -> list[tuple] | None:
         """The next batch of rows; ``[]`` when there are no more (the scan
         finished); None when none came within ``timeout``.  Raises
-        :class:`FeedClosed` if the scan failed."""
+        :class:`FeedClosed` if the scan failed, :class:`FeedLeft` if this
+        push was let go."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not sub and self._result is None and self._error is None:
+            while True:
+                if self._error is not None:
+                    raise FeedClosed(self._error)
+                if sub.dropped:
+                    raise FeedLeft()
+                if sub.batches:
+                    rows = sub.batches.popleft()
+                    self._cond.notify_all()
+                    return rows
+                if self._result is not None:
+                    return []
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(left)
-            if sub:
-                rows = sub.popleft()
-                self._cond.notify_all()
-                return rows
-            if self._error is not None:
-                raise FeedClosed(self._error)
-            return [] if self._result is not None else None
 
     def wait(self) -> ScanResult:
         """Block until the scan finished; its result, or :class:`FeedClosed`."""
         with self._cond:
-            while self._result is None and self._error is None:
-                self._cond.wait()
+            self._waiting += 1
+            self._cond.notify_all()
+            try:
+                while self._result is None and self._error is None:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
             if self._error is not None:
                 raise FeedClosed(self._error)
             return self._result
@@ -232,6 +273,14 @@ class ScanFeed:
         if self._undecided <= 0 and self._replay is not None and self._result is None:
             self._replay = None
             self._cond.notify_all()
+
+    def _drop(self, sub: _Sub, *, dropped: bool) -> None:  # with the lock held
+        if not sub.left:
+            sub.left = True
+            sub.dropped = dropped
+            self._subs = [s for s in self._subs if s is not sub]
+            sub.batches.clear()
+        self._cond.notify_all()
 
 
 class _Vanished(Exception):

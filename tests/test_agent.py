@@ -842,3 +842,76 @@ def test_a_plan_the_deletion_guard_will_refuse_publishes_nothing_early(edge) -> 
     peer.finish()
     assert not (edge.root / "new").exists()
     assert sorted(os.listdir(edge.root)) == sorted(f"f{i}" for i in range(10))
+
+
+def test_files_staged_before_the_plan_ends_go_live_once_it_does_and_stay_if_the_push_is_cut(edge) -> None:  # noqa: ANN001
+    files = {b"a.deb": b"a" * 5000, b"b.deb": b"b" * 7}
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files.items()]})
+    assert peer.message()["type"] == "needs"
+    for i, (path, data) in enumerate(files.items()):
+        send_whole(peer, i + 1, path, data)
+    assert staged_paths(peer, 2) == set(files)
+    time.sleep(0.2)
+    assert listing_settles(edge.root, set(), timeout=0) == set()  # the plan is not complete yet
+    peer.send({"type": "entries_end"})
+    assert peer.message()["type"] == "planned"
+    assert listing_settles(edge.root, {"a.deb", "b.deb"}) == {"a.deb", "b.deb"}
+    peer.finish()  # cut before the commit: they stay, whole and verified, unrecorded
+    assert (edge.root / "a.deb").read_bytes() == files[b"a.deb"]
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.generation == 0
+    # The next push finds them in place (a local re-hash) and asks for nothing.
+    peer = Peer(edge.ini)
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files.items()]},
+              {"type": "entries_end"})
+    assert peer.message()["items"] == []
+    assert peer.message()["type"] == "planned"
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.generation == 1 and m.lookup(b"a.deb").sha256 == hashlib.sha256(files[b"a.deb"]).digest()
+
+
+@pytest.mark.parametrize("case", ["1.3 peer", "not full", "negative commit", "entries_end twice"])
+def test_protocol_1_4_begin_without_generation_is_checked(edge, case: str) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini, version=(1, 3) if case == "1.3 peer" else PROTOCOL_VERSION)
+    first = dict(begin(), generation=None, full=case != "not full")
+    peer.send(first, {"type": "entries", "batch": 1, "rows": [row(b"f", b"f")]})
+    if case in ("1.3 peer", "not full"):
+        answer = peer.message()
+        assert answer["type"] == "error" and "generation" in answer["message"], answer
+    else:
+        assert peer.message()["type"] == "needs"
+        peer.send({"type": "entries_end"})
+        assert peer.message()["type"] == "planned"
+        send_whole(peer, 1, b"f", b"f")
+        assert staged_paths(peer, 1) == {b"f"}
+        if case == "negative commit":
+            peer.send({"type": "commit", "generation": -1})
+            answer = peer.message()
+            assert answer["type"] == "error" and "negative" in answer["message"], answer
+        else:
+            peer.send({"type": "entries_end"})
+            answer = peer.message()
+            assert answer["type"] == "error" and "entries_end twice" in answer["message"], answer
+    assert peer.finish() != 0
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.generation == 0
+
+
+def test_protocol_1_4_commit_names_the_generation_begin_left_open(edge) -> None:  # noqa: ANN001
+    peer = Peer(edge.ini)
+    peer.send(dict(begin(), generation=None), {"type": "entries", "batch": 1, "rows": [row(b"f", b"f", gen=7)]},
+              {"type": "entries_end"})
+    assert peer.message()["type"] == "needs"
+    assert peer.message()["type"] == "planned"
+    send_whole(peer, 1, b"f", b"f")
+    assert staged_paths(peer, 1) == {b"f"}
+    peer.send({"type": "commit", "generation": 7})
+    answer = peer.message()
+    assert answer["type"] == "committed" and answer["generation"] == 7
+    assert peer.finish() == 0
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.generation == 7 and m.get_meta("upstream_generation") == "7"

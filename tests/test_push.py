@@ -81,19 +81,25 @@ def test_full_sync_then_idempotent(pair: Pair) -> None:
     assert not list((pair.edge.state / "staging").iterdir())
 
 
+def start_subscribed(cfg: configmod.Config, m: Manifest, feed: ScanFeed) -> tuple[threading.Thread, list]:
+    """push_tree in a thread, once its push has subscribed to ``feed``."""
+    results: list[PushResult] = []
+    pushing = threading.Thread(target=lambda: results.extend(push_tree(cfg, m, feed=feed)))
+    pushing.start()
+    deadline = time.monotonic() + 30
+    while not feed.subscribers and pushing.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert feed.subscribers == 1
+    return pushing, results
+
+
 def fed_push(pair: Pair, *, fail: BaseException | None = None) -> PushResult:
     """In process: the push starts, subscribes to the scan's feed, and only
     then does the scan run (so the rows really are fed, not read back)."""
     cfg = configmod.load(pair.primary.ini)
     with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
         feed = ScanFeed(parties=1)
-        results: list[PushResult] = []
-        pushing = threading.Thread(target=lambda: results.extend(push_tree(cfg, m, feed=feed)))
-        pushing.start()
-        deadline = time.monotonic() + 30
-        while not feed.subscribers and pushing.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert feed.subscribers == 1
+        pushing, results = start_subscribed(cfg, m, feed)
         try:
             result = scan(cfg.node.root, m, feed=feed)
             if fail is not None:
@@ -125,6 +131,32 @@ def test_a_new_mirror_is_fed_the_rows_while_the_scan_runs(pair: Pair) -> None:
     assert not list((pair.edge.state / "staging").iterdir())
     again = pair.push()
     assert again.ok and again.files_sent == 0 and not again.full
+
+
+def test_a_fed_push_that_falls_behind_while_another_waits_is_pushed_after_the_scan(
+        tmp_path: Path, sshd, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from syncd import scan as scan_mod
+
+    pair = Pair(tmp_path, sshd, bwlimit="400k")  # a slow link: it takes rows only between files
+    populate(pair.primary.root)
+    for i in range(6000):  # more rows than the 4 entries batches a push has in flight
+        (pair.primary.root / f"f{i}").write_bytes(b"%d" % i * 20)
+    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
+    monkeypatch.setattr(scan_mod, "FEED_BATCH", 10)
+    monkeypatch.setattr(scan_mod, "FEED_STALL", 0.05)
+    cfg = configmod.load(pair.primary.ini)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        feed = ScanFeed(parties=2)
+        pushing, results = start_subscribed(cfg, m, feed)
+        waiter = threading.Thread(target=feed.wait)  # another push, waiting for the scan's end
+        waiter.start()
+        feed.finish(scan(cfg.node.root, m, feed=feed))
+        pushing.join()
+        waiter.join()
+    r = results[0]
+    assert r.ok, r.error
+    assert not r.fed and r.full and r.attempts == 1  # let go, then pushed after the scan
+    assert pair.in_sync()
 
 
 def test_a_fed_push_whose_scan_fails_publishes_nothing(pair: Pair) -> None:

@@ -362,7 +362,7 @@ def test_feed_replays_for_a_late_subscriber_and_drops_once_all_decided() -> None
     feed = ScanFeed(parties=2)
     feed.put([("", b"a")])
     late = feed.subscribe()  # first party: gets what came so far
-    assert late is not None and list(late) == [[("", b"a")]]
+    assert late is not None and list(late.batches) == [[("", b"a")]]
     feed.decline()  # second party: nobody else will come
     assert feed.subscribe() is None  # too late now
     feed.put([("", b"b")])
@@ -397,19 +397,85 @@ def test_feed_waits_for_a_slow_subscriber_and_never_for_one_that_left(monkeypatc
     producer = threading.Thread(target=produce)
     producer.start()
     time.sleep(0.1)
-    assert not done.is_set() and len(sub) == 2  # bounded: the scan waits
+    assert not done.is_set() and len(sub.batches) == 2  # bounded: the scan waits
     feed.leave(sub)
     producer.join(5)
     assert done.is_set()
+
+
+def test_feed_keeps_feeding_the_others_when_one_push_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two pushes in step hold equal queues: the one that leaves is the one let go.
+    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 2)
+    feed = ScanFeed(parties=2)
+    a, b = feed.subscribe(), feed.subscribe()
+    got: list[tuple] = []
+
+    def consume() -> None:
+        while rows := feed.take(a):
+            got.extend(rows)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    feed.leave(b)
+    for i in range(20):  # far more than a queue holds: nobody waits for b
+        feed.put([("", b"%d" % i)])
+    feed.finish(scan_mod.ScanResult(generation=1, previous_generation=0))
+    reader.join(5)
+    assert [r[1] for r in got] == [b"%d" % i for i in range(20)]
+
+
+def test_feed_gives_a_batch_once_to_each_push_whoever_leaves_or_joins_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
+    feed = ScanFeed(parties=3)
+    slow, other = feed.subscribe(), feed.subscribe()
+    feed.put([("", b"0")])  # both queues full now
+    seen = {id(other): feed.take(other), id(slow): []}  # other keeps up
+    putting = threading.Thread(target=feed.put, args=([("", b"1")],))
+    putting.start()  # waits for slow's queue
+    time.sleep(0.05)
+    late = feed.subscribe()  # joins during the wait: gets both batches from the replay
+    feed.leave(slow)
+    putting.join(5)
+    assert not putting.is_alive()
+    feed.finish(scan_mod.ScanResult(generation=1, previous_generation=0))
+    for sub in (other, late):
+        rows = list(seen.get(id(sub), []))
+        while batch := feed.take(sub):
+            rows += batch
+        assert [r[1] for r in rows] == [b"0", b"1"]
+
+
+def test_feed_lets_a_slow_push_go_while_another_waits_for_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
+    monkeypatch.setattr(scan_mod, "FEED_STALL", 0.1)
+    feed = ScanFeed(parties=2)
+    slow = feed.subscribe()
+    feed.put([("", b"0")])
+    # Nobody waits for the scan's end: the scan waits for the slow push.
+    putting = threading.Thread(target=feed.put, args=([("", b"1")],))
+    putting.start()
+    time.sleep(0.3)
+    assert putting.is_alive()
+    # Another push now waits for the end: the slow one is let go.
+    waiter = threading.Thread(target=feed.wait)
+    waiter.start()
+    putting.join(5)
+    assert not putting.is_alive()
+    with pytest.raises(scan_mod.FeedLeft):
+        feed.take(slow)
+    feed.finish(scan_mod.ScanResult(generation=1, previous_generation=0))
+    waiter.join(5)
 
 
 def test_feed_failure_reaches_every_push() -> None:
     feed = ScanFeed(parties=2)
     sub = feed.subscribe()
     feed.decline()
+    feed.put([("", b"a")])
     feed.fail(OSError("disk on fire"))
     with pytest.raises(FeedClosed, match="disk on fire"):
-        feed.take(sub)
+        feed.take(sub)  # not the rows still queued: nothing more is sent
     with pytest.raises(FeedClosed):
         feed.wait()
 
