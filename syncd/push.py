@@ -468,17 +468,22 @@ class Pusher:
         if not self.dry_run:
             self._cascade(ch, result, downstreams)
 
-    def _fed_rows(self, ch: _Channel, result: PushResult, sub: Any) -> Iterator[Entry]:
+    def _fed_rows(self, ch: _Channel, result: PushResult, sub: Any) -> Iterator[Any]:
         feed = self.feed
+        pending = False  # rows yielded since the last _CUT
         while True:
             while not ch.inbox.empty():  # answers that came meanwhile: their files go now
                 self._outstanding -= self._handle(ch, result, expect="needs")
             rows = feed.take(sub, FEED_POLL)
             if rows is None:
                 self._check_stop()
+                if pending:  # the scan is busy hashing: what came goes now
+                    pending = False
+                    yield _CUT
                 continue
             if not rows:
                 return
+            pending = True
             for row in rows:
                 yield Entry(*row)
 
@@ -784,7 +789,7 @@ class Pusher:
             yield from rows
             return
         for e in rows:
-            if not self.filter.excluded_path(e.path, e.kind == 1):
+            if e is _CUT or not self.filter.excluded_path(e.path, e.kind == 1):
                 yield e
 
 
@@ -794,9 +799,17 @@ def _wire(e: Entry) -> list:
     return [e.path, e.kind, e.size, e.mtime_ns, e.mode, e.sha256, e.target, e.deleted, e.generation]
 
 
-def _batches(rows: Iterable[Entry], n: int) -> Iterator[list[Entry]]:
+_CUT = object()  # among fed rows: send the batch so far, the next rows are a while away
+
+
+def _batches(rows: Iterable[Any], n: int) -> Iterator[list[Entry]]:
     batch: list[Entry] = []
     for row in rows:
+        if row is _CUT:
+            if batch:
+                yield batch
+                batch = []
+            continue
         batch.append(row)
         if len(batch) >= n:
             yield batch

@@ -93,6 +93,9 @@ class ScanResult:
 #: Rows a feed hands over at a time, and how many such batches a pusher that
 #: streams may have waiting before the scan waits for it (bounded memory).
 FEED_BATCH = 500
+#: ... or what came within this many seconds (a tree of large files hashes
+#: a few rows a second: they go out as they come, not at the scan's end).
+FEED_FLUSH = 0.05
 FEED_QUEUE = 16
 #: Rows kept for a pusher that has not said yet whether it streams (its SSH
 #: login and the agent's welcome take a few tenths of a second).  Past this,
@@ -416,16 +419,19 @@ def scan(
     out: list[tuple] = []  # final rows not yet handed to the feed
     listed: dict[bytes, tuple] = {}  # directories' rows, fed once they are listed themselves
 
+    next_flush = 0.0
+
     def emit(row: tuple) -> None:
         out.append(row)
-        if len(out) >= FEED_BATCH:
+        if len(out) >= FEED_BATCH or time.monotonic() >= next_flush:
             flush()
 
     def flush() -> None:
-        nonlocal out
+        nonlocal out, next_flush
         if out:
             feed.put(out)
             out = []
+        next_flush = time.monotonic() + FEED_FLUSH
 
     def keep(row: tuple | None) -> None:
         # A row the scan leaves as it was (unreadable, still changing).

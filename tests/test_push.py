@@ -439,3 +439,10 @@ def test_agent_that_cannot_start_is_quoted(pair: Pair) -> None:
     assert proc.returncode == EXIT_FAILURE
     line = next(ln for ln in proc.stdout.splitlines() if "FAILED" in ln)
     assert "agent stderr:" in line and str(pair.edge.root) in line, line
+
+
+def test_fed_rows_are_cut_into_a_batch_when_the_scan_pauses() -> None:
+    from syncd.push import _CUT, _batches
+
+    rows = [1, 2, _CUT, 3, _CUT, _CUT, 4, 5, 6, _CUT]
+    assert list(_batches(rows, 2)) == [[1, 2], [3], [4, 5], [6]]

@@ -665,3 +665,20 @@ def test_partial_scan_reads_only_the_dirs_it_is_given(tree: Tree, monkeypatch: p
     result = scan(tree.root, tree.manifest, dirs=[b"b"])
     assert result.counts[ADDED] == 1
     assert listed == [tree.p("b")]
+
+
+def test_feed_hands_rows_over_as_they_come_not_only_in_full_batches(
+        tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tree of a few large files makes few rows a second: each goes out
+    # within FEED_FLUSH, not when 500 have gathered or the scan ends.
+    for i in range(5):
+        (tree.root / f"f{i}").write_bytes(b"%d" % i)
+    monkeypatch.setattr(scan_mod, "FEED_FLUSH", 0.0)
+    feed = ScanFeed(parties=1)
+    sub = feed.subscribe()
+    tree.last = scan(tree.root, tree.manifest, workers=1, feed=feed)
+    feed.finish(tree.last)
+    sizes = []
+    while batch := feed.take(sub):
+        sizes.append(len(batch))
+    assert sum(sizes) == 5 and max(sizes) == 1
