@@ -63,7 +63,7 @@ from .errors import (
 )
 from .filters import Filter
 from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, boot_id, start_writeback,
-                    syncfs, validate_name, verified_this_boot)
+                    syncfs, unlink_at, validate_name, verified_this_boot)
 from .lock import StateLock
 from .manifest import (
     KIND_DIR,
@@ -385,10 +385,7 @@ class _Incoming:
 
     def discard(self) -> None:
         self._close_fds()
-        try:
-            os.unlink(self.tmp, dir_fd=self.agent.staging_fd)
-        except FileNotFoundError:
-            pass
+        unlink_at(self.agent.staging_fd, self.tmp)
 
 
 class _Bundle:
@@ -605,7 +602,6 @@ class _EarlyPublisher(threading.Thread):
         self._ready: list[tuple[str, "_Row"]] = []
         self._stopping = False
         self.published: dict[bytes, os.stat_result] = {}  # path -> its stat once published
-        self.error: BaseException | None = None
 
     def offer(self, items: list[tuple[str, "_Row"]]) -> None:
         with self._cond:
@@ -629,13 +625,10 @@ class _EarlyPublisher(threading.Thread):
                             break
                         self._cond.wait(left)
                     batch, self._ready = self._ready, []
-                if self.error is not None:
-                    continue  # the commit raises it; the rest waits in staging
                 try:
                     agent.sync_staging()
-                except OSError as err:
-                    self.error = err
-                    continue
+                except OSError:
+                    continue  # sticky: the commit raises it; the rest waits in staging
                 for obj, row in batch:
                     try:
                         self.published[row.path] = root.publish(agent.staging_fd, obj.encode(), row.path)
@@ -645,13 +638,11 @@ class _EarlyPublisher(threading.Thread):
                         log.debug("%s: published at the commit (%s)", fspath(row.path), err)
 
     def finish(self) -> dict[bytes, os.stat_result]:
-        """Publish what was offered, stop; the paths published (raises what failed)."""
+        """Publish what was offered, stop; the paths published."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self.join()
-        if self.error is not None:
-            raise self.error
         return self.published
 
 
@@ -750,7 +741,6 @@ class Agent:
         self.incoming: dict[int, _Incoming] = {}
         self._parked: list[str] = []  # trash.PID.N in staging, unlinked after the commit
         self._early_sync: threading.Thread | None = None
-        self._early_sync_error: OSError | None = None
         self._freers: list[threading.Thread] = []
         self._session_over = threading.Event()
         self._dir_maker: _DirMaker | None = None  # started at a push's first new directory
@@ -801,10 +791,7 @@ class Agent:
                 for link in self.links.values():
                     link.close()
                 self._stop_stagers()
-                try:
-                    self._stop_early_publish()
-                except (OSError, UnsafePathError):
-                    pass  # the session failed already; what went live is verified
+                self._stop_early_publish()
                 self.buffers.close()
                 self._unmake_dirs()
                 self._session_over.set()
@@ -1319,10 +1306,7 @@ class Agent:
             except (OSError, UnsafePathError) as err:
                 if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
                     raise
-                try:
-                    os.unlink(tmp, dir_fd=self.staging_fd)
-                except FileNotFoundError:
-                    pass
+                unlink_at(self.staging_fd, tmp)
         return None
 
     def _send_signature(self, path: bytes) -> int:
@@ -1415,12 +1399,10 @@ class Agent:
 
     def _start_early_publish(self) -> None:
         plan = self.plan
-        if plan.deletes:
-            try:  # a plan the guard will refuse changes nothing before it does
-                planmod.check_deletions(len(set(plan.deletes)), max(self.lookup.live_count(), len(plan.deletes)),
-                                        plan.max_delete, force=self.force_deletes, where=self.cfg.node.name)
-            except SyncdError:
-                return
+        try:  # a plan the guard will refuse changes nothing before it does
+            self._check_deletions()
+        except SyncdError:
+            return
         uses = _object_uses(plan.files)
         eligible: dict[str, _Row] = {}
         for row in plan.files:
@@ -1441,6 +1423,15 @@ class Agent:
                     ready.append((obj, row))
         if ready:
             self._early.offer(ready)
+
+    def _check_deletions(self) -> None:
+        """The deletion guard on the plan's deletions (DeletionGuardError)."""
+        plan = self.plan
+        if plan.deletes:  # (nothing to count the tree for otherwise)
+            planmod.check_deletions(
+                len(set(plan.deletes)), max(self.lookup.live_count(), len(plan.deletes)), plan.max_delete,
+                force=self.force_deletes, where=self.cfg.node.name,
+            )
 
     def _staged_now(self, obj: str) -> None:
         """In a staging thread: ``obj`` is staged, hashed and has its final
@@ -1466,8 +1457,8 @@ class Agent:
         def sync() -> None:
             try:
                 self.sync_staging()
-            except OSError as err:
-                self._early_sync_error = err  # the commit raises it: nothing is published
+            except OSError:
+                pass  # sticky: the commit's own sync_staging raises it, and nothing is published
 
         self._early_sync = threading.Thread(target=sync, name="early-syncfs", daemon=True)
         self._early_sync.start()
@@ -1490,9 +1481,6 @@ class Agent:
         if self._early_sync is not None:
             self._early_sync.join()
             self._early_sync = None
-        err, self._early_sync_error = self._early_sync_error, None
-        if err is not None:
-            raise err
 
     def _walk(self):  # noqa: ANN202 - yields (path, is_dir, listed by the upstream)
         stack = [b""]
@@ -1542,11 +1530,7 @@ class Agent:
             raise ProtocolError("commit while files are still arriving")
         if plan.pending:
             raise ProtocolError(f"commit with {len(plan.pending)} files never received")
-        live = max(self.lookup.live_count(), len(plan.deletes))
-        planmod.check_deletions(
-            len(set(plan.deletes)), live, plan.max_delete, force=self.force_deletes,
-            where=f"{self.cfg.node.name}",
-        )
+        self._check_deletions()
         started = time.monotonic()
         findings, corrupt = self._verify_generation()
         if findings:
@@ -1629,12 +1613,7 @@ class Agent:
     def _drop_objects(self, uses: dict[str, int]) -> None:
         # An object some path still waits for (a held-back generation) stays:
         # the next push finds it staged and does not send it again.
-        for name, left in uses.items():
-            if left <= 0:
-                try:
-                    os.unlink(name, dir_fd=self.staging_fd)
-                except FileNotFoundError:
-                    pass
+        unlink_at(self.staging_fd, *(name for name, left in uses.items() if left <= 0))
 
     def _publish_link(self, row: _Row) -> os.stat_result:
         """A symlink, made in staging and renamed into place like a file."""
@@ -1792,11 +1771,7 @@ class Agent:
                 corrupt.add(name)
                 findings.append(verifymod.Finding(rel, verifymod.FindingKind.HASH_MISMATCH,
                                                   f"{rel}: staged object differs from its SHA-256 {name}"))
-        for name in corrupt:
-            try:
-                os.unlink(name, dir_fd=self.staging_fd)  # so that the next push sends it again
-            except FileNotFoundError:
-                pass
+        unlink_at(self.staging_fd, *corrupt)  # so that the next push sends them again
         changed = plan.files + plan.metas + plan.links
         if any(self.index(r.path) for r in changed) or any(self.index(p) for p in plan.deletes):
             group, expected = self._index_group()
@@ -1960,10 +1935,7 @@ class Agent:
                     continue  # this boot's log; an older boot's is void
             elif kind == "partial" or not everything:
                 continue
-            try:
-                os.unlink(name, dir_fd=self.staging_fd)
-            except FileNotFoundError:
-                pass
+            unlink_at(self.staging_fd, name)
 
 
 def _staged_objects(staging_fd: int) -> set[str]:

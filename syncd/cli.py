@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # rows; only a node that publishes by itself scans its root.
                 if manifest.get_meta("upstream") is not None:
                     results = push()
-                elif not _new_mirrors(manifest, mirrors):
+                elif not _has_new_mirror(manifest, mirrors):
                     checked_scan()
                     results = push()
                 else:
@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
 
 
-def _new_mirrors(manifest, mirrors) -> bool:  # noqa: ANN001
+def _has_new_mirror(manifest, mirrors) -> bool:  # noqa: ANN001
     """Whether a mirror (not a standby) has never acknowledged a generation."""
     acked = manifest.acknowledged()
     return any(m.name not in acked for m in mirrors if not m.via)

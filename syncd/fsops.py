@@ -936,10 +936,7 @@ def _rmtree(parent_fd: int, name: bytes) -> None:
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append(entry.name)
                     continue
-                try:
-                    os.unlink(entry.name, dir_fd=fd)
-                except FileNotFoundError:
-                    pass
+                unlink_at(fd, entry.name)
 
     try:
         enter(parent_fd, name)
@@ -962,6 +959,15 @@ def _rmtree(parent_fd: int, name: bytes) -> None:
             os.close(fd)
 
 
+def unlink_at(dir_fd: int, *names: str | bytes) -> None:
+    """Remove these names from the directory ``dir_fd``; one already gone is no error."""
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
 __all__ = [
     "DIRECT_ALIGN",
     "DIRECT_MIN",
@@ -975,6 +981,7 @@ __all__ = [
     "MAX_PATH",
     "SafeRoot",
     "WRITEBACK_MIN",
+    "unlink_at",
     "fsync_dir",
     "show",
     "start_writeback",

@@ -421,7 +421,8 @@ class Pusher:
             else:
                 self.feed.decline()
             if sub is not None:
-                self._streamed(ch, result, sub, downstreams)
+                self._streamed(ch, result, sub)
+                self._pushed(ch, result, downstreams)
                 return
             self.feed.wait()  # the scan's end, then as without a feed
         target = self.manifest.generation
@@ -445,11 +446,14 @@ class Pusher:
         finally:
             if importer is not None:
                 importer.join()  # never cut off by the interpreter's exit mid-import
+        self._pushed(ch, result, downstreams)
+
+    def _pushed(self, ch: _Channel, result: PushResult, downstreams: list) -> None:
         result.ok = True
         if not self.dry_run:  # a dry run's abort ended the agent's session
             self._cascade(ch, result, downstreams)
 
-    def _streamed(self, ch: _Channel, result: PushResult, sub: Any, downstreams: list) -> None:
+    def _streamed(self, ch: _Channel, result: PushResult, sub: Any) -> None:
         """A full comparison fed by the running scan (protocol 1.4).
 
         ``begin`` names no generation: the scan has not committed one yet.
@@ -464,9 +468,6 @@ class Pusher:
             self._plan_and_send(ch, result, self._fed_rows(ch, result, sub), None, True)
         finally:
             self.feed.leave(sub)
-        result.ok = True
-        if not self.dry_run:
-            self._cascade(ch, result, downstreams)
 
     def _fed_rows(self, ch: _Channel, result: PushResult, sub: Any) -> Iterator[Any]:
         feed = self.feed

@@ -418,8 +418,7 @@ def scan(
     rows = _no_rows() if partial else manifest.iter_entries(with_sha256=feed is not None)
     out: list[tuple] = []  # final rows not yet handed to the feed
     listed: dict[bytes, tuple] = {}  # directories' rows, fed once they are listed themselves
-
-    next_flush = 0.0
+    next_flush = 0.0  # when ``out`` goes to the feed even short of FEED_BATCH
 
     def emit(row: tuple) -> None:
         out.append(row)

@@ -43,7 +43,7 @@ from typing import Any, Callable
 from .config import Config
 from .errors import ManifestError, ProtocolError, SyncdError, UnsafePathError, disk_full_as
 from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, VerifiedLog,
-                    sha256_around_cache, start_writeback, validate_name)
+                    sha256_around_cache, start_writeback, unlink_at, validate_name)
 from .manifest import KIND_FILE, Manifest, fspath
 from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
@@ -91,15 +91,6 @@ def range_hasher(digest: str) -> Any:
 def digest_key(digest: str) -> str:
     """The END trailer's key that carries a range's digest."""
     return "xxh3_128" if digest == "xxh3-128" else "sha256"
-
-
-def _unlink(staging_fd: int, *names: str) -> None:
-    """Remove these names from staging; one already gone is no error."""
-    for name in names:
-        try:
-            os.unlink(name, dir_fd=staging_fd)
-        except FileNotFoundError:
-            pass
 
 
 def zstd_pays(path: bytes, sample: bytes) -> bool:
@@ -291,7 +282,7 @@ class _Put:
             os.close(self.fd)
             self.fd = -1
         if self.whole:
-            _unlink(self.stager.staging_fd, self.name)
+            unlink_at(self.stager.staging_fd, self.name)
 
 
 class _Run:
@@ -330,7 +321,7 @@ def promote_run(staging_fd: int, name: str) -> None:
             os.replace(name + RANGES_SUFFIX, partial + RANGES_SUFFIX, src_dir_fd=staging_fd, dst_dir_fd=staging_fd)
         except FileNotFoundError:
             pass
-    _unlink(staging_fd, name, name + RANGES_SUFFIX)
+    unlink_at(staging_fd, name, name + RANGES_SUFFIX)
 
 
 class _Sink:
@@ -423,7 +414,7 @@ class Stager:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        _unlink(self.staging_fd, name + RANGES_SUFFIX)
+        unlink_at(self.staging_fd, name + RANGES_SUFFIX)
         run = self.runs[sha] = _Run(sha, size, name)
         return run
 
@@ -451,9 +442,9 @@ class Stager:
                 if not name.endswith(RANGES_SUFFIX):
                     promote_run(self.staging_fd, name)
                 elif not self._exists(name[:-len(RANGES_SUFFIX)]):
-                    _unlink(self.staging_fd, name)
+                    unlink_at(self.staging_fd, name)
                 continue
-            _unlink(self.staging_fd, name)
+            unlink_at(self.staging_fd, name)
 
     def _loop(self) -> int:
         try:
@@ -673,11 +664,11 @@ class Stager:
         sfd = self.staging_fd
         if not matches:
             log.warning("%s: assembled object does not match its SHA-256; discarded", hexname)
-            _unlink(sfd, assembled, assembled + RANGES_SUFFIX)
+            unlink_at(sfd, assembled, assembled + RANGES_SUFFIX)
             return False
         os.rename(assembled, hexname, src_dir_fd=sfd, dst_dir_fd=sfd)
         self.verified.add(hexname)
-        _unlink(sfd, assembled + RANGES_SUFFIX)
+        unlink_at(sfd, assembled + RANGES_SUFFIX)
         return True
 
     def _finalize(self, hexname: str, sha: bytes, size: int) -> bool:
