@@ -72,6 +72,15 @@ def begin(gen: int = 1) -> dict:
     return {"type": "begin", "generation": gen, "full": True, "filter": [], "max_delete_ppm": 1_000_000}
 
 
+def plan_all(peer: Peer, rows: list, first: dict | None = None) -> tuple[dict, dict]:
+    """``first`` (a plain ``begin()`` by default), one entries batch and
+    entries_end: the agent's needs and planned."""
+    peer.send(first or begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
+    needs, planned = peer.message(), peer.message()
+    assert (needs["type"], planned["type"]) == ("needs", "planned"), (needs, planned)
+    return needs, planned
+
+
 def assert_outside_untouched(edge) -> None:  # noqa: ANN001
     outside = edge.base.parent / "outside"
     assert sorted(os.listdir(outside)) == ["canary"]
@@ -493,10 +502,7 @@ def test_new_directories_of_a_push_that_never_commits_are_taken_back(edge) -> No
     d = [b"pool", 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1]
     sub = [b"pool/main", 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1]
     peer = Peer(edge.ini)
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [d, sub, row(b"pool/main/f", b"data")]},
-              {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [d, sub, row(b"pool/main/f", b"data")])
     peer.finish()  # the link drops before any file or commit
     assert list(edge.root.iterdir()) == []
 
@@ -504,10 +510,7 @@ def test_new_directories_of_a_push_that_never_commits_are_taken_back(edge) -> No
 def test_too_many_open_files_is_an_error(edge) -> None:  # noqa: ANN001
     # Each open file may hold a write buffer: a peer may not open without bound.
     peer = Peer(edge.ini)
-    rows = [row(b"f%d" % i, b"%d" % i) for i in range(70)]
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [row(b"f%d" % i, b"%d" % i) for i in range(70)])
     for i in range(70):
         data = b"%d" % i
         peer.w.message({"type": "file", "stream": i + 1, "path": b"f%d" % i, "how": "whole",
@@ -607,10 +610,7 @@ def test_files_interleaved_in_frames_of_any_size_arrive_intact(edge) -> None:  #
              b"d": text}
     bundle = [(b"e%d" % i, rnd.randbytes(rnd.randrange(200_000))) for i in range(10)]
     peer = Peer(edge.ini)
-    rows = [row(path, data) for path, data in list(files.items()) + bundle]
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [row(path, data) for path, data in list(files.items()) + bundle])
     bodies = {}
     for stream, (path, data) in enumerate(files.items(), 1):
         how = "zstd" if path == b"d" else "whole"
@@ -698,10 +698,7 @@ def test_large_replaced_and_deleted_files_are_freed_after_the_commit(edge) -> No
     # a second later); a killed agent's leftovers go at the next session.
     big, gone = os.urandom(2 << 20), os.urandom(2 << 20)
     peer = Peer(edge.ini)
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(b"big", big), row(b"gone", gone)]},
-              {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [row(b"big", big), row(b"gone", gone)])
     for stream, (path, data) in enumerate([(b"big", big), (b"gone", gone)], 1):
         peer.w.message({"type": "file", "stream": stream, "path": path, "how": "whole", "size": len(data),
                         "sha256": hashlib.sha256(data).digest()})
@@ -790,10 +787,7 @@ def test_new_data_files_go_live_during_the_push_and_the_rest_at_its_commit(edge)
              b"twin1": b"same", b"twin2": b"same"}
     dirs = [[d, 1, 0, 1_700_000_000_000_000_000, 0o755, None, None, 0, 1] for d in (b"pool", b"dists")]
     peer = Peer(edge.ini)
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": dirs + [row(p, d) for p, d in files.items()]},
-              {"type": "entries_end"})
-    needs = peer.message()
-    assert peer.message()["type"] == "planned"
+    needs, _ = plan_all(peer, dirs + [row(p, d) for p, d in files.items()])
     wanted = [item[1] for item in needs["items"] if item[2] == "whole"]
     for i, path in enumerate(wanted):
         send_whole(peer, i + 1, path, files[path])
@@ -816,10 +810,7 @@ def test_new_data_files_go_live_during_the_push_and_the_rest_at_its_commit(edge)
 
 def test_a_plan_the_deletion_guard_will_refuse_publishes_nothing_early(edge) -> None:  # noqa: ANN001
     peer = Peer(edge.ini)
-    rows = [row(b"f%d" % i, b"%d" % i) for i in range(10)]
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": rows}, {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [row(b"f%d" % i, b"%d" % i) for i in range(10)])
     for i in range(10):
         send_whole(peer, i + 1, b"f%d" % i, b"%d" % i)
     staged_paths(peer, 10)
@@ -828,10 +819,8 @@ def test_a_plan_the_deletion_guard_will_refuse_publishes_nothing_early(edge) -> 
     assert peer.finish() == 0
     # Generation 2 lists one new file and none of the ten: a guard of 10% refuses it.
     peer = Peer(edge.ini)
-    peer.send(dict(begin(2), max_delete_ppm=100_000),
-              {"type": "entries", "batch": 1, "rows": [row(b"new", b"new", gen=2)]}, {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert len(peer.message()["items"]) == 10  # planned: ten deletions
+    _, planned = plan_all(peer, [row(b"new", b"new", gen=2)], dict(begin(2), max_delete_ppm=100_000))
+    assert len(planned["items"]) == 10  # ten deletions
     send_whole(peer, 1, b"new", b"new")
     assert staged_paths(peer, 1) == {b"new"}
     time.sleep(0.2)  # longer than the early publisher's wait
@@ -863,10 +852,8 @@ def test_files_staged_before_the_plan_ends_go_live_once_it_does_and_stay_if_the_
         assert m.generation == 0
     # The next push finds them in place (a local re-hash) and asks for nothing.
     peer = Peer(edge.ini)
-    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(p, d) for p, d in files.items()]},
-              {"type": "entries_end"})
-    assert peer.message()["items"] == []
-    assert peer.message()["type"] == "planned"
+    needs, _ = plan_all(peer, [row(p, d) for p, d in files.items()])
+    assert needs["items"] == []
     peer.send({"type": "commit", "generation": 1})
     assert peer.message()["type"] == "committed"
     assert peer.finish() == 0
@@ -903,10 +890,7 @@ def test_protocol_1_4_begin_without_generation_is_checked(edge, case: str) -> No
 
 def test_protocol_1_4_commit_names_the_generation_begin_left_open(edge) -> None:  # noqa: ANN001
     peer = Peer(edge.ini)
-    peer.send(dict(begin(), generation=None), {"type": "entries", "batch": 1, "rows": [row(b"f", b"f", gen=7)]},
-              {"type": "entries_end"})
-    assert peer.message()["type"] == "needs"
-    assert peer.message()["type"] == "planned"
+    plan_all(peer, [row(b"f", b"f", gen=7)], dict(begin(), generation=None))
     send_whole(peer, 1, b"f", b"f")
     assert staged_paths(peer, 1) == {b"f"}
     peer.send({"type": "commit", "generation": 7})
