@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -157,6 +158,43 @@ def test_a_fed_push_that_falls_behind_while_another_waits_is_pushed_after_the_sc
     assert r.ok, r.error
     assert not r.fed and r.full and r.attempts == 1  # let go, then pushed after the scan
     assert pair.in_sync()
+
+
+def test_a_new_mirror_whose_agent_speaks_1_3_waits_for_the_scan(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    # An edge still on protocol 1.3 cannot take a begin without a generation:
+    # its pusher declines the feed (the scan does not wait for it) and pushes
+    # once the scan has committed, as before 1.4.
+    old_agent = tmp_path / "agent_1_3.py"
+    old_agent.write_text(
+        "import sys\n"
+        "from syncd import agent, protocol\n"
+        "agent.PROTOCOL_VERSION = (1, 3)\n"
+        "protocol.FrameWriter.hello.__defaults__ = ((1, 3),)\n"
+        "from syncd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    edge_ini = tmp_path / "edge" / "sync.ini"
+    pair = Pair(tmp_path, sshd, remote_command=f"{sys.executable} {old_agent} agent --config {edge_ini}")
+    assert pair.edge.ini == edge_ini
+    populate(pair.primary.root)
+    cfg = configmod.load(pair.primary.ini)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        feed = ScanFeed(parties=1)
+        results: list[PushResult] = []
+        pushing = threading.Thread(target=lambda: results.extend(push_tree(cfg, m, feed=feed)))
+        pushing.start()
+        deadline = time.monotonic() + 30
+        while feed.wanted and not feed.subscribers and time.monotonic() < deadline:
+            time.sleep(0.01)  # the push has decided before the scan starts
+        assert not feed.subscribers and not feed.wanted  # it declined: no rows are kept for it
+        feed.finish(scan(cfg.node.root, m, feed=feed))
+        pushing.join()
+    r = results[0]
+    assert r.ok, r.error
+    assert not r.fed and r.full and r.generation == 1 and r.attempts == 1
+    assert "fed by the scan" not in r.summary()
+    assert pair.in_sync()
+    with Manifest.open(pair.edge.state, "edge", create=False) as em:
+        assert em.get_meta("upstream_generation") == "1"
 
 
 def test_a_fed_push_whose_scan_fails_publishes_nothing(pair: Pair) -> None:
