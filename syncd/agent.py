@@ -1299,9 +1299,10 @@ class Agent:
                 if digest != row.sha256:
                     os.unlink(tmp, dir_fd=self.staging_fd)
                     continue
-                os.rename(tmp, row.sha256.hex(), src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
-                self.verified_now.add(row.sha256.hex())
-                self.staged_this_push.add(row.sha256.hex())
+                obj = row.sha256.hex()
+                os.rename(tmp, obj, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+                self.verified_now.add(obj)
+                self.staged_this_push.add(obj)
                 return src
             except (OSError, UnsafePathError) as err:
                 if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:

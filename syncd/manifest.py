@@ -462,8 +462,6 @@ class Manifest:
         with self._engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(_Schema.get().downstreams)).all()]
 
-    # -- writing ------------------------------------------------------------
-
     def acknowledged(self) -> set[str]:
         """Names of the downstreams that have acknowledged a generation (read
         without SQLAlchemy: ``run --once`` asks before its scan)."""
@@ -475,6 +473,8 @@ class Manifest:
         finally:
             raw.close()
         return {name for (name,) in rows}
+
+    # -- writing ------------------------------------------------------------
 
     def writer(self) -> "ManifestWriter":
         """One write transaction: upserts in batches, then an optional generation bump."""

@@ -779,12 +779,11 @@ def _probe_one(cfg: Config, mirror: MirrorConfig, sample: Obj | None, generation
         out.note = str(err).splitlines()[0][:120]
 
 
-def _must_probe(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None) -> bool:
-    """Whether choosing the source takes probes (another mirror may serve)."""
-    others = {m.name for m in cfg.mirrors if m.name != mirror.name}
-    if wanted is not None:
-        others &= set(wanted)
-    return bool(others)
+def _probe_names(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None) -> list[str]:
+    """The other mirrors that may serve a prewarm of ``mirror`` (each is
+    probed), in ``--from``'s order when it is given."""
+    others = [m.name for m in cfg.mirrors if m.name != mirror.name]
+    return others if wanted is None else [n for n in wanted if n in others]
 
 
 def _choose_source(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None, objs: list[Obj], generation: int,
@@ -794,11 +793,10 @@ def _choose_source(cfg: Config, mirror: MirrorConfig, wanted: list[str] | None, 
         for name in wanted:
             if name not in others and name not in (SELF, cfg.node.name):
                 raise UsageError(f"--from: {name!r} is neither 'self' nor another [mirror:NAME] of {cfg.path}")
-        names = [n for n in wanted if n in others]
         allow_self = SELF in wanted or cfg.node.name in wanted
     else:
-        names = list(others)
         allow_self = True
+    names = _probe_names(cfg, mirror, wanted)
     sample = max(objs, key=lambda o: o.size, default=None)
     probes = [Probe(name) for name in names]
     threads = [threading.Thread(target=_probe_one, daemon=True, name=f"probe {p.name}",
@@ -1082,7 +1080,7 @@ def prewarm(
     result = PrewarmResult(mirror=name, streams=streams)
     edge = stage_mirror(mirror)
     launch: _Launch | None = None
-    if not _must_probe(cfg, mirror, sources):
+    if not _probe_names(cfg, mirror, sources):  # the source is this node: log in at once
         launch = _Launch(cfg, edge, None, streams, bwlimit, open_session)
     try:
         generation, objs = _snapshot(cfg, mirror)

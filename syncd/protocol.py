@@ -559,10 +559,7 @@ class FrameReader:
     def _read_data_into(self, length: int, have: int) -> bytearray:
         body = bytearray(length)
         with memoryview(body) as view:
-            view[:have] = memoryview(self._buf)[self._pos:self._pos + have]
-            self._buf.clear()
-            self._pos = 0
-            self._recv_rest(view, have)
+            self._read_data_to(view, have)
         return body
 
     def _recv_rest(self, body: memoryview, got: int) -> None:
