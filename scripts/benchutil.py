@@ -244,16 +244,18 @@ CIPHER = "aes128-gcm@openssh.com"
 
 class SshRig:
     """One sshd on 127.0.0.1 with a byte-counting relay in front, shared by
-    every tool a benchmark compares, so they cross the same link."""
+    every tool a benchmark compares, so they cross the same link.  ``rtt``:
+    the link's round-trip time in seconds (the relay holds each direction for
+    half of it; 0: none, and the relay splices in the kernel)."""
 
-    def __init__(self, work: pathlib.Path) -> None:
+    def __init__(self, work: pathlib.Path, rtt: float = 0.0) -> None:
         from tests.relay import Relay
         from tests.sshd import start_sshd
 
         self.work = work
         self.sshd = start_sshd(work / "ssh")
         try:
-            self.relay = Relay(self.sshd.host, self.sshd.port)
+            self.relay = Relay(self.sshd.host, self.sshd.port, delay=rtt / 2)
             self.known_hosts = self.sshd.known_hosts_for(self.relay.port)
         except BaseException:
             self.sshd.stop()

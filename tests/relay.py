@@ -1,9 +1,11 @@
 """A TCP relay on 127.0.0.1 for measuring and breaking connections.
 
 Sits between a client and a server (normally sshd): counts the bytes each way
-("bytes on the wire"), can throttle each direction to a rate, and can cut a
+("bytes on the wire"), can throttle each direction to a rate, can delay each
+direction (a link with a round-trip time, for the benchmarks), and can cut a
 connection after N bytes have passed in a direction (fault injection).  One
-thread accepts, two threads per connection pump; ``stop()`` ends them all.
+thread accepts, two threads per connection pump (four with a delay);
+``stop()`` ends them all.
 
 "up" is client to server, "down" is server to client.
 """
@@ -15,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+import collections
 import threading
 import time
 
@@ -47,6 +50,50 @@ class _Throttle:
             time.sleep(delay)
 
 
+class _DelayLine:
+    """Sends what it is given ``delay`` seconds later, in order, from a thread
+    of its own: a link's one-way latency.  It holds what is in flight, as a
+    link does; the peers' own windows (TCP's, SSH's) bound how much that is."""
+
+    def __init__(self, dst: socket.socket, delay: float, on_error) -> None:  # noqa: ANN001
+        self.dst = dst
+        self.delay = delay
+        self.on_error = on_error
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="relay-delay")
+        self._thread.start()
+
+    def send(self, data: bytes | None) -> None:
+        """Queue ``data``; None: shut the write side down once all before it went."""
+        with self._cond:
+            self._queue.append((time.monotonic() + self.delay, data))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue:
+                        self._cond.wait()
+                    due, data = self._queue.popleft()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if data is None:
+                    try:
+                        self.dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                self.dst.sendall(data)
+        except OSError:
+            self.on_error()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
 class _Connection:
     def __init__(self, relay: Relay, client: socket.socket, server: socket.socket,
                  cut_up: int | None, cut_down: int | None) -> None:
@@ -63,6 +110,7 @@ class _Connection:
         ]
         self._done = 0
         self._lock = threading.Lock()
+        self._lines: list[_DelayLine] = []
 
     def start(self) -> None:
         for t in self._threads:
@@ -72,8 +120,14 @@ class _Connection:
         throttle = self.relay._throttles.get(direction)
         limit = self._limits[direction]
         block = throttle.block_size() if throttle else _BLOCK
+        line = None
+        if self.relay.delay:
+            line = _DelayLine(dst, self.relay.delay, self._drop)
+            self._lines.append(line)
+            block = max(block, _SPLICE_BLOCK) if throttle is None else block
+        send = line.send if line is not None else dst.sendall
         try:
-            if throttle is None and limit is None and hasattr(os, "splice"):
+            if throttle is None and limit is None and line is None and hasattr(os, "splice"):
                 # Nothing to look at: socket to pipe to socket in the kernel.
                 # The relay then takes next to no CPU from the tools it
                 # measures (on a 2-core host a copying relay took a share).
@@ -82,6 +136,8 @@ class _Connection:
             while True:
                 data = src.recv(block)
                 if not data:
+                    if line is not None:
+                        break  # the delay line shuts the write side once the rest went (finally)
                     try:
                         dst.shutdown(socket.SHUT_WR)
                     except OSError:
@@ -93,20 +149,23 @@ class _Connection:
                     if throttle and data:
                         throttle.wait(len(data))
                     if data:
-                        dst.sendall(data)
+                        send(data)
                     self._account(direction, len(data))
                     self.abort()
                     log.debug("relay: cut %s after %d bytes", direction, limit)
                     break
                 if throttle:
                     throttle.wait(len(data))
-                dst.sendall(data)
+                send(data)
                 self._account(direction, len(data))
         except OSError:
             # One side went away: take the other down too, but this is the
             # peers' doing, not a cut.
             self._drop()
         finally:
+            if line is not None:
+                line.send(None)  # (a second None after an EOF's is never reached)
+                line.join(30)  # what is in flight still arrives (or the peer is gone)
             with self._lock:
                 self._done += 1
                 finished = self._done == 2
@@ -174,7 +233,8 @@ class Relay:
     """Listen on 127.0.0.1 and forward each connection to ``target``.
 
     ``rate_up`` / ``rate_down``: bytes per second per direction (None: as fast as
-    it goes).  ``cut_up`` / ``cut_down``: drop each new connection once that many
+    it goes).  ``delay``: seconds each direction holds what passes (the link's
+    round-trip time is twice that; 0: none).  ``cut_up`` / ``cut_down``: drop each new connection once that many
     bytes passed in that direction (None: never); change them between
     connections with ``set_cut``.  Totals over all connections are in
     ``bytes_up`` / ``bytes_down``.
@@ -182,8 +242,9 @@ class Relay:
 
     def __init__(self, target_host: str, target_port: int, *, rate_up: float | None = None,
                  rate_down: float | None = None, cut_up: int | None = None,
-                 cut_down: int | None = None) -> None:
+                 cut_down: int | None = None, delay: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.delay = delay
         self._throttles = {}
         if rate_up:
             self._throttles["up"] = _Throttle(rate_up)

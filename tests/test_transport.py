@@ -460,3 +460,42 @@ def test_relay_passes_everything_without_limits():
             assert relay.cuts == 0
     finally:
         sink.close()
+
+
+def test_relay_delays_each_direction():
+    # An echo through a relay with a 50 ms delay each way takes at least one
+    # round trip (100 ms); everything comes back, in order, then the end of
+    # the stream.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def echo() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                conn.sendall(chunk)
+
+    server = threading.Thread(target=echo, daemon=True)
+    server.start()
+    payload = os.urandom(MiB)
+    try:
+        with Relay("127.0.0.1", listener.getsockname()[1], delay=0.05) as relay:
+            with socket.create_connection((relay.host, relay.port)) as client:
+                started = time.monotonic()
+                client.sendall(b"ping")
+                first = client.recv(4)
+                elapsed = time.monotonic() - started
+                sender = threading.Thread(target=lambda: (client.sendall(payload), client.shutdown(socket.SHUT_WR)))
+                sender.start()
+                back = bytearray()
+                while chunk := client.recv(65536):
+                    back += chunk
+                sender.join(10)
+            assert first == b"ping"
+            assert elapsed >= 0.1
+            assert bytes(back) == payload
+            assert relay.counts()["up"] == relay.counts()["down"] == 4 + MiB
+    finally:
+        listener.close()
+        server.join(10)
