@@ -1605,16 +1605,12 @@ class Agent:
         # (deletions and directory metadata included).
         self.sync_staging()
         self._record(plan, stats)
-        self._drop_objects(uses)
+        # (No object of this plan is left to unlink: the last path of each
+        # took it by rename, here or in the early publisher.)
         # Objects still staged were kept for a held-back generation that
         # this one superseded (an InRelease signed again): nothing needs them.
         self._clean_temps(everything=True)
         return published
-
-    def _drop_objects(self, uses: dict[str, int]) -> None:
-        # An object some path still waits for (a held-back generation) stays:
-        # the next push finds it staged and does not send it again.
-        unlink_at(self.staging_fd, *(name for name, left in uses.items() if left <= 0))
 
     def _publish_link(self, row: _Row) -> os.stat_result:
         """A symlink, made in staging and renamed into place like a file."""
@@ -1873,7 +1869,8 @@ class Agent:
             touched = True
         if touched:
             self.sync_staging()
-        self._drop_objects(uses)
+        # What went live took its object by rename; an object some path
+        # still waits for stays staged: the next push does not send it again.
         held = self.manifest.get_meta("upstream_generation")
         client = getattr(self, "client", "?")
         quoted = [f.message for f in findings[:FINDINGS_QUOTED]]

@@ -204,9 +204,10 @@ class SafeRoot:
             dirs[key[:start]] = cached
             if start == len(comps):
                 return os.dup(cached)
-            fd = os.dup(cached)
+            fd = cached  # lent: only opened from, before anything is evicted below
         else:
             fd = self._fd
+        owned = False
         try:
             for i in range(start, len(comps)):
                 comp = comps[i]
@@ -226,15 +227,15 @@ class SafeRoot:
                         raise self._unsafe(rel, comps, i, fd) from err
                     # Same errno and type, but naming the whole path, not one component.
                     raise OSError(err.errno, err.strerror, show(rel)) from err
-                if fd != self._fd:
+                if owned:
                     os.close(fd)
-                fd = nfd
+                fd, owned = nfd, True
                 # Every directory on the way is cached: siblings share it.
                 if len(dirs) >= _DIR_CACHE:
                     os.close(dirs.pop(next(iter(dirs))))
                 dirs[key[: i + 1]] = os.dup(fd)
         except BaseException:
-            if fd != self._fd:
+            if owned:
                 os.close(fd)
             raise
         return fd
@@ -243,6 +244,25 @@ class SafeRoot:
         validate_name(rel)
         parents, leaf = _split(rel)
         return self._walk(rel, parents, create), leaf
+
+    def _lent_parent(self, rel: bytes, *, create: bool) -> tuple[int, bytes, bool]:
+        """As :meth:`_parent`, but a cached parent fd is lent as it is (no dup
+        and close per call): (fd, leaf, whether the caller closes it).  The
+        caller keeps it only while it walks nothing else and drops no cache;
+        :meth:`_own` first where it must."""
+        validate_name(rel)
+        parents, leaf = _split(rel)
+        if not parents:
+            return self._fd, leaf, False
+        cached = self._dirs.get(tuple(parents))
+        if cached is not None:
+            return cached, leaf, False
+        return self._walk(rel, parents, create), leaf, True
+
+    @staticmethod
+    def _own(fd: int, owned: bool) -> int:
+        """An fd of the caller's own for a lent one (before the cache is dropped)."""
+        return fd if owned else os.dup(fd)
 
     # -- reading ------------------------------------------------------------
 
@@ -320,8 +340,17 @@ class SafeRoot:
         Returns the published entry's own stat (taken through the parent fd
         at hand: the caller records it without walking the path again).
         """
-        pfd, leaf = self._parent(rel, create=True)
+        pfd, leaf, owned = self._lent_parent(rel, create=True)
         try:
+            if park is None:
+                # Nothing to look at first (a new name, or a file or symlink
+                # replaced): the rename alone; a directory in the way fails it.
+                try:
+                    os.rename(src_name, leaf, src_dir_fd=src_dir_fd, dst_dir_fd=pfd)
+                    return os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+                except OSError as err:
+                    if err.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                        raise
             try:
                 st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
@@ -330,12 +359,14 @@ class SafeRoot:
                 park(pfd, leaf, st)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 log.debug("replacing directory %s with a file", show(rel))
+                pfd, owned = self._own(pfd, owned), True
                 self._drop_cache()
                 _rmtree(pfd, leaf)
             os.rename(src_name, leaf, src_dir_fd=src_dir_fd, dst_dir_fd=pfd)
             return os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def ensure_dir(self, rel: bytes, mode: int) -> None:
         """Make ``rel`` a directory with permission bits ``mode``.
@@ -343,22 +374,21 @@ class SafeRoot:
         A file or symlink in its place (the entry changed type) is unlinked
         first, never followed.  The mode is set through the directory's own fd.
         """
-        pfd, leaf = self._parent(rel, create=True)
+        pfd, leaf, owned = self._lent_parent(rel, create=True)
         try:
             try:
+                os.mkdir(leaf, 0o700, dir_fd=pfd)  # a new one, mostly: nothing to look at first
+            except FileExistsError:
                 st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                log.debug("replacing %s with a directory", show(rel))
-                self._drop_cache()
-                os.unlink(leaf, dir_fd=pfd)
-                st = None
-            if st is None:
-                try:
-                    os.mkdir(leaf, 0o700, dir_fd=pfd)
-                except FileExistsError:
-                    pass  # raced with another maker; the O_NOFOLLOW open checks the type
+                if not stat.S_ISDIR(st.st_mode):
+                    log.debug("replacing %s with a directory", show(rel))
+                    pfd, owned = self._own(pfd, owned), True
+                    self._drop_cache()
+                    os.unlink(leaf, dir_fd=pfd)
+                    try:
+                        os.mkdir(leaf, 0o700, dir_fd=pfd)
+                    except FileExistsError:
+                        pass  # raced with another maker; the O_NOFOLLOW open checks the type
             try:
                 dfd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
             except OSError as err:
@@ -370,7 +400,8 @@ class SafeRoot:
             finally:
                 os.close(dfd)
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def set_meta(self, rel: bytes, *, mode: int | None, mtime_ns: int | None) -> os.stat_result | None:
         """Set permission bits and/or mtime of ``rel`` without following a symlink.
@@ -383,7 +414,7 @@ class SafeRoot:
         if mode is None and mtime_ns is None:
             validate_name(rel)
             return None
-        pfd, leaf = self._parent(rel, create=False)
+        pfd, leaf, owned = self._lent_parent(rel, create=False)
         try:
             try:
                 fd = os.open(leaf, _READ_FLAGS, dir_fd=pfd)
@@ -418,7 +449,8 @@ class SafeRoot:
             finally:
                 os.close(fd)
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def remove_empty_dir(self, rel: bytes) -> bool:
         """Remove ``rel`` if it is an empty directory (rmdir); False otherwise."""

@@ -322,6 +322,35 @@ def test_publish_dir_to_file_type_change(root: Path, staging: Path, outside: Pat
     assert _snapshot(outside) == before
 
 
+def test_type_changes_below_a_cached_parent(root: Path, staging: Path, outside: Path) -> None:
+    # The parent's fd comes from the SafeRoot's cache, lent without a dup; a
+    # type change drops the cache (closing those fds) in the middle of the
+    # call: the call goes on with an fd of its own, and the next calls walk
+    # afresh.
+    (root / "a" / "t" / "inner").mkdir(parents=True)
+    os.symlink(outside, root / "a" / "t" / "escape")
+    (root / "a" / "x").write_bytes(b"a file where a directory goes")
+    before = _snapshot(outside)
+    for name in ("s1", "s2", "s3"):
+        _stage(staging, name, name.encode())
+    with SafeRoot(root) as sr:
+        sfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sr.publish(sfd, b"s1", b"a/first")  # caches a/
+            sr.publish(sfd, b"s2", b"a/t")  # a directory there: removed, then the rename
+            sr.ensure_dir(b"a/x", 0o750)  # a file there: unlinked, then the mkdir
+            sr.publish(sfd, b"s3", b"a/x/last")
+            assert sr.set_meta(b"a/x", mode=None, mtime_ns=1_000_000_000_000_000_000) is not None
+        finally:
+            os.close(sfd)
+    assert (root / "a" / "t").read_bytes() == b"s2"
+    assert stat.S_IMODE(os.lstat(root / "a" / "x").st_mode) == 0o750
+    assert (root / "a" / "x" / "last").read_bytes() == b"s3"
+    assert os.lstat(root / "a" / "x").st_mtime_ns == 1_000_000_000_000_000_000
+    assert sorted(os.listdir(root / "a")) == ["first", "t", "x"]
+    assert _snapshot(outside) == before
+
+
 def test_publish_staged_symlink(root: Path, staging: Path) -> None:
     (root / "l").write_bytes(b"was a file")
     os.symlink("../elsewhere", staging / "sl")
