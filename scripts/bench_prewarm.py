@@ -176,8 +176,9 @@ def main(argv: list[str]) -> int:
                                            f"edge{n}-r{r}", *flag, "--from", "self"])
                 chosen = next((ln.split("stream(s)")[0].split()[-1] for ln in m.stdout.splitlines()
                                if "prewarmed to generation" in ln), "?")
-                label = f"syncd prewarm --streams {n}" if n else f"syncd prewarm (default: {chosen} stream(s))"
-                bench.row(label, m, counts, expected, work / f"edge{n}-r{r}" / "root")
+                label = f"syncd prewarm --streams {n}" if n else "syncd prewarm (default streams)"
+                bench.row(label, m, counts, expected, work / f"edge{n}-r{r}" / "root",
+                          note="" if n else f"{chosen} stream(s);")
         if args.sibling:
             m, counts = bench.counted([sys.executable, "-m", "syncd", "-c", str(ini), "prewarm",
                                        "edge-sib", "--streams", str(max(streams))])
@@ -197,8 +198,8 @@ def main(argv: list[str]) -> int:
         print()
         for tool, wall in med.items():
             if tool != "rsync -a":
-                print(f"  {tool}: {wall / base:.2f}x rsync's wall time (median of {args.rounds}; faster than rsync "
-                      f"in {bench.won(tool, 'rsync -a')})")
+                print(f"  {tool}: {wall / base:.2f}x rsync's wall time (median of {len(bench.runs[tool])}; "
+                      f"faster than rsync in {bench.won(tool, 'rsync -a')})")
     one = "syncd prewarm --streams 1"
     if one in med:
         for tool, wall in med.items():

@@ -79,15 +79,27 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def link_rtt(mirror: MirrorConfig) -> float | None:
-    """One TCP handshake to the mirror's SSH port, in seconds (None: no answer)."""
-    started = time.monotonic()
-    try:
-        with socket.create_connection((mirror.host, int(mirror.port or 22)),
-                                      timeout=min(float(mirror.connect_timeout), 5.0)):
-            return time.monotonic() - started
-    except OSError:
-        return None
+def link_rtt(mirror: MirrorConfig, confirm: int = 2) -> float | None:
+    """A TCP handshake to the mirror's SSH port, in seconds (None: no answer).
+
+    One below LAN_RTT is taken as it is; a slower one may be a delay of the
+    moment (a busy host or proxy: seen in one run of three through the
+    benchmark's relay on loopback, which then chose 4 streams instead of 2),
+    so ``confirm`` more are made and the fastest counts.
+    """
+    best = None
+    for _ in range(1 + confirm):
+        started = time.monotonic()
+        try:
+            with socket.create_connection((mirror.host, int(mirror.port or 22)),
+                                          timeout=min(float(mirror.connect_timeout), 5.0)):
+                took = time.monotonic() - started
+        except OSError:
+            return best
+        best = took if best is None else min(best, took)
+        if best < LAN_RTT:
+            break
+    return best
 
 
 def default_streams(rtt: float | None = None) -> int:

@@ -395,3 +395,47 @@ def test_lost_links_are_retried_and_resume(site: Site) -> None:
         assert relay.counts()["up"] < 2 * size
         assert site.in_sync("edge")
         assert not any((edge / "state/staging").iterdir())
+
+
+def test_link_rtt_confirms_a_slow_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The RTT that picks the default streams: a first handshake slowed by a
+    # moment's delay is checked with two more, and the fastest counts; a
+    # fast first one is taken at once; no answer is None.
+    import socket
+
+    from syncd import prewarm as pw
+    from syncd.config import MirrorConfig
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    real = socket.create_connection
+    calls: list[int] = []
+
+    slow = {1}  # the calls that are slowed
+
+    def slowed(address, timeout=None):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) in slow:
+            time.sleep(0.05)
+        return real(address, timeout=timeout)
+
+    mirror = MirrorConfig(name="m", host="127.0.0.1", port=port, user="u", identity_file=None,
+                          known_hosts=Path("/nonexistent"), remote_command="syncd agent", schedule="",
+                          connect_timeout=2.0, keepalive=0)
+    try:
+        monkeypatch.setattr(pw.socket, "create_connection", slowed)
+        assert pw.link_rtt(mirror) < pw.LAN_RTT
+        assert len(calls) == 2  # the second, fast, settles it
+        calls.clear()
+        slow.update({2, 3})  # slow every time: a WAN, after three
+        assert pw.link_rtt(mirror) >= 0.05
+        assert len(calls) == 3
+        calls.clear()
+        monkeypatch.setattr(pw.socket, "create_connection", real)
+        assert pw.link_rtt(mirror) < pw.LAN_RTT
+        assert pw.default_streams(pw.link_rtt(mirror)) == max(1, min(4, pw._cores()))
+    finally:
+        listener.close()
+    assert pw.link_rtt(mirror) is None  # nothing listens there any more
