@@ -450,7 +450,7 @@ def main(argv: list[str]) -> int:
             # More rounds of the initial copy, alternating, each into new
             # mirrors with a new primary state (so each is fed by a full
             # scan, as the first); the later steps go on from the first round.
-            for r in range(2, args.rounds + 1 if step == "initial" else 0):
+            for r in range(2, args.rounds + 1) if step == "initial" else ():
                 print(f"== {step}, round {r}")
                 rdst1, rdst2 = work / f"dst-rsync-r{r}", work / f"dst-syncd-r{r}"
                 for d in (rdst1, rdst2):

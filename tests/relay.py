@@ -12,12 +12,12 @@ thread accepts, two threads per connection pump (four with a delay);
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import os
 import socket
 import struct
-import collections
 import threading
 import time
 
@@ -110,7 +110,6 @@ class _Connection:
         ]
         self._done = 0
         self._lock = threading.Lock()
-        self._lines: list[_DelayLine] = []
 
     def start(self) -> None:
         for t in self._threads:
@@ -123,7 +122,6 @@ class _Connection:
         line = None
         if self.relay.delay:
             line = _DelayLine(dst, self.relay.delay, self._drop)
-            self._lines.append(line)
             block = max(block, _SPLICE_BLOCK) if throttle is None else block
         send = line.send if line is not None else dst.sendall
         try:
@@ -164,8 +162,8 @@ class _Connection:
             self._drop()
         finally:
             if line is not None:
-                line.send(None)  # (a second None after an EOF's is never reached)
-                line.join(30)  # what is in flight still arrives (or the peer is gone)
+                line.send(None)  # its write side is shut once what is in flight went
+                line.join(30)  # (or the peer is gone)
             with self._lock:
                 self._done += 1
                 finished = self._done == 2
@@ -234,10 +232,10 @@ class Relay:
 
     ``rate_up`` / ``rate_down``: bytes per second per direction (None: as fast as
     it goes).  ``delay``: seconds each direction holds what passes (the link's
-    round-trip time is twice that; 0: none).  ``cut_up`` / ``cut_down``: drop each new connection once that many
-    bytes passed in that direction (None: never); change them between
-    connections with ``set_cut``.  Totals over all connections are in
-    ``bytes_up`` / ``bytes_down``.
+    round-trip time is twice that; 0: none).  ``cut_up`` / ``cut_down``: drop
+    each new connection once that many bytes passed in that direction (None:
+    never); change them between connections with ``set_cut``.  Totals over
+    all connections are in ``bytes_up`` / ``bytes_down``.
     """
 
     def __init__(self, target_host: str, target_port: int, *, rate_up: float | None = None,
