@@ -225,6 +225,26 @@ def test_disk_full_is_one_line_and_publishes_nothing(tmp_path: Path) -> None:
             time.sleep(0.1)
 
 
+def test_disk_full_as_names_a_full_disk_and_passes_other_errors() -> None:
+    import errno
+
+    from syncd.errors import DiskFullError, disk_full_as
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        with pytest.raises(DiskFullError, match="^disk full staging x$") as caught:
+            with disk_full_as(lambda: "disk full staging x"):
+                raise OSError(code, os.strerror(code))
+        assert isinstance(caught.value.__cause__, OSError)
+    with pytest.raises(PermissionError):
+        with disk_full_as(lambda: "never asked"):
+            raise PermissionError(errno.EACCES, "denied")
+    with pytest.raises(ValueError):
+        with disk_full_as(lambda: "never asked"):
+            raise ValueError("not an OSError")
+    with disk_full_as(lambda: "never asked"):
+        pass
+
+
 def test_second_push_waits_for_the_first(edge) -> None:  # noqa: ANN001
     """Two pushes into one node (a reconcile meeting a cascade) queue, not fail.
 
