@@ -83,7 +83,7 @@ def link_rtt(mirror: MirrorConfig, confirm: int = 2) -> float | None:
     """A TCP handshake to the mirror's SSH port, in seconds (None: no answer).
 
     One below LAN_RTT is taken as it is; a slower one may be a delay of the
-    moment (a busy host or proxy: seen in one run of three through the
+    moment (a busy host or proxy: seen in one round of three through the
     benchmark's relay on loopback, which then chose 4 streams instead of 2),
     so ``confirm`` more are made and the fastest counts.
     """
