@@ -159,17 +159,17 @@ class SafeRoot:
             what = "a symlink or not a directory"
         return UnsafePathError(f"unsafe path {show(rel)!r}: {show(where)!r} is {what} on this host")
 
-    def _borrow(self, rel: bytes, comps: list[bytes]) -> tuple[int, bool]:
+    def _borrow(self, rel: bytes, comps: list[bytes], create: bool = False) -> tuple[int, bool]:
         """The fd of directory ``comps`` and whether the caller must close it:
         a cached one is lent as it is (no dup and close per lookup).  Only
-        for a caller that makes no other walk and drops nothing while it
-        holds it."""
+        for a caller that makes no other walk and drops no cache while it
+        holds it (:meth:`_own` first where it must)."""
         if not comps:
             return self._fd, False
         cached = self._dirs.get(tuple(comps))
         if cached is not None:
             return cached, False
-        return self._walk(rel, comps, False), True
+        return self._walk(rel, comps, create), True
 
     def _look(self, rel: bytes, call: Callable[[bytes, int], Any], absent: Any) -> Any:
         """``call(leaf, parent_fd)`` for a look at ``rel`` that changes
@@ -246,18 +246,12 @@ class SafeRoot:
         return self._walk(rel, parents, create), leaf
 
     def _lent_parent(self, rel: bytes, *, create: bool) -> tuple[int, bytes, bool]:
-        """As :meth:`_parent`, but a cached parent fd is lent as it is (no dup
-        and close per call): (fd, leaf, whether the caller closes it).  The
-        caller keeps it only while it walks nothing else and drops no cache;
-        :meth:`_own` first where it must."""
+        """As :meth:`_parent`, but the parent's fd through :meth:`_borrow`:
+        (fd, leaf, whether the caller closes it)."""
         validate_name(rel)
         parents, leaf = _split(rel)
-        if not parents:
-            return self._fd, leaf, False
-        cached = self._dirs.get(tuple(parents))
-        if cached is not None:
-            return cached, leaf, False
-        return self._walk(rel, parents, create), leaf, True
+        pfd, owned = self._borrow(rel, parents, create)
+        return pfd, leaf, owned
 
     @staticmethod
     def _own(fd: int, owned: bool) -> int:
