@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import pathlib
 import socket
-import threading
+import struct
 import sys
+import threading
+import time
 from typing import Any
 
 # paramiko.config imports invoke (0.04 s, with asyncio and unittest.mock) only
@@ -29,6 +32,7 @@ from typing import Any
 # settings come from sync.ini), so the import is declined up front.
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
+from paramiko.common import cMSG_CHANNEL_DATA
 from paramiko.packet import Packetizer
 from paramiko.hostkeys import InvalidHostKey
 from paramiko.pkey import UnknownKeyType
@@ -41,7 +45,7 @@ from paramiko.ssh_exception import (
 )
 
 from syncd import session as _session
-from syncd.session import _STDERR_SETTLE, PREFERRED_CIPHERS, RECV_BLOCK, SEND_SLICE, MirrorLike, _StreamBase, _TailBuffer
+from syncd.session import _STDERR_SETTLE, PREFERRED_CIPHERS, RECV_BLOCK, MirrorLike, _StreamBase, _TailBuffer
 from syncd.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -63,12 +67,110 @@ WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 1024 * 1024
 
 
-class _NoClientRekeyPacketizer(Packetizer):
-    # paramiko's own rekey every 512 MiB can stall 30 s and fail when it meets
-    # a channel close (paramiko issue #822).  Never start one; the server's
-    # RekeyLimit still rekeys, and paramiko answers that correctly.
+class _ChannelData:
+    """One SSH_MSG_CHANNEL_DATA packet's content, for :meth:`_Packetizer.send_message`."""
+
+    __slots__ = ("chanid", "data")
+
+    def __init__(self, chanid: int, data: memoryview) -> None:
+        self.chanid = chanid
+        self.data = data
+
+    def message(self) -> paramiko.Message:
+        m = paramiko.Message()
+        m.add_byte(cMSG_CHANNEL_DATA)
+        m.add_int(self.chanid)
+        m.add_string(bytes(self.data))
+        return m
+
+
+_GCM_HEAD = struct.Struct(">IBBII")  # packet length, padding length, message 94, channel, data length
+_GCM_BLOCK = 16
+
+
+class _Packetizer(Packetizer):
+    """paramiko's Packetizer, with two changes.
+
+    * No rekeying started by this side: paramiko's own rekey every 512 MiB
+      can stall 30 s and fail when it meets a channel close (paramiko issue
+      #822).  The server's RekeyLimit still rekeys, and paramiko answers
+      that correctly.
+    * Channel data under AES-GCM is built with one copy.  paramiko's
+      ``Channel.send`` copies each 32 KiB packet six times on its way
+      (Message, asbytes, the header, the padding, the slice to encrypt, the
+      length prefix) around 20 us of Python; the pusher is the busiest
+      thread of an initial copy, and on the 2-core benchmark host this path
+      took a session's sender from 0.38-0.40 to 0.27-0.29 s of CPU (user
+      and system) per 383 MiB sent to ``cat``.  Everything else (another
+      cipher, compression, packet dumps, every other message, a paramiko
+      whose Packetizer lacks the attributes used here) goes through
+      paramiko unchanged.
+
+    The packet is what paramiko's own code sends (RFC 5647): the length as
+    associated data, random padding to the 16-byte block, the sequence
+    number and the invocation counter advanced under the same write lock,
+    the same byte and packet counts (this side never starts a rekey, so it
+    has no limit to check them against).  It is sent from
+    ``Transport._send_user_message``, under the lock that holds back a key
+    exchange, so a rekey never changes the keys between two of its steps.
+    """
+
     REKEY_BYTES = 1 << 62
     REKEY_PACKETS = 1 << 62
+    _USED = ("write_lock", "block_engine_out", "aead_out", "block_size_out", "compress_engine_out",
+             "dump_packets", "iv_out", "sequence_number_out", "sent_bytes", "sent_packets", "socket",
+             "keepalive_last")
+    #: Channel data packets built here (the rest went through paramiko's own path).
+    fast_packets = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fast = all(hasattr(self, "_Packetizer__" + name) for name in self._USED)
+
+    def send_message(self, data: Any) -> None:
+        if type(data) is not _ChannelData:
+            return super().send_message(data)
+        if not self._fast:
+            return super().send_message(data.message())
+        self._Packetizer__write_lock.acquire()
+        try:
+            engine = self._Packetizer__block_engine_out
+            if (not self._Packetizer__aead_out or self._Packetizer__block_size_out != _GCM_BLOCK
+                    or self._Packetizer__compress_engine_out is not None or self._Packetizer__dump_packets):
+                fast = False
+            else:
+                fast = True
+                piece = data.data
+                n = len(piece)
+                # 1 + 4 + 4 + n bytes of payload, the padding length byte, at
+                # least 4 bytes of padding: a multiple of the block without
+                # the 4-byte length (as in paramiko's _build_packet).
+                padding = 3 + _GCM_BLOCK - ((n + 9 + 4) % _GCM_BLOCK)
+                head = _GCM_HEAD.pack(n + 10 + padding, padding, 94, data.chanid, n)
+                iv = self._Packetizer__iv_out
+                sealed = engine.encrypt(iv, b"".join((head[4:], piece, os.urandom(padding))), head[:4])
+                self._Packetizer__iv_out = iv[:4] + (int.from_bytes(iv[4:], "big") + 1).to_bytes(8, "big")
+                self._Packetizer__sequence_number_out = (self._Packetizer__sequence_number_out + 1) & 0xFFFFFFFF
+                self._send_parts(head[:4], sealed)
+                self._Packetizer__sent_bytes += 4 + len(sealed)
+                self._Packetizer__sent_packets += 1
+                self.fast_packets += 1
+        finally:
+            self._Packetizer__write_lock.release()
+        if not fast:
+            super().send_message(data.message())
+
+    def _send_parts(self, length: bytes, sealed: bytes) -> None:
+        """``length + sealed`` to the socket, without joining them if it takes both at once."""
+        self._Packetizer__keepalive_last = time.time()
+        try:
+            sent = self._Packetizer__socket.sendmsg((length, sealed))
+        except (socket.timeout, BlockingIOError, InterruptedError):
+            sent = 0  # a full send buffer: write_all waits as paramiko does
+        except OSError:
+            raise EOFError() from None  # as write_all: the transport is gone
+        if sent < 4 + len(sealed):
+            self.write_all(memoryview(length + sealed)[sent:])
 
 
 def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> paramiko.Transport:
@@ -85,7 +187,7 @@ def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> 
         default_window_size=WINDOW_SIZE,
         default_max_packet_size=MAX_PACKET_SIZE,
         disabled_algorithms=disabled_algorithms,
-        packetizer_class=_NoClientRekeyPacketizer,
+        packetizer_class=_Packetizer,
     )
     options = transport.get_security_options()
     known = tuple(options.ciphers)
@@ -271,15 +373,12 @@ class Session(_StreamBase):
     def send_all(self, buf: bytes | bytearray | memoryview) -> None:
         """Send all of ``buf``; ConnectionLostError if the peer or link goes away."""
         view = memoryview(buf).cast("B")
-        channel = self._channel
         try:
-            for start in range(0, len(view), SEND_SLICE):
-                piece = view[start:start + SEND_SLICE]
-                while piece:
-                    sent = channel.send(piece)
-                    if sent == 0:
-                        raise self._lost("sending (remote closed its input)")
-                    piece = piece[sent:]
+            while view:
+                sent = self._send_packet(view)
+                if sent == 0:
+                    raise self._lost("sending (remote closed its input)")
+                view = view[sent:]
         except ConnectionLostError:
             raise
         except (OSError, EOFError, SSHException) as err:
@@ -287,6 +386,19 @@ class Session(_StreamBase):
         # paramiko drops packets silently once the transport has died.
         if not self._transport.is_active():
             raise self._lost("sending")
+
+    def _send_packet(self, view: memoryview) -> int:
+        """What ``Channel.send`` does, one packet of ``view`` (as much as the
+        window and the packet size allow), built by :class:`_Packetizer`;
+        the bytes sent, 0 once the channel has ended."""
+        channel = self._channel
+        with channel.lock:
+            if channel.closed:
+                raise OSError("Socket is closed")
+            size = channel._wait_for_send_window(len(view))
+        if size:
+            self._transport._send_user_message(_ChannelData(channel.remote_chanid, view[:size]))
+        return size
 
     def recv(self, n: int = RECV_BLOCK) -> bytes:
         """Up to ``n`` bytes; b'' only at the remote's real end of output."""

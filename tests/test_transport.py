@@ -23,6 +23,7 @@ from syncd.errors import (
 )
 from syncd.protocol import PROTOCOL_VERSION, Frame, FrameReader, FrameType, FrameWriter
 from syncd.transport import LocalSession, Session, open_session
+from syncd import transport
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -162,9 +163,36 @@ def test_server_rekeying_mid_transfer_keeps_data_intact(sshd_factory):
     with open_session(server.mirror("cat")) as session:
         assert echo_through(session, payload) == payload
         assert session.exit_status(10) == 0
+        # The data went out as packets built by syncd's _Packetizer (AES-GCM),
+        # whose keys, counter and sequence number the rekeys replaced.
+        assert session._transport.packetizer.fast_packets > 64 * MiB // (32 * 1024)
     # 128 MiB through a 1 MiB limit: the server must really have rekeyed.
     rekeys = server.log_tail(10**8).count("SSH2_MSG_NEWKEYS received")
     assert rekeys > 20
+
+
+def test_a_cipher_without_gcm_sends_through_paramiko_unchanged(sshd_factory):
+    # The one-copy channel data packets are built for AES-GCM only: with
+    # another cipher (and its MAC) every packet is paramiko's own.
+    server = sshd_factory(extra_config=["Ciphers aes128-ctr", "MACs hmac-sha2-256"], rekey_limit="4M")
+    payload = pattern(16 * MiB + 7, 4)
+    with open_session(server.mirror("cat")) as session:
+        assert session.cipher == "aes128-ctr"
+        assert echo_through(session, payload) == payload
+        assert session.exit_status(10) == 0
+        assert session._transport.packetizer.fast_packets == 0
+
+
+def test_a_paramiko_without_the_packetizer_internals_used_sends_its_own_way(sshd, monkeypatch):
+    # A paramiko whose Packetizer lacks an attribute the one-copy path uses
+    # (renamed in a later release, say) still carries the data: paramiko's way.
+    monkeypatch.setattr(transport._Packetizer, "_USED", transport._Packetizer._USED + ("renamed_away",))
+    payload = pattern(4 * MiB + 3, 5)
+    with open_session(sshd.mirror("cat")) as session:
+        assert session.cipher == "aes128-gcm@openssh.com"
+        assert echo_through(session, payload) == payload
+        assert session.exit_status(10) == 0
+        assert session._transport.packetizer.fast_packets == 0
 
 
 def test_io_timeout_turns_a_silent_peer_into_connection_loss(sshd):
