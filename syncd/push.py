@@ -503,8 +503,12 @@ class Pusher:
         self._unacked: set[bytes] = set()
         self._retried: set[bytes] = set()
         self._sig_waiting: dict[int, Entry] = {}  # 1.3: delta items whose signature is still coming
-        self._bundle: list[tuple[Entry, bytes]] = []
+        self._bundle: list[Entry] = []
         self._bundle_bytes = 0
+        # The bundle's bytes, read straight into place (no bytes object per
+        # file, no join per bundle); reused once a bundle is sent, which
+        # the writer does before it returns.
+        self._bundle_buf = bytearray(BUNDLE_BYTES + BUNDLE_FILE_MAX + 1)
         self.awaiting = 0
         self._outstanding = 0  # entries batches not yet answered
         batch_no = 0
@@ -679,29 +683,37 @@ class Pusher:
         return fd
 
     def _bundle_add(self, ch: _Channel, result: PushResult, entry: Entry) -> None:
+        start = self._bundle_bytes
         fd = self._open_source(entry)
         try:
-            data = os.pread(fd, entry.size + 1, 0)
+            # One byte more than the scan saw: a file grown since is caught.
+            with memoryview(self._bundle_buf) as buf:
+                got = os.preadv(fd, [buf[start:start + entry.size + 1]], 0)
         finally:
             os.close(fd)
-        if len(data) != entry.size:
+        if got != entry.size:
             raise SyncdError(f"{fspath(entry.path)}: changed since the last scan; rescan and push again")
-        bundle = self._bundle
-        bundle.append((entry, data))
-        self._bundle_bytes += len(data)
-        if self._bundle_bytes >= BUNDLE_BYTES or len(bundle) >= BUNDLE_FILES:
+        self._bundle.append(entry)
+        self._bundle_bytes += got
+        if self._bundle_bytes >= BUNDLE_BYTES or len(self._bundle) >= BUNDLE_FILES:
             self._bundle_flush(ch, result)
 
     def _bundle_flush(self, ch: _Channel, result: PushResult) -> None:
-        bundle, self._bundle, self._bundle_bytes = self._bundle, [], 0
+        bundle, size = self._bundle, self._bundle_bytes
+        self._bundle, self._bundle_bytes = [], 0
         if not bundle:
             return
         self._check_stop()
         self._stream = getattr(self, "_stream", 0) + 1
         stream = self._stream
-        payload = b"".join(data for _, data in bundle)
+        with memoryview(self._bundle_buf) as buf:
+            self._send_bundle(ch, stream, bundle, buf[:size])
+        for e in bundle:
+            self._sent(result, e)
+
+    def _send_bundle(self, ch: _Channel, stream: int, bundle: list[Entry], payload: Any) -> None:
         how = "whole"
-        if any(not e.path.lower().endswith(COMPRESSED_SUFFIXES) for e, _ in bundle) and \
+        if any(not e.path.lower().endswith(COMPRESSED_SUFFIXES) for e in bundle) and \
                 self._maybe_zstd(b"", payload[: 256 * 1024]):
             import zstandard
 
@@ -710,11 +722,9 @@ class Pusher:
                 payload, how = packed, "zstd"
         w = ch.writer
         w.message({"type": "files", "stream": stream, "how": how,
-                   "items": [[e.path, e.size, e.sha256] for e, _ in bundle]})
+                   "items": [[e.path, e.size, e.sha256] for e in bundle]})
         w.data(stream, payload)
         w.end(stream)
-        for e, _ in bundle:
-            self._sent(result, e)
 
     def _sent(self, result: PushResult, entry: Entry) -> None:
         """A file is on its way: its acknowledgement is awaited."""

@@ -227,6 +227,28 @@ def test_a_known_mirror_waits_for_the_scan_while_a_new_one_is_fed(tmp_path: Path
     assert tree_listing(late.root) == tree_listing(pair.primary.root) == tree_listing(pair.edge.root)
 
 
+@pytest.mark.parametrize("size", [0, 1499, 1501, 70_000])
+def test_a_small_file_changed_since_the_scan_fails_the_push_and_goes_nowhere(pair: Pair, size: int) -> None:
+    # The bundled small files are read straight into the bundle's buffer,
+    # one byte more than the scan saw: a file grown, shrunk or emptied since
+    # is refused in so many words, and the edge publishes nothing of it.
+    root = pair.primary.root
+    (root / "pool").mkdir()
+    for i in range(6):
+        (root / "pool" / f"p{i}.deb").write_bytes(bytes([i]) * 1500)
+    cfg = configmod.load(pair.primary.ini)
+    with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        scan(cfg.node.root, m)
+        (root / "pool/p3.deb").write_bytes(b"x" * size)
+        result = push_with_retries(cfg, cfg.mirrors[0], m)
+    assert not result.ok
+    assert "pool/p3.deb: changed since the last scan" in result.error
+    assert not (pair.edge.root / "pool/p3.deb").exists()
+    # Rescanned, it goes.
+    assert pair.push().ok
+    assert pair.in_sync()
+
+
 def test_every_kind_of_change(pair: Pair) -> None:
     populate(pair.primary.root)
     (pair.primary.root / "dir-to-file").mkdir()
