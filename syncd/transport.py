@@ -100,7 +100,7 @@ class _Packetizer(Packetizer):
       (Message, asbytes, the header, the padding, the slice to encrypt, the
       length prefix) around 20 us of Python; the pusher is the busiest
       thread of an initial copy, and on the 2-core benchmark host this path
-      took a session's sender from 0.38-0.40 to 0.27-0.29 s of CPU (user
+      took a session's sender from 0.40-0.41 to 0.27-0.29 s of CPU (user
       and system) per 383 MiB sent to ``cat``.  Everything else (another
       cipher, compression, packet dumps, every other message, a paramiko
       whose Packetizer lacks the attributes used here) goes through
