@@ -127,38 +127,35 @@ class _Packetizer(Packetizer):
         super().__init__(*args, **kwargs)
         self._fast = all(hasattr(self, "_Packetizer__" + name) for name in self._USED)
 
+    def _plain_gcm_out(self) -> bool:
+        """Outbound AES-GCM, no compression, no packet dumps.  Read outside
+        the write lock: only a key exchange changes these, and none starts
+        while ``_send_user_message`` holds its lock."""
+        return (self._fast and self._Packetizer__aead_out and self._Packetizer__block_size_out == _GCM_BLOCK
+                and self._Packetizer__compress_engine_out is None and not self._Packetizer__dump_packets)
+
     def send_message(self, data: Any) -> None:
         if type(data) is not _ChannelData:
             return super().send_message(data)
-        if not self._fast:
+        if not self._plain_gcm_out():
             return super().send_message(data.message())
-        self._Packetizer__write_lock.acquire()
-        try:
-            engine = self._Packetizer__block_engine_out
-            if (not self._Packetizer__aead_out or self._Packetizer__block_size_out != _GCM_BLOCK
-                    or self._Packetizer__compress_engine_out is not None or self._Packetizer__dump_packets):
-                fast = False
-            else:
-                fast = True
-                piece = data.data
-                n = len(piece)
-                # 1 + 4 + 4 + n bytes of payload, the padding length byte, at
-                # least 4 bytes of padding: a multiple of the block without
-                # the 4-byte length (as in paramiko's _build_packet).
-                padding = 3 + _GCM_BLOCK - ((n + 9 + 4) % _GCM_BLOCK)
-                head = _GCM_HEAD.pack(n + 10 + padding, padding, 94, data.chanid, n)
-                iv = self._Packetizer__iv_out
-                sealed = engine.encrypt(iv, b"".join((head[4:], piece, os.urandom(padding))), head[:4])
-                self._Packetizer__iv_out = iv[:4] + (int.from_bytes(iv[4:], "big") + 1).to_bytes(8, "big")
-                self._Packetizer__sequence_number_out = (self._Packetizer__sequence_number_out + 1) & 0xFFFFFFFF
-                self._send_parts(head[:4], sealed)
-                self._Packetizer__sent_bytes += 4 + len(sealed)
-                self._Packetizer__sent_packets += 1
-                self.fast_packets += 1
-        finally:
-            self._Packetizer__write_lock.release()
-        if not fast:
-            super().send_message(data.message())
+        piece = data.data
+        n = len(piece)
+        # 1 + 4 + 4 + n bytes of payload, the padding length byte, at least 4
+        # bytes of padding: a multiple of the block without the 4-byte
+        # length (as in paramiko's _build_packet).
+        padding = 3 + _GCM_BLOCK - ((n + 9 + 4) % _GCM_BLOCK)
+        head = _GCM_HEAD.pack(n + 10 + padding, padding, 94, data.chanid, n)
+        with self._Packetizer__write_lock:
+            iv = self._Packetizer__iv_out
+            sealed = self._Packetizer__block_engine_out.encrypt(
+                iv, b"".join((head[4:], piece, os.urandom(padding))), head[:4])
+            self._Packetizer__iv_out = iv[:4] + (int.from_bytes(iv[4:], "big") + 1).to_bytes(8, "big")
+            self._Packetizer__sequence_number_out = (self._Packetizer__sequence_number_out + 1) & 0xFFFFFFFF
+            self._send_parts(head[:4], sealed)
+            self._Packetizer__sent_bytes += 4 + len(sealed)
+            self._Packetizer__sent_packets += 1
+            self.fast_packets += 1
 
     def _send_parts(self, length: bytes, sealed: bytes) -> None:
         """``length + sealed`` to the socket, without joining them if it takes both at once."""
