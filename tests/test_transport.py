@@ -157,15 +157,21 @@ def test_stderr_is_bounded_and_never_stalls_the_channel(sshd):
         assert 0 < len(tail) <= 16 * 1024 and set(tail) == {"e"}
 
 
+def echoed_and_built_by_syncd(session, payload: bytes) -> int:
+    """``payload`` through a remote ``cat`` and back intact, and ``cat``
+    exited 0; the channel data packets syncd's _Packetizer built itself."""
+    assert echo_through(session, payload) == payload
+    assert session.exit_status(10) == 0
+    return session._transport.packetizer.fast_packets
+
+
 def test_server_rekeying_mid_transfer_keeps_data_intact(sshd_factory):
     server = sshd_factory(rekey_limit="1M")
     payload = pattern(64 * MiB, 3)
     with open_session(server.mirror("cat")) as session:
-        assert echo_through(session, payload) == payload
-        assert session.exit_status(10) == 0
         # The data went out as packets built by syncd's _Packetizer (AES-GCM),
         # whose keys, counter and sequence number the rekeys replaced.
-        assert session._transport.packetizer.fast_packets > 64 * MiB // (32 * 1024)
+        assert echoed_and_built_by_syncd(session, payload) > 64 * MiB // (32 * 1024)
     # 128 MiB through a 1 MiB limit: the server must really have rekeyed.
     rekeys = server.log_tail(10**8).count("SSH2_MSG_NEWKEYS received")
     assert rekeys > 20
@@ -178,9 +184,7 @@ def test_a_cipher_without_gcm_sends_through_paramiko_unchanged(sshd_factory):
     payload = pattern(16 * MiB + 7, 4)
     with open_session(server.mirror("cat")) as session:
         assert session.cipher == "aes128-ctr"
-        assert echo_through(session, payload) == payload
-        assert session.exit_status(10) == 0
-        assert session._transport.packetizer.fast_packets == 0
+        assert echoed_and_built_by_syncd(session, payload) == 0
 
 
 def test_a_paramiko_without_the_packetizer_internals_used_sends_its_own_way(sshd, monkeypatch):
@@ -190,9 +194,7 @@ def test_a_paramiko_without_the_packetizer_internals_used_sends_its_own_way(sshd
     payload = pattern(4 * MiB + 3, 5)
     with open_session(sshd.mirror("cat")) as session:
         assert session.cipher == "aes128-gcm@openssh.com"
-        assert echo_through(session, payload) == payload
-        assert session.exit_status(10) == 0
-        assert session._transport.packetizer.fast_packets == 0
+        assert echoed_and_built_by_syncd(session, payload) == 0
 
 
 def test_io_timeout_turns_a_silent_peer_into_connection_loss(sshd):
