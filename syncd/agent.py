@@ -133,6 +133,9 @@ class _Row:  # slots: a full comparison holds one per path until commit
     target: bytes | None
     deleted: int
     generation: int
+    # Whether the path is an index file (Agent._is_index): asked up to three
+    # times a row at commit, so classified once.
+    index: bool | None = None
 
     @classmethod
     def from_wire(cls, raw: Any) -> "_Row":
@@ -1409,7 +1412,7 @@ class Agent:
         for row in plan.files:
             obj = row.sha256.hex()
             if (uses[obj] == 1 and row.path in plan.fresh and row.path in self._wanted_meta
-                    and not self.index(row.path)):
+                    and not self._is_index(row)):
                 eligible[obj] = row
         if not eligible:
             return
@@ -1424,6 +1427,11 @@ class Agent:
                     ready.append((obj, row))
         if ready:
             self._early.offer(ready)
+
+    def _is_index(self, row: _Row) -> bool:
+        if row.index is None:
+            row.index = self.index(row.path)
+        return row.index
 
     def _check_deletions(self) -> None:
         """The deletion guard on the plan's deletions (DeletionGuardError)."""
@@ -1548,10 +1556,11 @@ class Agent:
             plan.generation, getattr(self, "client", "?"), published, len(plan.links), len(plan.metas),
             len(plan.deletes), time.monotonic() - started,
         )
-        from .trace import after_commit  # a no-op unless [node] trace is on
+        if self.cfg.node.trace:  # (not even its import otherwise: 4 ms of every commit)
+            from .trace import after_commit
 
-        after_commit(self.cfg, self.root, self.staging_fd, generation=plan.generation,
-                     upstream=getattr(self, "client", "?"), started_monotonic=started)
+            after_commit(self.cfg, self.root, self.staging_fd, generation=plan.generation,
+                         upstream=getattr(self, "client", "?"), started_monotonic=started)
         self.writer.message({
             "type": "committed", "generation": plan.generation,
             "published": published, "deleted": len(plan.deletes),
@@ -1575,7 +1584,7 @@ class Agent:
         data: list[_Row] = []
         index: list[_Row] = []
         for r in plan.files + plan.links + plan.metas:
-            (index if self.index(r.path) else data).append(r)
+            (index if self._is_index(r) else data).append(r)
         index.sort(key=lambda r: _index_order(r.path))
         meta_only = {id(r) for r in plan.metas}  # by identity: a set, not a scan per row
         published = 0
@@ -1776,7 +1785,7 @@ class Agent:
                                                   f"{rel}: staged object differs from its SHA-256 {name}"))
         unlink_at(self.staging_fd, *corrupt)  # so that the next push sends them again
         changed = plan.files + plan.metas + plan.links
-        if any(self.index(r.path) for r in changed) or any(self.index(p) for p in plan.deletes):
+        if any(self._is_index(r) for r in changed) or any(self.index(p) for p in plan.deletes):
             group, expected = self._index_group()
             keyring = self._keyring_or_none()
             findings += verifymod.verify_index_group(
@@ -1812,7 +1821,7 @@ class Agent:
         listed: set[bytes] = set()
         for row in plan.rows:
             listed.add(row.path)
-            if row.deleted or row.kind != KIND_FILE or not self.index(row.path) or gone(row.path):
+            if row.deleted or row.kind != KIND_FILE or not self._is_index(row) or gone(row.path):
                 continue
             rel = os.fsdecode(row.path)
             if row.path in staged:
@@ -1859,7 +1868,7 @@ class Agent:
                 uses[row.sha256.hex()] -= 1
                 went_live.append(row)  # live already (_EarlyPublisher)
                 continue
-            if self.index(row.path) or root.lstat(row.path) is not None:
+            if self._is_index(row) or root.lstat(row.path) is not None:
                 continue
             if row.kind == KIND_FILE and row.sha256.hex() in corrupt:
                 continue
