@@ -45,11 +45,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import import_in_background
 from . import plan as planmod
-from . import verify as verifymod
 from .config import Config
 from .errors import (
     DISK_FULL_ERRNOS,
@@ -79,6 +78,9 @@ from .manifest import (
 from .protocol import (MAX_OPEN_STREAMS, PROTOCOL_VERSION, BodyPool, FrameReader, FrameType, FrameWriter,
                        negotiate)
 from .session import stdio
+
+if TYPE_CHECKING:
+    from . import verify as verifymod
 
 log = logging.getLogger(__name__)
 
@@ -727,6 +729,7 @@ class Agent:
         self.failure: SyncdError | None = None
         self._failure_lock = threading.Lock()
         self._importer: threading.Thread | None = None
+        self._verify_importer: threading.Thread | None = None
         self._sig_pool: Any = None
         self._sig_jobs: list = []
         self._tmp_counter = itertools.count(1)
@@ -806,8 +809,9 @@ class Agent:
                 if self._sig_pool is not None:
                     self._sig_pool.shutdown(wait=True)
                 self.plan.seen.clear()  # a session cut before entries_end: its scratch file goes
-                if self._importer is not None:
-                    self._importer.join()  # not cut off by the interpreter's exit mid-import
+                for importer in (self._importer, self._verify_importer):
+                    if importer is not None:
+                        importer.join()  # not cut off by the interpreter's exit mid-import
                 for inc in self.incoming.values():
                     inc.discard()
                 self._unlock()
@@ -860,6 +864,10 @@ class Agent:
         kind = msg["type"]
         if kind == "hello":
             held = self.manifest.get_meta("upstream_generation")
+            if self._verify_importer is None:
+                # syncd.verify (0.01 s) is first needed at commit: imported
+                # from here on, not before this end's hello (6 ms sooner).
+                self._verify_importer = import_in_background("syncd.verify")
             if self._importer is None and held is not None:
                 # numpy and the signature code (0.07 s of CPU) for a push's
                 # first changed file: imported from here on, while the
@@ -1269,6 +1277,8 @@ class Agent:
             return False
 
     def _local_sha256(self, path: bytes) -> bytes | None:
+        from . import verify as verifymod  # (in the background since the upstream's hello)
+
         try:
             fd = self.root.open_read(path)
         except (OSError, UnsafePathError):
@@ -1732,6 +1742,8 @@ class Agent:
     # -- verification ----------------------------------------------------------------
 
     def _keyring_or_none(self) -> verifymod.Keyring | None:
+        from . import verify as verifymod  # (in the background since the upstream's hello)
+
         if self.cfg.verify.keyring is None:
             return None
         if self._keyring is None:
@@ -1756,6 +1768,8 @@ class Agent:
         are regular files).  Raises VerifyError when the keyring itself is
         unusable: a node problem, and nothing is published.
         """
+        from . import verify as verifymod  # (in the background since the upstream's hello)
+
         plan = self.plan
         findings: list[verifymod.Finding] = []
         corrupt: set[str] = set()
