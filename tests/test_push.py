@@ -506,3 +506,34 @@ def test_fed_rows_are_cut_into_a_batch_when_the_scan_pauses() -> None:
 
     rows = [1, 2, _CUT, 3, _CUT, _CUT, 4, 5, 6, _CUT]
     assert list(_batches(rows, 2)) == [[1, 2], [3], [4, 5], [6]]
+
+
+def test_open_in_background_waits_for_the_import_not_the_connection(tmp_path: Path) -> None:
+    """run --once overlaps a mirror's handshake with its scan: the opener
+    thread imports the transport first (the caller waits for that alone, so
+    that its own imports do not stretch it), never the connection; channel()
+    then waits for the connection and raises what it met."""
+    from syncd.errors import ConnectionLostError
+    from syncd.push import Link
+
+    (tmp_path / "root").mkdir()
+    ini = tmp_path / "sync.ini"
+    ini.write_text(f"[node]\nname = p\nroot = {tmp_path / 'root'}\nstate_dir = {tmp_path / 'state'}\n\n"
+                   "[mirror:m]\nhost = 127.0.0.1\nport = 9\n")
+    mirror = configmod.load(ini).mirrors[0]
+    started, release = threading.Event(), threading.Event()
+
+    def slow_open(m):  # noqa: ANN001, ANN202 - a handshake that takes its time, then fails
+        started.set()
+        release.wait(10)
+        raise ConnectionLostError(f"{m.host}: connection refused")
+
+    link = Link(mirror, slow_open)
+    t = time.monotonic()
+    link.open_in_background()
+    assert time.monotonic() - t < 1.0
+    assert started.wait(5)
+    release.set()
+    with pytest.raises(ConnectionLostError, match="connection refused"):
+        link.channel()
+    link.close()
