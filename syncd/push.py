@@ -42,8 +42,8 @@ from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, neg
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
-OPEN_IMPORT_WAIT = 1.0  # s: Link.open_in_background waits at most this for its thread's import
 BATCHES_IN_FLIGHT = 4
+OPEN_IMPORT_WAIT = 1.0  # s: Link.open_in_background waits at most this for its thread's import
 # While a scan feeds the rows, the pusher looks at the agent's answers this
 # often when no rows are ready: the files they ask for go out meanwhile.
 FEED_POLL = 0.005
@@ -277,10 +277,7 @@ class Link:
 
         def opener() -> None:
             try:
-                if self._open_session is None:
-                    from .transport import open_session
-
-                    self._open_session = open_session
+                self._session_opener()
                 imported.set()
                 self.channel()
             except BaseException as err:  # handed to channel()
@@ -292,6 +289,14 @@ class Link:
         self._opener.start()
         imported.wait(OPEN_IMPORT_WAIT)
 
+    def _session_opener(self) -> Callable[[MirrorConfig], Any]:
+        """The function that opens a session: syncd.transport's unless one was given."""
+        if self._open_session is None:
+            from .transport import open_session
+
+            self._open_session = open_session
+        return self._open_session
+
     def channel(self) -> _Channel:
         if self._opener is not None and self._opener is not threading.current_thread():
             opener, self._opener = self._opener, None
@@ -301,11 +306,7 @@ class Link:
                 raise err
         if self._ch is None:
             self.stderr_tail = ""  # what an earlier session said is not this one's
-            if self._open_session is None:
-                from .transport import open_session
-
-                self._open_session = open_session
-            session = self._open_session(self.mirror)
+            session = self._session_opener()(self.mirror)
             try:
                 ch = _Channel(session, self.mirror.bwlimit)
                 ch.writer.hello()
