@@ -12,7 +12,7 @@ import pytest
 
 from syncd.errors import LockedError, ManifestError, SchemaError
 from syncd.lock import StateLock
-from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, Entry, Manifest
+from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, ROWS_PER_INSERT, Entry, Manifest
 
 
 def rows() -> list[tuple]:
@@ -48,6 +48,28 @@ def test_round_trip(tmp_path: Path) -> None:
         assert sorted(m.live_files_matching(lambda p: True)) == [b"dists/Release", b"dists/\xffodd name\n"]
         assert m.live_files_matching(lambda p: p.endswith(b"Release")) == [b"dists/Release"]
         assert m.live_files_matching(lambda p: p in (b"gone", b"link", b"dists")) == []
+
+
+def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path) -> None:
+    # Rows go to SQLite ROWS_PER_INSERT at a time in one statement each;
+    # a path given twice, even inside one statement, keeps its later row,
+    # as it would row by row.
+    count = ROWS_PER_INSERT * 3 + 7
+    first = [(b"d", b"f%d" % i, KIND_FILE, i, 1, 2, 0o644, i, bytes([i % 256]) * 32, None, 1, 0)
+             for i in range(count)]
+    again = [(b"d", b"f%d" % i, KIND_FILE, i + 1, 1, 2, 0o600, i, None, None, 2, 0)
+             for i in range(0, count, 5)]
+    given = first[:40] + again[:3] + first[40:] + again[3:]
+    with Manifest.open(tmp_path, "primary") as m:
+        with m.writer() as w:
+            w.upsert_many(given)
+            w.set_generation(2, count)
+    expected = {}
+    for row in given:
+        expected[row[:2]] = row
+    assert sum(row[-2] == 2 for row in expected.values()) == len(again)
+    with Manifest.open(tmp_path, "primary") as m:
+        assert list(m.iter_entries()) == sorted(expected.values(), key=lambda r: (r[0], r[1]))
 
 
 def test_writer_rolls_back_on_error(tmp_path: Path) -> None:
