@@ -12,7 +12,8 @@ import pytest
 
 from syncd.errors import LockedError, ManifestError, SchemaError
 from syncd.lock import StateLock
-from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, ROWS_PER_INSERT, Entry, Manifest
+from syncd.manifest import (KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, ROWS_PER_INSERT, Entry, Manifest,
+                            _RawConnection)
 
 
 def rows() -> list[tuple]:
@@ -50,10 +51,19 @@ def test_round_trip(tmp_path: Path) -> None:
         assert m.live_files_matching(lambda p: p in (b"gone", b"link", b"dists")) == []
 
 
-def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path) -> None:
-    # Rows go to SQLite ROWS_PER_INSERT at a time in one statement each;
-    # a path given twice, even inside one statement, keeps its later row,
-    # as it would row by row.
+@pytest.mark.parametrize("max_parameters", [None, 999])
+def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path, monkeypatch, max_parameters) -> None:  # noqa: ANN001
+    # Rows go to SQLite up to ROWS_PER_INSERT at a time in one statement
+    # each, fewer where the build allows fewer parameters (999 before SQLite
+    # 3.32: set on the connection here, so that a statement too large fails);
+    # a path given twice, even inside one statement, keeps its later row, as
+    # it would row by row.
+    if max_parameters is not None:
+        def lowered(raw) -> int:  # noqa: ANN001
+            raw._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, max_parameters)
+            return max_parameters
+
+        monkeypatch.setattr(_RawConnection, "max_parameters", lowered)
     count = ROWS_PER_INSERT * 3 + 7
     first = [(b"d", b"f%d" % i, KIND_FILE, i, 1, 2, 0o644, i, bytes([i % 256]) * 32, None, 1, 0)
              for i in range(count)]
