@@ -592,7 +592,7 @@ class ManifestReader:
 # 0.75 s for 100,000 rows); 1,000 cost the same.  SQLite builds that allow
 # fewer parameters (999 before 3.32) get what fits.
 ROWS_PER_INSERT = 1000
-_ENTRY_FIELDS = 12
+_ENTRY_FIELDS = ENTRY_COLUMNS.count(",") + 1  # (12)
 
 
 @functools.lru_cache(maxsize=8)
