@@ -2,7 +2,7 @@
 """syncd push beside ``rsync -a --delete`` over the same sshd, in one run (issue 4's measure).
 
     python scripts/bench.py push [--small N] [--big K] [--big-mib M] [--noop-files N] [--rounds N]
-                                 [--scan-first] [--syncd-first] [--dir DIR] [--keep] [--seed S]
+                                 [--scan-first] [--syncd-first] [--no-context] [--dir DIR] [--keep] [--seed S]
 
 One sshd on 127.0.0.1 with a counting relay in front of it (tests/sshd.py,
 tests/relay.py); both tools connect through the relay with aes128-gcm, so
@@ -35,6 +35,14 @@ file system's recent deletions), too much for a 1.2x target read from one
 pair; nothing is deleted between rounds.
 Targets: incremental bytes at most half of rsync's, incremental and no-op wall
 time no worse than rsync's, initial copy within 1.2x of rsync's wall time.
+
+Context (not a target; ``--no-context`` skips it): in each round of the
+initial copy rsync also runs with what syncd guarantees and ``rsync -a``
+does not, into new mirrors of their own: ``--checksum-choice=sha1`` (a
+strong whole-file checksum computed on both ends, where ``-a`` uses xxh128;
+rsync offers no SHA-256) and that with ``--fsync`` (every file on disk before
+rsync goes on; syncd makes staged files durable before any is published).
+The report gives their medians beside syncd's.
 """
 
 from __future__ import annotations
@@ -174,6 +182,7 @@ class Bench(SshRig):
     def __init__(self, work: pathlib.Path, scan_first: bool) -> None:
         self.scan_first = scan_first
         self.rows: list[dict] = []
+        self.context: list[dict] = []  # rsync given syncd's guarantees (not a target)
         self.syncd_missing = _syncd_push_missing()
         super().__init__(work)
 
@@ -190,6 +199,21 @@ class Bench(SshRig):
         (m,), counts = self._counted(lambda: [run_measured(argv).check()])
         row = dict(step=step, tool="rsync -a --delete", wall=m.wall, up=counts["up"], down=counts["down"], note="")
         self.rows.append(row)
+        return row
+
+    def rsync_context(self, options: tuple[str, ...], src: pathlib.Path, dst: pathlib.Path) -> dict:
+        """One context run of the initial copy: rsync with ``options`` too
+        (kept apart from the rows the targets compare)."""
+        tool = " ".join(("rsync -a --delete", *options))
+        argv = ["rsync", "-a", "--delete", *options, "-e", self.ssh_command(), f"{src}/",
+                f"{self.sshd.user}@{self.sshd.host}:{dst}/"]
+        (m,), _counts = self._counted(lambda: [run_measured(argv)])
+        if m.returncode:
+            tail = (m.stderr.strip().splitlines() or [f"exit status {m.returncode}"])[-1][:120]
+            row = dict(tool=tool, wall=None, note=f"failed: {tail}")
+        else:
+            row = dict(tool=tool, wall=m.wall, note="")
+        self.context.append(row)
         return row
 
     def syncd_configs(self, tag: str, src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -342,6 +366,32 @@ def merge_rounds(rows: list[dict], step: str) -> list[dict]:
     return out
 
 
+# rsync with what syncd guarantees and plain -a does not (the report's context):
+# a strong whole-file checksum on both ends, then also every file on disk.
+CONTEXT_OPTIONS = (("--checksum-choice=sha1",), ("--checksum-choice=sha1", "--fsync"))
+
+
+def context_lines(context: list[dict], rows: list[dict]) -> list[str]:
+    """The initial copy's context runs beside syncd's median."""
+    syncd = next((r for r in rows if r["step"] == "initial" and not r["tool"].startswith("rsync")), None)
+    lines = []
+    for options in CONTEXT_OPTIONS:
+        tool = " ".join(("rsync -a --delete", *options))
+        runs = [r for r in context if r["tool"] == tool]
+        if not runs:
+            continue
+        failed = next((r["note"] for r in runs if r["wall"] is None), None)
+        if failed:
+            lines.append(f"  {tool}: {failed}")
+            continue
+        walls = [r["wall"] for r in runs]
+        m = median(walls)
+        ratio = f"; syncd/this {syncd['wall'] / m:.2f}x" if syncd and syncd["wall"] is not None else ""
+        lines.append(f"  {tool}: {m:.2f} s (median of {len(walls)}: "
+                     f"{' '.join(f'{w:.2f}' for w in walls)}){ratio}")
+    return lines
+
+
 def targets(rows: list[dict]) -> list[str]:
     pairs: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -392,6 +442,19 @@ def evict(root: pathlib.Path) -> None:
                 os.close(fd)
 
 
+def context(bench: Bench, src: pathlib.Path, work: pathlib.Path, r: int) -> bool:
+    """One round's context runs, each into a new mirror; whether each copy is whole."""
+    ok = True
+    for i, options in enumerate(CONTEXT_OPTIONS, 1):
+        dst = work / f"dst-rsync-context{i}-r{r}"
+        dst.mkdir()
+        row = bench.rsync_context(options, src, dst)
+        print(f"  context: {row['tool']}: " + (row["note"] if row["wall"] is None else f"{row['wall']:.2f} s"))
+        if row["wall"] is not None:
+            ok &= bench.verify(f"initial (context {i})", src, {"rsync": dst})
+    return ok
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench.py push", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", type=int, default=5000, help="small files in the mirror tree (default 5,000)")
@@ -409,6 +472,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of the initial copy, alternating rsync and syncd, each into new mirrors; "
                          "its row shows the medians and every round (default 3)")
+    ap.add_argument("--no-context", action="store_true",
+                    help="skip the initial copy's context runs (rsync with --checksum-choice=sha1, "
+                         "and with --fsync too)")
     ap.add_argument("--seed", type=int, default=20261122)
     ap.add_argument("--dir", help="work directory parent (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -447,6 +513,8 @@ def main(argv: list[str]) -> int:
                     evict(d)
             bench.both(step, src, dst1, ini, args.syncd_first)
             ok &= bench.verify(step, src, dsts)
+            if step == "initial" and not args.no_context:
+                ok &= context(bench, src, work, 1)
             # More rounds of the initial copy, alternating, each into new
             # mirrors with a new primary state (so each is fed by a full
             # scan, as the first); the later steps go on from the first round.
@@ -458,6 +526,8 @@ def main(argv: list[str]) -> int:
                 bench.both(step, src, rdst1, bench.syncd_configs(f"mirror-r{r}", src, rdst2), args.syncd_first)
                 ok &= bench.verify(step, src, {"rsync": rdst1} if bench.syncd_missing else
                                    {"rsync": rdst1, "syncd": rdst2})
+                if not args.no_context:
+                    ok &= context(bench, src, work, r)
             if step == "initial" and args.rounds > 1:
                 bench.rows = merge_rounds(bench.rows, step)
 
@@ -484,6 +554,11 @@ def main(argv: list[str]) -> int:
         print("targets:")
         for line in targets(bench.rows):
             print(line)
+        if bench.context:
+            print()
+            print("context, not a target: the initial copy by rsync given what syncd guarantees")
+            for line in context_lines(bench.context, bench.rows):
+                print(line)
         if bench.syncd_missing:
             print(f"\nsyncd rows n/a: syncd run --once not available: {bench.syncd_missing}")
         if not ok:
