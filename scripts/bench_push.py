@@ -209,8 +209,11 @@ class Bench(SshRig):
                 f"{self.sshd.user}@{self.sshd.host}:{dst}/"]
         (m,), _counts = self._counted(lambda: [run_measured(argv)])
         if m.returncode:
-            tail = (m.stderr.strip().splitlines() or [f"exit status {m.returncode}"])[-1][:120]
-            row = dict(tool=tool, wall=None, note=f"failed: {tail}")
+            # rsync's own cause comes first; its last line is the generic "rsync error: ..."
+            lines = [ln for ln in m.stderr.strip().splitlines() if ln.strip()]
+            cause = next((ln for ln in lines if not ln.startswith("rsync error:")), None) or \
+                (lines[-1] if lines else f"exit status {m.returncode}")
+            row = dict(tool=tool, wall=None, note=f"failed: {cause[:120]}")
         else:
             row = dict(tool=tool, wall=m.wall, note="")
         self.context.append(row)
@@ -446,6 +449,9 @@ def context(bench: Bench, src: pathlib.Path, work: pathlib.Path, r: int) -> bool
     """One round's context runs, each into a new mirror; whether each copy is whole."""
     ok = True
     for i, options in enumerate(CONTEXT_OPTIONS, 1):
+        tool = " ".join(("rsync -a --delete", *options))
+        if any(row["tool"] == tool and row["wall"] is None for row in bench.context):
+            continue  # failed in an earlier round (an rsync without the option): once is enough
         dst = work / f"dst-rsync-context{i}-r{r}"
         dst.mkdir()
         row = bench.rsync_context(options, src, dst)
