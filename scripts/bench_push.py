@@ -204,7 +204,7 @@ class Bench(SshRig):
     def rsync_context(self, options: tuple[str, ...], src: pathlib.Path, dst: pathlib.Path) -> dict:
         """One context run of the initial copy: rsync with ``options`` too
         (kept apart from the rows the targets compare)."""
-        tool = " ".join(("rsync -a --delete", *options))
+        tool = context_tool(options)
         argv = ["rsync", "-a", "--delete", *options, "-e", self.ssh_command(), f"{src}/",
                 f"{self.sshd.user}@{self.sshd.host}:{dst}/"]
         (m,), _counts = self._counted(lambda: [run_measured(argv)])
@@ -374,12 +374,17 @@ def merge_rounds(rows: list[dict], step: str) -> list[dict]:
 CONTEXT_OPTIONS = (("--checksum-choice=sha1",), ("--checksum-choice=sha1", "--fsync"))
 
 
+def context_tool(options: tuple[str, ...]) -> str:
+    """The name a context run is reported and looked up under."""
+    return " ".join(("rsync -a --delete", *options))
+
+
 def context_lines(context: list[dict], rows: list[dict]) -> list[str]:
     """The initial copy's context runs beside syncd's median."""
     syncd = next((r for r in rows if r["step"] == "initial" and not r["tool"].startswith("rsync")), None)
     lines = []
     for options in CONTEXT_OPTIONS:
-        tool = " ".join(("rsync -a --delete", *options))
+        tool = context_tool(options)
         runs = [r for r in context if r["tool"] == tool]
         if not runs:
             continue
@@ -449,7 +454,7 @@ def context(bench: Bench, src: pathlib.Path, work: pathlib.Path, r: int) -> bool
     """One round's context runs, each into a new mirror; whether each copy is whole."""
     ok = True
     for i, options in enumerate(CONTEXT_OPTIONS, 1):
-        tool = " ".join(("rsync -a --delete", *options))
+        tool = context_tool(options)
         if any(row["tool"] == tool and row["wall"] is None for row in bench.context):
             continue  # failed in an earlier round (an rsync without the option): once is enough
         dst = work / f"dst-rsync-context{i}-r{r}"
