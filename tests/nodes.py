@@ -41,6 +41,17 @@ class Node:
     def agent_command(self) -> str:
         return " ".join(shlex.quote(x) for x in SYNCD + ["agent", "--config", str(self.ini)])
 
+    def wait_agent_ended(self, timeout: float = 30.0) -> None:
+        """Wait until no agent holds this node's state lock.
+
+        A push that failed returns as soon as the upstream dropped its
+        session; the agent then takes back what it made for that push (new
+        directories, still empty) and releases the lock, a moment later.
+        """
+        from syncd.lock import StateLock
+
+        StateLock(self.state, "test", wait=timeout).acquire().release()
+
     def write(self, ssh: Any = None, port: int | None = None, known_hosts: Path | None = None) -> Path:
         lines = ["[node]", f"name = {self.name}", f"root = {self.root}", f"state_dir = {self.state}"]
         lines += [f"{k} = {v}" for k, v in self.node_keys.items()]

@@ -146,16 +146,19 @@ class _Connection:
                     data = data[:max(0, limit - passed)]
                     if throttle and data:
                         throttle.wait(len(data))
+                    self._account(direction, len(data))
                     if data:
                         send(data)
-                    self._account(direction, len(data))
                     self.abort()
                     log.debug("relay: cut %s after %d bytes", direction, limit)
                     break
                 if throttle:
                     throttle.wait(len(data))
-                send(data)
+                # Counted before it is sent: a peer that has a byte must find
+                # it in counts() already (sent first, a test reading counts()
+                # the moment its session ended could miss the last block).
                 self._account(direction, len(data))
+                send(data)
         except OSError:
             # One side went away: take the other down too, but this is the
             # peers' doing, not a cut.
@@ -185,10 +188,10 @@ class _Connection:
                     except OSError:
                         pass
                     return
+                self._account(direction, n)  # before it leaves, as in _pump
                 moved = 0
                 while moved < n:
                     moved += os.splice(r, dst.fileno(), n - moved)
-                self._account(direction, n)
         finally:
             os.close(r)
             os.close(w)

@@ -201,6 +201,7 @@ def test_a_fed_push_whose_scan_fails_publishes_nothing(pair: Pair) -> None:
     populate(pair.primary.root)
     r = fed_push(pair, fail=ScanError("the release does not check out"))
     assert not r.ok and "scan failed" in r.error
+    pair.edge.wait_agent_ended()  # its new directories, made ahead, are taken back as it ends
     assert tree_listing(pair.edge.root) == {}
     with Manifest.open(pair.primary.state, "primary", create=False) as m:
         assert m.acknowledged() == set() and not m.downstreams()  # nothing recorded of it

@@ -259,6 +259,7 @@ def test_a_new_mirror_fed_during_the_scan_gets_nothing_of_a_refused_release(pair
     proc = pair.cli("-v", "run", "--once")
     assert proc.returncode == EXIT_FAILURE
     assert "refusing to push" in proc.stderr
+    pair.edge.wait_agent_ended()  # its new directories, made ahead, are taken back as it ends
     assert tree_listing(pair.edge.root) == {}
     st = pair.cli("status", "--json")
     mirror = json.loads(st.stdout)["mirrors"][0]
