@@ -12,6 +12,7 @@ import os
 import shlex
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,8 @@ class Node:
         return " ".join(shlex.quote(x) for x in SYNCD + ["agent", "--config", str(self.ini)])
 
     def wait_agent_ended(self, timeout: float = 30.0) -> None:
-        """Wait until no agent holds this node's state lock.
-
-        A push that failed returns as soon as the upstream dropped its
-        session; the agent then takes back what it made for that push (new
-        directories, still empty) and releases the lock, a moment later.
-        """
-        from syncd.lock import StateLock
-
-        StateLock(self.state, "test", wait=timeout).acquire().release()
+        """Wait until no agent of this node runs any more (see wait_agents_ended)."""
+        wait_agents_ended(self.ini, timeout)
 
     def write(self, ssh: Any = None, port: int | None = None, known_hosts: Path | None = None) -> Path:
         lines = ["[node]", f"name = {self.name}", f"root = {self.root}", f"state_dir = {self.state}"]
@@ -69,6 +63,43 @@ class Node:
             lines += ["", f"[mirror:{down.name}]"] + [f"{k} = {v}" for k, v in values.items()]
         self.ini.write_text("\n".join(lines) + "\n")
         return self.ini
+
+
+def wait_until(check, timeout: float = 30, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def agents_running(ini: Path) -> list[int]:
+    """PIDs of the ``syncd agent`` processes (``--stage`` ones too) run with
+    ``--config ini``: sshd's children, seen through /proc."""
+    want = os.fsencode(ini)
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"agent" in argv and want in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_agents_ended(ini: Path, timeout: float = 30.0) -> None:
+    """Wait until the agents run with ``--config ini`` have exited.
+
+    A push that failed, or a killed prewarm, returns as soon as the upstream
+    dropped its sessions; the agent then winds down on its own a moment later
+    (takes back the new, still empty directories it made for the push, turns
+    an unfinished run into a partial file, releases its lock).  A test that
+    looks at the node meanwhile would race with it.
+    """
+    wait_until(lambda: not agents_running(ini), timeout, f"the agents of {ini} to exit")
 
 
 def make_node(base: Path, name: str, **node_keys: str) -> Node:

@@ -19,7 +19,7 @@ from syncd.errors import ProtocolError
 from syncd.manifest import Manifest
 from syncd.protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 from syncd.transport import LocalSession
-from tests.nodes import SYNCD, make_node, tree_listing
+from tests.nodes import SYNCD, make_node, tree_listing, wait_until
 
 
 class Peer:
@@ -267,8 +267,9 @@ def test_second_push_waits_for_the_first(edge) -> None:  # noqa: ANN001
 
     t = threading.Thread(target=second_push)
     t.start()
-    t.join(1.5)
-    assert t.is_alive() and "welcome" in got and "needs" not in got  # welcomed, waiting to begin
+    wait_until(lambda: "welcome" in got, what="the second push's welcome")
+    t.join(0.5)
+    assert t.is_alive() and "needs" not in got  # welcomed, waiting to begin
     assert first.finish() == 0  # the first push ends (nothing committed)
     t.join(30)
     assert got["needs"]["type"] == "needs" and got["code"] == 0

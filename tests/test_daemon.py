@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import SYNCD, Node, make_node, tree_listing
+from tests.nodes import SYNCD, Node, make_node, tree_listing, wait_until
 
 pytest_plugins = ["tests.sshd"]
 
@@ -61,13 +61,6 @@ def daemons():  # noqa: ANN201
     yield start
     for d in started:
         d.stop()
-
-
-def wait_until(check, timeout: float = 30, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def publish(root: Path, rel: str, data: bytes) -> None:

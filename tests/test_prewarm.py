@@ -24,7 +24,7 @@ from syncd.fsops import boot_id, verified_this_boot
 from syncd.manifest import Manifest
 from syncd.protocol import FrameReader, FrameType, FrameWriter
 from syncd.transport import LocalSession
-from tests.nodes import SYNCD, tree_listing
+from tests.nodes import SYNCD, tree_listing, wait_agents_ended
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -189,7 +189,9 @@ def test_kill_9_at_60_percent_then_resume_sends_under_half(site: Site) -> None:
         assert any(p.name.endswith(".ranges") for p in staging.iterdir())
         assert not (edge / "root/iso").exists()  # nothing published before the push
 
-        time.sleep(0.5)  # the killed workers' connections wind down
+        # The killed workers' stagers wind down: each turns its unfinished
+        # run into a partial file, which the rerun then resumes from.
+        wait_agents_ended(edge / "sync.ini")
         relay.reset_counts()
         again = site.prewarm("edge", "--streams", "2")
         assert again.returncode == 0, again.stdout + again.stderr

@@ -44,9 +44,15 @@ class Pair:
 
     def push(self, **kw):  # noqa: ANN003, ANN201 - in-process, to read the result's counters
         cfg = configmod.load(self.primary.ini)
-        with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
-            scan(cfg.node.root, m)
-            return push_with_retries(cfg, cfg.mirrors[0], m, **kw)
+        try:
+            with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+                scan(cfg.node.root, m)
+                return push_with_retries(cfg, cfg.mirrors[0], m, **kw)
+        finally:
+            # Over when the edge's agent is: it closes its manifest (and its
+            # WAL file goes) after the push returned, and a test may next
+            # remove or edit the edge's state.
+            self.edge.wait_agent_ended()
 
     def in_sync(self) -> bool:
         return tree_listing(self.primary.root) == tree_listing(self.edge.root)
@@ -112,6 +118,7 @@ def fed_push(pair: Pair, *, fail: BaseException | None = None) -> PushResult:
                 raise
         finally:
             pushing.join()
+    pair.edge.wait_agent_ended()  # as in Pair.push: a failed push's agent takes back its new directories
     return results[0]
 
 
@@ -201,7 +208,6 @@ def test_a_fed_push_whose_scan_fails_publishes_nothing(pair: Pair) -> None:
     populate(pair.primary.root)
     r = fed_push(pair, fail=ScanError("the release does not check out"))
     assert not r.ok and "scan failed" in r.error
-    pair.edge.wait_agent_ended()  # its new directories, made ahead, are taken back as it ends
     assert tree_listing(pair.edge.root) == {}
     with Manifest.open(pair.primary.state, "primary", create=False) as m:
         assert m.acknowledged() == set() and not m.downstreams()  # nothing recorded of it

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from syncd import scan as scan_mod
 from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, Manifest
 from syncd.scan import ADDED, DELETED, META, MODIFIED, RELINKED, FeedClosed, ScanFeed, scan
+from tests.nodes import wait_until
 
 
 class Tree:
@@ -396,6 +397,7 @@ def test_feed_waits_for_a_slow_subscriber_and_never_for_one_that_left(monkeypatc
 
     producer = threading.Thread(target=produce)
     producer.start()
+    wait_until(lambda: len(sub.batches) == 2, 5, "two batches queued")
     time.sleep(0.1)
     assert not done.is_set() and len(sub.batches) == 2  # bounded: the scan waits
     feed.leave(sub)
@@ -433,7 +435,8 @@ def test_feed_gives_a_batch_once_to_each_push_whoever_leaves_or_joins_meanwhile(
     seen = {id(other): feed.take(other), id(slow): []}  # other keeps up
     putting = threading.Thread(target=feed.put, args=([("", b"1")],))
     putting.start()  # waits for slow's queue
-    time.sleep(0.05)
+    # Batch 1 is in the replay once put holds it (put keeps the lock until it waits).
+    wait_until(lambda: len(feed._replay) == 2, 5, "the put of batch 1")
     late = feed.subscribe()  # joins during the wait: gets both batches from the replay
     feed.leave(slow)
     putting.join(5)

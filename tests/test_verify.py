@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import os
@@ -390,8 +391,48 @@ def flip(p: Path, at: int) -> None:
     p.write_bytes(bytes(data))
 
 
-def test_byte_flipped_signatures_are_bad(keyring, deb):
-    flip(deb["dists/stable/Release.gpg"], -40)
+def crc24(data: bytes) -> int:
+    """OpenPGP's armor checksum (RFC 4880, 6.1)."""
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def damage_armored_signature(p: Path, how: str) -> None:
+    """Change an armored signature so that it no longer verifies, whatever its bytes.
+
+    Flipping a byte of the armor text is not that: gpg skips a character
+    that is not base64 ('A' ^ 1 is '@'), and a skipped zero digit near the
+    end can leave the decoded signature as it was, which then verifies
+    (seen about once in 40 runs).  So either a bit of the signature value
+    itself changes, armored again with a matching checksum (gpg: BADSIG),
+    or a base64 digit in the middle of the body becomes another base64
+    digit, the checksum kept (gpg: CRC error, no signature found).
+    """
+    lines = p.read_bytes().decode("ascii").split("\n")
+    start = lines.index("") + 1  # after the armor headers
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("="))
+    if how == "value":
+        packet = bytearray(base64.b64decode("".join(lines[start:end])))
+        packet[-3] ^= 0x01  # in the last MPI: the signature's s
+        body = base64.b64encode(bytes(packet)).decode()
+        lines[start:end + 1] = [body[i:i + 64] for i in range(0, len(body), 64)] + [
+            "=" + base64.b64encode(crc24(bytes(packet)).to_bytes(3, "big")).decode()]
+    else:
+        line = lines[start]
+        mid = len(line) // 2
+        lines[start] = line[:mid] + ("B" if line[mid] != "B" else "C") + line[mid + 1:]
+    p.write_bytes("\n".join(lines).encode("ascii"))
+
+
+@pytest.mark.parametrize("how", ["value", "armor"])
+def test_damaged_signatures_are_bad(keyring, deb, how):
+    damage_armored_signature(deb["dists/stable/Release.gpg"], how)
     text = deb["dists/stable/InRelease"].read_bytes()
     deb["dists/stable/InRelease"].write_bytes(text.replace(b"Suite: stable", b"Suite: stablE"))
     assert kinds(verify_index_group(deb, keyring=keyring)) == [
