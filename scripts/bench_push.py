@@ -193,20 +193,22 @@ class Bench(SshRig):
         results = run()
         return results, self.settled_counts()
 
-    def rsync(self, step: str, src: pathlib.Path, dst: pathlib.Path) -> dict:
-        argv = ["rsync", "-a", "--delete", "-e", self.ssh_command(), f"{src}/",
+    def _rsync_argv(self, src: pathlib.Path, dst: pathlib.Path, options: tuple[str, ...] = ()) -> list[str]:
+        return ["rsync", "-a", "--delete", *options, "-e", self.ssh_command(), f"{src}/",
                 f"{self.sshd.user}@{self.sshd.host}:{dst}/"]
+
+    def rsync(self, step: str, src: pathlib.Path, dst: pathlib.Path) -> dict:
+        argv = self._rsync_argv(src, dst)
         (m,), counts = self._counted(lambda: [run_measured(argv).check()])
-        row = dict(step=step, tool="rsync -a --delete", wall=m.wall, up=counts["up"], down=counts["down"], note="")
+        row = dict(step=step, tool=rsync_tool(), wall=m.wall, up=counts["up"], down=counts["down"], note="")
         self.rows.append(row)
         return row
 
     def rsync_context(self, options: tuple[str, ...], src: pathlib.Path, dst: pathlib.Path) -> dict:
         """One context run of the initial copy: rsync with ``options`` too
         (kept apart from the rows the targets compare)."""
-        tool = context_tool(options)
-        argv = ["rsync", "-a", "--delete", *options, "-e", self.ssh_command(), f"{src}/",
-                f"{self.sshd.user}@{self.sshd.host}:{dst}/"]
+        tool = rsync_tool(options)
+        argv = self._rsync_argv(src, dst, options)
         (m,), _counts = self._counted(lambda: [run_measured(argv)])
         if m.returncode:
             # rsync's own cause comes first; its last line is the generic "rsync error: ..."
@@ -374,8 +376,8 @@ def merge_rounds(rows: list[dict], step: str) -> list[dict]:
 CONTEXT_OPTIONS = (("--checksum-choice=sha1",), ("--checksum-choice=sha1", "--fsync"))
 
 
-def context_tool(options: tuple[str, ...]) -> str:
-    """The name a context run is reported and looked up under."""
+def rsync_tool(options: tuple[str, ...] = ()) -> str:
+    """The name an rsync run (plain, or a context run with ``options``) is reported and looked up under."""
     return " ".join(("rsync -a --delete", *options))
 
 
@@ -384,7 +386,7 @@ def context_lines(context: list[dict], rows: list[dict]) -> list[str]:
     syncd = next((r for r in rows if r["step"] == "initial" and not r["tool"].startswith("rsync")), None)
     lines = []
     for options in CONTEXT_OPTIONS:
-        tool = context_tool(options)
+        tool = rsync_tool(options)
         runs = [r for r in context if r["tool"] == tool]
         if not runs:
             continue
@@ -454,7 +456,7 @@ def context(bench: Bench, src: pathlib.Path, work: pathlib.Path, r: int) -> bool
     """One round's context runs, each into a new mirror; whether each copy is whole."""
     ok = True
     for i, options in enumerate(CONTEXT_OPTIONS, 1):
-        tool = context_tool(options)
+        tool = rsync_tool(options)
         if any(row["tool"] == tool and row["wall"] is None for row in bench.context):
             continue  # failed in an earlier round (an rsync without the option): once is enough
         dst = work / f"dst-rsync-context{i}-r{r}"
