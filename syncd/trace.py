@@ -108,8 +108,10 @@ def render(*, generation: int, upstream: str, started: float, finished: float, h
 
 
 def _one_line(text: str) -> str:
-    # A name from the wire must not add lines a checker would misread.
-    return " ".join(text.split())
+    # A name from the wire must not add lines a checker would misread.  Only
+    # line breaks go: the runs of spaces ``date -u`` prints (``Mon Dec  7``)
+    # are what checkers compare against.
+    return " ".join(text.splitlines()) if text else text
 
 
 def write(root: "SafeRoot", staging_fd: int, rel: bytes, content: bytes) -> None:

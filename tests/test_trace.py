@@ -25,11 +25,21 @@ def fields(text: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in text.splitlines()[1:])
 
 
+def date_u_of(t: float) -> str:
+    return subprocess.run(["date", "-u", "-d", f"@{int(t)}"], capture_output=True, text=True,
+                          env={"LC_ALL": "C", "PATH": os.environ["PATH"]}, check=True).stdout.strip()
+
+
 @pytest.mark.parametrize("t", [0, 1_700_000_000, 1_800_003_661.9, 1_767_225_599])
 def test_first_line_is_what_date_u_prints(t: float) -> None:
-    expected = subprocess.run(["date", "-u", "-d", f"@{int(t)}"], capture_output=True, text=True,
-                              env={"LC_ALL": "C", "PATH": os.environ["PATH"]}, check=True).stdout.strip()
-    assert trace.date_u(t) == expected
+    assert trace.date_u(t) == date_u_of(t)
+
+
+# 2026-12-07 and 2026-12-17: a one-digit day is padded by two spaces, whatever today is.
+@pytest.mark.parametrize("t", [1_796_634_723, 1_797_498_723])
+def test_rendered_first_line_is_what_date_u_prints(t: float) -> None:
+    text = trace.render(generation=1, upstream="primary", started=t - 5, finished=t, host="h").decode()
+    assert text.splitlines()[0] == date_u_of(t)
 
 
 def test_render_has_the_ftpsync_fields() -> None:
