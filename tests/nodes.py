@@ -11,6 +11,7 @@ import hashlib
 import os
 import shlex
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,3 +127,23 @@ def tree_listing(root: Path) -> dict[str, tuple]:
                     digest = hashlib.sha256(fh.read()).hexdigest()
                 out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest)
     return out
+
+
+def rsync_differences(primary: Path, mirror: Path, exclude: tuple[str, ...] = ()) -> list[str]:
+    """What rsync itself would change to make ``mirror`` equal ``primary``.
+
+    ``rsync -rlptHSnci --delete``: an itemized dry run comparing contents by
+    checksum, modes, file, directory and symlink times, hard links and
+    sparse files, exactly as mirror operators audit a mirror.  ``exclude``
+    names paths the mirror owns itself (its trace file), as rsync patterns.
+    """
+    argv = ["rsync", "-rlptHSnci", "--delete"] + [f"--exclude={p}" for p in exclude]
+    proc = subprocess.run(argv + [f"{primary}/", f"{mirror}/"], capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode(errors="backslashreplace").splitlines()
+
+
+def assert_same_tree(primary: Path, mirror: Path, exclude: tuple[str, ...] = ()) -> None:
+    """``mirror`` equals ``primary`` as rsync sees it: the oracle prints nothing."""
+    diff = rsync_differences(primary, mirror, exclude)
+    assert not diff, f"rsync -rlptHSnci --delete {primary}/ {mirror}/ would change:\n" + "\n".join(diff[:60])
