@@ -8,10 +8,10 @@ place that turns them into a one-line message and an exit status.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # Exit statuses.  0 is success; 1 a failed sync or a finding; 2 bad usage or
-# configuration (the contract in DESIGN.md); 3 another process holds the lock.
+# configuration; 3 another process holds the lock (the README lists them).
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
@@ -106,10 +106,6 @@ class DeletionGuardError(SyncdError):
     """A plan would delete more than the configured share of the tree."""
 
 
-class SyncFailedError(SyncdError):
-    """One or more downstreams failed; details were logged per mirror."""
-
-
 class IndexFormatError(VerifyError):
     """A Release, InRelease or repomd.xml is malformed or hostile (DOCTYPE, unsafe path)."""
 
@@ -128,8 +124,8 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 class disk_full_as:  # noqa: N801 - used as a function-style context manager
     """Inside, a full disk (ENOSPC, EDQUOT) raises DiskFullError(message());
     any other OSError passes as it is.  A class, not a generator: it wraps
-    two calls per staged file, and contextlib's machinery cost 8% of the
-    staging threads' Python time on 20,000 small files."""
+    two calls per staged file, and contextlib's machinery costs several
+    times as much per use (docs/performance.md, "Per-file costs")."""
 
     __slots__ = ("message",)
 
@@ -147,3 +143,24 @@ class disk_full_as:  # noqa: N801 - used as a function-style context manager
 
 class StoppedError(SyncdError):
     """A push ended early because the daemon is stopping; nothing half-done was published."""
+
+
+#: An ``error`` message's ``kind`` (docs/protocol.md) to its class.  The kind
+#: is the class's name, as the agent sends it (``type(err).__name__``), so
+#: that the class's exit status and ``retryable`` survive the wire.
+WIRE_KINDS: dict[str, type[SyncdError]] = {cls.__name__: cls for cls in (
+    SyncdError, ConfigError, UsageError, LockedError, ManifestError, SchemaError, ScanError,
+    DeltaError, DeltaFormatError, PatchMismatchError, ProtocolError, UnsafePathError,
+    TransportError, ConnectionLostError, HostKeyError, AuthenticationError,
+    VerifyError, SignatureError, IndexFormatError, DeletionGuardError, RemoteError, DiskFullError,
+    StoppedError,
+)}
+
+
+def error_from_wire(message: Mapping[str, Any]) -> SyncdError:
+    """The error an agent's ``error`` message reports, as its own class
+    (``WIRE_KINDS``); RemoteError for a kind this syncd does not know (a
+    newer peer's class) or none.  The text is the agent's, marked as such."""
+    kind = message.get("kind")
+    cls = WIRE_KINDS.get(kind, RemoteError) if isinstance(kind, str) else RemoteError
+    return cls(f"agent: {message.get('message')}")

@@ -33,7 +33,7 @@ from .errors import (
     ProtocolError,
     RemoteError,
     SyncdError,
-    TransportError,
+    error_from_wire,
 )
 from .filters import Filter
 from .manifest import KIND_FILE, Entry, Manifest, fspath
@@ -235,7 +235,7 @@ class _Channel:
         if isinstance(item, _SignatureArrived):
             return item
         if item.get("type") == "error":
-            raise RemoteError(f"agent: {item.get('message')}")
+            raise error_from_wire(item)
         return item
 
 
@@ -1003,4 +1003,4 @@ def _not_pushed(result: PushResult, err: BaseException) -> PushResult:
     return result
 
 
-__all__ = ["Link", "PushResult", "Pusher", "push_tree", "push_with_retries", "filter_rules", "TransportError"]
+__all__ = ["Link", "PushResult", "Pusher", "push_tree", "push_with_retries", "filter_rules"]
