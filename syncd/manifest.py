@@ -526,6 +526,21 @@ class Manifest:
         except sqlite3.Error as err:
             raise ManifestError(f"{self.path}: cannot open manifest: {err}") from err
 
+    def first_generation_after(self, generation: int) -> int | None:
+        """When (ns) this node made its first generation after ``generation``:
+        a downstream that holds ``generation`` has lagged since then.  None
+        when it made none since."""
+        raw = self._raw()
+        try:
+            row = raw.execute(
+                "SELECT created_ns FROM generations WHERE generation > ? ORDER BY generation LIMIT 1", (generation,)
+            ).fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: {err}") from err
+        finally:
+            raw.close()
+        return None if row is None else row[0]
+
 
 class _RawConnection:
     """A sqlite3 connection in autocommit mode, for the bulk paths."""
@@ -711,11 +726,6 @@ class ManifestWriter:
             self.commit()
         else:
             self.rollback()
-
-
-def _reason(err: Exception) -> str:
-    orig = getattr(err, "orig", None)
-    return str(orig) if orig is not None else str(err).splitlines()[0]
 
 
 def fspath(path: bytes) -> str:
