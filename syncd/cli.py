@@ -1,8 +1,8 @@
 """The ``syncd`` command line: the one place that turns errors into exit statuses.
 
-Commands import what they use when they run: starting Python with paramiko,
-SQLAlchemy and numpy costs most of a second, and ``status`` should not pay for
-what only ``run`` needs.
+Commands import what they use when they run: paramiko, SQLAlchemy and numpy
+are slow to import (docs/performance.md, "Start-up"), and ``status`` should
+not pay for what only ``run`` needs.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 from . import __version__
-from .errors import EXIT_FAILURE, SyncdError
-
-if TYPE_CHECKING:
-    from .scan import ScanFeed
+from .errors import EXIT_FAILURE, ManifestError, SyncdError, UsageError
 
 log = logging.getLogger("syncd")
 
@@ -98,7 +94,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
     """The state_dir lock (created with state_dir on first use), not yet taken."""
-    from .errors import ManifestError
     from .lock import StateLock
 
     try:
@@ -109,8 +104,6 @@ def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .errors import UsageError
-
     if not args.once:
         if args.dry_run or args.force_deletes or args.mirror:
             raise UsageError("--dry-run, --force-deletes and --mirror go with --once")
@@ -130,55 +123,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not mirrors:
         raise UsageError(f"{cfg.path}: no [mirror:NAME] section: nothing to push to")
     out = sys.stdout
+    printing = threading.Lock()
+
+    def show(mirror: str, item) -> None:  # noqa: ANN001 - a plan.Item
+        with printing:
+            out.write(f"{mirror}: {item.line()}\n")
+
     with _state_lock(cfg, "run --once"):
-        # The SSH handshakes and the remote agents' start (a quarter second
-        # each) run while this node scans.  A mirror with ``via`` is reached
-        # only on failover: not opened ahead.
+        # The SSH handshakes and the remote agents' start (docs/performance.md,
+        # "Start-up") run while this node scans.  A mirror with ``via`` is
+        # reached only on failover: not opened ahead.
         links = {m.name: Link(m) for m in mirrors if not m.via}
         for link in links.values():
             link.open_in_background()
         try:
-            # Imported once the handshakes are under way (tens of ms).
-            from . import gc_paused
-            from .manifest import Manifest
-            from .push import push_tree
-            from .scan import scan
-            from .verify import refuse_broken_release
+            # Imported once the handshakes are under way: the scan's and
+            # verify's imports overlap them too.
+            from .runonce import run_once
 
-            with gc_paused(), Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
-                printing = threading.Lock()
-
-                def show(mirror: str, item) -> None:  # noqa: ANN001
-                    with printing:
-                        out.write(f"{mirror}: {item.line()}\n")
-
-                def push(feed: "ScanFeed | None" = None) -> list:
-                    return push_tree(
-                        cfg, manifest, mirrors=mirrors, dry_run=args.dry_run, force_deletes=args.force_deletes,
-                        on_item=show if (args.dry_run or args.itemize) else None, cascade=not args.no_cascade,
-                        links=links, feed=feed,
-                    )
-
-                def checked_scan(feed: "ScanFeed | None" = None) -> None:
-                    result = scan(cfg.node.root, manifest, workers=cfg.node.hash_workers, feed=feed)
-                    log.info("scan: %s", result.summary())
-                    if not args.no_verify:
-                        refuse_broken_release(cfg, manifest)
-                    if feed is not None:
-                        feed.finish(result)
-
-                # A mirror's manifest is written by its agent from its upstream's
-                # rows; only a node that publishes by itself scans its root.
-                if manifest.get_meta("upstream") is not None:
-                    results = push()
-                elif not _has_new_mirror(manifest, mirrors):
-                    checked_scan()
-                    results = push()
-                else:
-                    # A mirror never pushed to is sent every row: it is fed
-                    # the rows while the scan finds them, and the others wait.
-                    results = _scan_and_push(checked_scan, push, parties=sum(1 for m in mirrors if not m.via))
-                manifest.set_meta("last_tree", json.dumps([r.to_wire() for r in results]))
+            results = run_once(
+                cfg, mirrors, links=links, dry_run=args.dry_run, force_deletes=args.force_deletes,
+                cascade=not args.no_cascade, verify=not args.no_verify,
+                on_item=show if (args.dry_run or args.itemize) else None,
+            )
         finally:
             for link in links.values():
                 link.close()
@@ -187,40 +154,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in r.report():
             out.write(("(dry run) " if args.dry_run else "") + line + "\n")
     return 0 if all(r.tree_ok() for r in results) else EXIT_FAILURE
-
-
-def _has_new_mirror(manifest, mirrors) -> bool:  # noqa: ANN001
-    """Whether a mirror (not a standby) has never acknowledged a generation."""
-    acked = manifest.acknowledged()
-    return any(m.name not in acked for m in mirrors if not m.via)
-
-
-def _scan_and_push(checked_scan: Callable, push: Callable, parties: int) -> list:
-    """Scan in this thread while the pushes run in another, fed by the scan."""
-    from .scan import ScanFeed
-
-    feed = ScanFeed(parties)
-    results: list = []
-    failed: list[BaseException] = []
-
-    def pushing() -> None:
-        try:
-            results.extend(push(feed))
-        except BaseException as err:  # raised in the main thread, below
-            failed.append(err)
-
-    pusher = threading.Thread(target=pushing, name="push-tree", daemon=True)
-    pusher.start()
-    try:
-        checked_scan(feed)
-    except BaseException as err:
-        feed.fail(err)  # the pushes end with nothing published
-        raise
-    finally:
-        pusher.join()
-    if failed:
-        raise failed[0]
-    return results
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
@@ -239,38 +172,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ``--repair`` it only reports, like without.
     """
     from .manifest import KIND_FILE, META_HELD_BACK, META_REPAIR, Manifest
-    from .verify import Finding, FindingKind, check_own_index_group, hash_files
+    from .verify import Finding, check_hashes, check_own_index_group
 
     cfg = _load_config(args)
     out = sys.stdout
-    root = os.fsencode(os.path.abspath(cfg.node.root))
+    # check_hashes names each finding by the path it hashed, message first:
+    # the report names it relative to root.
+    prefix = os.fsdecode(os.path.abspath(cfg.node.root)) + "/"
     findings: list = []
     files = size = 0
     with _state_lock(cfg, "verify"):
         with Manifest.open(cfg.node.state_dir, cfg.node.name, create=False) as manifest:
             upstream = manifest.get_meta("upstream")
 
-            def check(chunk: dict[str, tuple[str, bytes]]) -> None:
-                for where, got in hash_files(chunk, workers=cfg.node.hash_workers):
-                    rel, digest = chunk[where]
-                    if isinstance(got, FileNotFoundError):
-                        findings.append(Finding(rel, FindingKind.MISSING_FILE, f"{rel}: missing"))
-                    elif isinstance(got, OSError):
-                        findings.append(Finding(rel, FindingKind.ERROR, f"{rel}: cannot read: {got.strerror or got}"))
-                    elif got != digest:
-                        findings.append(Finding(
-                            rel, FindingKind.HASH_MISMATCH,
-                            f"{rel}: SHA-256 {got.hex()} differs from the manifest's {digest.hex()}"))
+            def check(chunk: dict[str, bytes]) -> None:
+                findings.extend(Finding(f.path[len(prefix):], f.kind, f.message[len(prefix):])
+                                for f in check_hashes(chunk, workers=cfg.node.hash_workers))
 
             # Chunks keep memory bounded on a tree of millions of files.
-            chunk: dict[str, tuple[str, bytes]] = {}
+            chunk: dict[str, bytes] = {}
             for e in manifest.entries():
                 if e.kind != KIND_FILE:
                     continue
                 files += 1
                 size += e.size
                 # fsdecode, not fspath: --repair encodes the name back.
-                chunk[os.fsdecode(root + b"/" + e.path)] = (os.fsdecode(e.path), e.sha256)
+                chunk[prefix + os.fsdecode(e.path)] = e.sha256
                 if len(chunk) >= 4096:
                     check(chunk)
                     chunk = {}
@@ -331,190 +258,57 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """This node, then each downstream of the tree below it.
+    """This node, then each downstream of the tree below it (see syncd.status)."""
+    from .status import node_status
 
-    Direct mirrors come from the manifest's ``downstreams`` table (what each
-    acknowledged, and its last result); the mirrors below them from meta
-    ``last_tree``, the report of the last push through the tree: as fresh as
-    that push, and marked with its time (``as_of``).
-    """
-    from .manifest import META_HELD_BACK, Manifest
-
-    cfg = _load_config(args)
-    with Manifest.open(cfg.node.state_dir, cfg.node.name, create=False) as manifest:
-        stats = manifest.stats()
-        acked = {d["name"]: d for d in manifest.downstreams()}
-        raw_tree = manifest.get_meta("last_tree")
-        raw_held = manifest.get_meta(META_HELD_BACK)
-        upstream = manifest.get_meta("upstream")
-        # Generations this node made, oldest first: a lagging mirror's lag in
-        # seconds is the age of the first one it lacks.  (Read through the
-        # driver connection: the manifest has no public query for it yet.)
-        raw = manifest._raw()
-        try:
-            made = raw.execute("SELECT generation, created_ns FROM generations ORDER BY generation").fetchall()
-        finally:
-            raw.close()
-    now_ns = time.time_ns()
-
-    def lag(held: int | None) -> tuple[int | None, float | None]:
-        if held is None:
-            return None, None
-        if held >= stats.generation:
-            return 0, 0.0
-        lacked = next((ns for g, ns in made if g > held), None)
-        return stats.generation - held, None if lacked is None else round((now_ns - lacked) / 1e9, 3)
-
-    def loads(text: str | None, what: str):  # noqa: ANN202 - whatever JSON it holds, or None
-        if not text:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:
-            log.warning("%s: meta %s is not valid JSON; ignored", manifest.path, what)
-            return None
-
-    def below(raw_results: object, as_of: int | None) -> list[dict]:
-        """A ``last_tree`` subtree as status entries, nested the same way."""
-        out = []
-        for r in raw_results if isinstance(raw_results, list) else []:
-            if not isinstance(r, dict):
-                continue
-            ok = r.get("ok") is True
-            gen = r.get("generation") if isinstance(r.get("generation"), int) else None
-            before = r.get("held_before") if isinstance(r.get("held_before"), int) else None
-            held = gen if ok else before
-            lag_g, lag_s = lag(held)
-            out.append({
-                "name": str(r.get("mirror")),
-                "generation": held,
-                "lag_generations": lag_g,
-                "lag_seconds": lag_s,
-                "ok": ok,
-                "last_success": _iso(as_of) if ok else None,
-                "last_error": None if ok else r.get("error"),
-                "bytes_sent": int(r.get("bytes_sent") or 0),
-                "files_sent": int(r.get("files_sent") or 0),
-                "failover_from": r.get("failover_from"),
-                "as_of": _iso(as_of),
-                "below": below(r.get("below"), as_of),
-            })
-        return out
-
-    tree = {str(r.get("mirror")): r for r in (loads(raw_tree, "last_tree") or []) if isinstance(r, dict)}
-    report = {
-        "node": cfg.node.name,
-        "root": str(cfg.node.root),
-        "upstream": upstream,
-        "generation": stats.generation,
-        "generation_age_s": (
-            round((now_ns - stats.generation_created_ns) / 1e9, 3) if stats.generation_created_ns else None
-        ),
-        "files": stats.files,
-        "dirs": stats.dirs,
-        "symlinks": stats.symlinks,
-        "total_size": stats.total_size,
-        "tombstones": stats.tombstones,
-        "held_back": None,
-        "prewarm": None,
-        "mirrors": [],
-    }
-    held_back = loads(raw_held, META_HELD_BACK)
-    if isinstance(held_back, dict):
-        report["held_back"] = dict(held_back, at=_iso(held_back.get("at_ns")
-                                                      if isinstance(held_back.get("at_ns"), int) else None))
-    progress = cfg.node.state_dir / "prewarm.json"
-    try:
-        text = progress.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = None
-    except OSError as err:
-        report["prewarm"] = {"error": f"{progress}: {err.strerror or err}"}
-        text = None
-    if text is not None:
-        # Written by a prewarm in progress (and rewritten as it goes): take
-        # whatever keys it has, show them as they are.
-        try:
-            state = json.loads(text)
-        except ValueError:
-            state = None
-        report["prewarm"] = state if isinstance(state, dict) else {"error": f"{progress}: not a JSON object"}
-    for m in cfg.mirrors:
-        d = acked.get(m.name, {})
-        held = d.get("generation")
-        lag_g, lag_s = lag(held)
-        last_push = max((t for t in (d.get("last_success_ns"), d.get("last_error_ns")) if t is not None),
-                        default=None)
-        report["mirrors"].append(
-            {
-                "name": m.name,
-                "host": f"{m.host}:{m.port}",
-                "generation": held,
-                "lag_generations": lag_g,
-                "lag_seconds": lag_s,
-                "last_success": _iso(d.get("last_success_ns")),
-                "last_error": d.get("last_error"),
-                "last_error_at": _iso(d.get("last_error_ns")),
-                "bytes_sent": d.get("bytes_sent") or 0,
-                "files_sent": d.get("files_sent") or 0,
-                "via": m.via,
-                "below": below((tree.get(m.name) or {}).get("below"), last_push),
-            }
-        )
+    report = node_status(_load_config(args))
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-
-    def held_text(m: dict) -> str:
-        if m["generation"] is None:
-            return "never synced" if "host" in m else "generation unknown"
-        text = f"generation {m['generation']}"
-        if m["lag_generations"]:
-            ago = f", {m['lag_seconds']:.0f} s behind" if m["lag_seconds"] is not None else ""
-            text += f" (lag {m['lag_generations']}{ago})"
-        else:
-            text += " (current)"
-        return text
-
-    def show(m: dict, indent: str) -> None:
-        line = f"{indent}{m['name']:<{max(1, 22 - len(indent))}} "
-        line += f"{m['host']:<28} " if "host" in m else ""
-        line += held_text(m)
-        if m["last_success"]:
-            line += f", last success {m['last_success']}"
-            if m["files_sent"] or m["bytes_sent"]:
-                line += f" ({m['files_sent']} files, {m['bytes_sent']} bytes)"
-        if m["last_error"]:
-            at = m.get("last_error_at") or m.get("as_of")
-            line += f", last error{' ' + at if at else ''}: {m['last_error']}"
-        print(line)
-        for sub in m["below"]:
-            show(sub, indent + "  ")
-
-    print(f"node {report['node']}: generation {report['generation']}, {stats.files} files, "
-          f"{stats.dirs} dirs, {stats.symlinks} symlinks, {stats.total_size} bytes"
-          + (f", mirror of {upstream}" if upstream else ""))
-    hb = report["held_back"]
+    print(f"node {report.node}: generation {report.generation}, {report.files} files, "
+          f"{report.dirs} dirs, {report.symlinks} symlinks, {report.total_size} bytes"
+          + (f", mirror of {report.upstream}" if report.upstream else ""))
+    hb = report.held_back
     if hb:
         first = hb.get("first") if isinstance(hb.get("first"), list) else []
         print(f"  held back: generation {hb.get('generation')} from {hb.get('upstream')}"
               f"{' at ' + hb['at'] if hb.get('at') else ''}: {hb.get('findings')} finding(s)"
               + (f", first: {first[0]}" if first else "") + "; serving the last good generation")
-    pw = report["prewarm"]
+    pw = report.prewarm
     if pw is not None:
         done = pw.get("phase") in ("done", "failed")
         fields = ", ".join(f"{k} {v}" for k, v in sorted(pw.items()) if not isinstance(v, (dict, list)))
         print(f"  {'last prewarm' if done else 'prewarm in progress'}: {fields}")
-    for m in report["mirrors"]:
-        show(m, "  ")
+    for m in report.mirrors:
+        _show_mirror(m, "  ")
     return 0
 
 
-def _iso(ns: int | None) -> str | None:
-    if ns is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+def _show_mirror(m, indent: str) -> None:  # noqa: ANN001 - a status.MirrorStatus or TreeMirror
+    """One line for ``m``, then (indented) one for each mirror below it."""
+    direct = hasattr(m, "host")
+    line = f"{indent}{m.name:<{max(1, 22 - len(indent))}} "
+    line += f"{m.host:<28} " if direct else ""
+    if m.generation is None:
+        line += "never synced" if direct else "generation unknown"
+    else:
+        line += f"generation {m.generation}"
+        if m.lag_generations:
+            ago = f", {m.lag_seconds:.0f} s behind" if m.lag_seconds is not None else ""
+            line += f" (lag {m.lag_generations}{ago})"
+        else:
+            line += " (current)"
+    if m.last_success:
+        line += f", last success {m.last_success}"
+        if m.files_sent or m.bytes_sent:
+            line += f" ({m.files_sent} files, {m.bytes_sent} bytes)"
+    if m.last_error:
+        at = m.last_error_at if direct else m.as_of
+        line += f", last error{' ' + at if at else ''}: {m.last_error}"
+    print(line)
+    for sub in m.below:
+        _show_mirror(sub, indent + "  ")
 
 
 # -- parser ------------------------------------------------------------------
@@ -607,11 +401,11 @@ def entry() -> None:
     """The ``syncd`` command (console script and ``python -m syncd``): main(),
     then a quick exit.
 
-    The interpreter's teardown (module and thread finalizers) cost 25-30 ms
-    of every ``run --once``, a tenth of a no-op.  By the time main() returns,
-    every file is closed and every thread joined (a command that did not get
-    there raised instead, and exits the usual way), so the standard streams
-    and the log are all that is left to flush.
+    The interpreter's teardown (module and thread finalizers) is a share of
+    every ``run --once`` worth saving (docs/performance.md, "Start-up").  By
+    the time main() returns, every file is closed and every thread joined (a
+    command that did not get there raised instead, and exits the usual way),
+    so the standard streams and the log are all that is left to flush.
     """
     code = main()
     logging.shutdown()

@@ -36,7 +36,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from watchdog.observers import Observer
 
 from . import config as configmod
 from . import notify
@@ -44,8 +49,9 @@ from .config import Config, MirrorConfig
 from .errors import ConfigError, LockedError, SyncdError
 from .lock import StateLock
 from .manifest import Manifest
+from .metrics import Metrics
 from .push import Link, PushResult, push_with_retries
-from .scan import scan
+from .runonce import ReleaseGate, scan_node
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +142,7 @@ class Daemon:
         self.scans = 0
         self.next_full_scan = 0.0
         self.metrics = None
-        self.checked_generation: int | None = None
-        self.release_ok = False
+        self.release_gate = ReleaseGate(self._release_refused)
 
     # -- life ----------------------------------------------------------------
 
@@ -151,8 +156,6 @@ class Daemon:
         self.manifest = Manifest.open(node.state_dir, node.name)
         self.primary = self.manifest.get_meta("upstream") is None
         if node.metrics_listen:
-            from .metrics import Metrics
-
             self.metrics = Metrics(node.name)
             try:
                 self.metrics.serve(node.metrics_listen)
@@ -245,7 +248,7 @@ class Daemon:
         node = self.cfg.node
         before = self.manifest.generation
         with StateLock(node.state_dir, "daemon scan", wait=60.0):
-            result = scan(node.root, self.manifest, workers=node.hash_workers, dirs=dirs)
+            result = scan_node(self.cfg, self.manifest, dirs=dirs)
         self.scans += 1
         if self.metrics is not None:
             self.metrics.scanned(self.manifest.generation)
@@ -286,10 +289,6 @@ class Daemon:
             log.warning("%s: watch = no: scanning root every %.0f s instead of watching it",
                         self.cfg.node.name, self.cfg.node.scan_interval)
             return
-        import warnings
-
-        from watchdog.observers import Observer
-
         # watchdog warns when a directory is re-created under an old watch; it copes.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
 
@@ -316,30 +315,16 @@ class Daemon:
             w.start()
 
     def _request_all(self, *, full: bool = False) -> None:
-        if self.primary and not self._release_ok():
+        # A primary does not push a generation whose own index group fails
+        # its checks; the next scan that changes the tree checks again.
+        if self.primary and not self.release_gate.allows(self.cfg, self.manifest):
             return
         for w in self.workers.values():
             w.request(full=full)
 
-    def _release_ok(self) -> bool:
-        """A primary does not push a generation whose own index group fails its checks.
-
-        Checked once per generation; the next scan that changes the tree
-        (a fixed release) checks again.
-        """
-        from .verify import refuse_broken_release
-
-        gen = self.manifest.generation
-        if self.checked_generation != gen:
-            try:
-                refuse_broken_release(self.cfg, self.manifest)
-                self.release_ok = True
-            except SyncdError as err:
-                log.error("%s", err)
-                notify.status(f"generation {gen} not pushed: its own checks failed")
-                self.release_ok = False
-            self.checked_generation = gen
-        return self.release_ok
+    def _release_refused(self, generation: int, err: SyncdError) -> None:
+        log.error("%s", err)
+        notify.status(f"generation {generation} not pushed: its own checks failed")
 
     def pushed(self, worker: MirrorWorker, result: PushResult) -> None:
         if self.metrics is not None:
@@ -351,9 +336,6 @@ class Daemon:
                     w.request()
 
     def _start_scheduler(self) -> None:
-        from apscheduler.schedulers.background import BackgroundScheduler
-        from apscheduler.triggers.cron import CronTrigger
-
         sched = BackgroundScheduler(daemon=True)
         for m in self.cfg.mirrors:
             sched.add_job(self._reconcile, CronTrigger.from_crontab(m.schedule), args=[m.name],
