@@ -1,4 +1,4 @@
-"""``sync.ini`` into frozen dataclasses: the configuration contract of DESIGN.md.
+"""``sync.ini`` into frozen dataclasses: the configuration contract.
 
 Every key syncd reads is declared once in the ``*_KEYS`` tables below, with its
 type, default and whether it is required; the example ``sync.ini`` at the
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .filters import compile_pattern
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,26 @@ MIRROR_PREFIX = "mirror:"
 # where the command line finds it without importing prewarm.
 PROBE_TIMEOUT = 15.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_TRACE_DIR = "project/trace"
+
+# Files whose publication makes a new release visible to clients: they go
+# live after every data file they may reference, and before any deletion.
+DEFAULT_INDEX_PATTERNS: tuple[str, ...] = (
+    # Debian / Ubuntu
+    "Release", "Release.gpg", "InRelease",
+    "Packages", "Packages.*", "Sources", "Sources.*",
+    "Contents-*", "Translation-*", "Components-*", "icons-*", "Commands-*",
+    "Index", "by-hash/**",
+    # RPM (dnf/yum)
+    "repodata/repomd.xml", "repodata/repomd.xml.*",
+    # PyPI simple (PEP 503) and JSON indices
+    "simple/index.html", "simple/*/index.html", "simple/*/index.v1_json", "pypi/*/json",
+    # generic checksum lists and their signatures
+    "SHA256SUMS", "SHA256SUMS.*", "SHA512SUMS", "SHA512SUMS.*", "MD5SUMS", "MD5SUMS.*",
+    "*.sha256", "*.sha512",
+    # Alpine, Arch
+    "APKINDEX.tar.gz", "*.db", "*.db.sig", "*.files", "*.files.sig",
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +69,7 @@ class NodeConfig:
     scan_interval: float = 300.0
     metrics_listen: str | None = None
     trace: bool = False
-    trace_dir: str = "project/trace"
+    trace_dir: str = DEFAULT_TRACE_DIR
 
 
 @dataclass(frozen=True)
@@ -148,7 +169,8 @@ def _seconds(raw: str) -> float:
 
 def _cron(raw: str) -> str:
     # APScheduler is the judge of what the daemon will accept; import it only
-    # when a mirror has a schedule to check (it costs ~0.1 s of start-up).
+    # when a mirror has a schedule to check (its import is slow:
+    # docs/performance.md, "Start-up").
     from apscheduler.triggers.cron import CronTrigger
 
     try:
@@ -159,8 +181,6 @@ def _cron(raw: str) -> str:
 
 
 def _patterns(raw: str) -> tuple[str, ...]:
-    from .filters import compile_pattern
-
     patterns = tuple(raw.split())
     for pat in patterns:
         compile_pattern(pat)  # ValueError names the pattern
@@ -175,9 +195,14 @@ def _globs(raw: str) -> tuple[str, ...]:
 
 
 def _trace_dir(raw: str) -> str:
-    from .trace import parse_dir
-
-    return parse_dir(raw)
+    """A directory relative to root: no leading '/', no '..', no empty parts."""
+    value = raw.strip().rstrip("/")
+    if not value or value.startswith("/"):
+        raise ValueError("expected a directory relative to root, such as project/trace")
+    parts = value.split("/")
+    if any(p in ("", ".", "..") for p in parts) or "\0" in value:
+        raise ValueError("expected a directory relative to root without '.', '..' or '//'")
+    return value
 
 
 def _listen(raw: str) -> str:
@@ -225,12 +250,6 @@ class Key:
     required: bool = False
 
 
-def _default_index_patterns() -> tuple[str, ...]:
-    from .plan import DEFAULT_INDEX_PATTERNS
-
-    return DEFAULT_INDEX_PATTERNS
-
-
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -243,15 +262,14 @@ NODE_KEYS: dict[str, Key] = {
     "include": Key(_patterns, default=()),
     "exclude": Key(_patterns, default=()),
     "max_delete": Key(_share, default=0.10),
-    "index_patterns": Key(_globs, default=None),  # None: plan.DEFAULT_INDEX_PATTERNS
+    "index_patterns": Key(_globs, default=None),  # None: DEFAULT_INDEX_PATTERNS
     "parallel_pushes": Key(_int_range(1, 64), default=4),
     "watch": Key(_bool, default=True),
     "watch_debounce": Key(_seconds, default=0.1),
     "scan_interval": Key(_seconds, default=300.0),
     "metrics_listen": Key(_listen, default=None),
-    # Parsers live in trace.py, imported only when a config sets the key.
     "trace": Key(_bool, default=False),
-    "trace_dir": Key(_trace_dir, default="project/trace"),
+    "trace_dir": Key(_trace_dir, default=DEFAULT_TRACE_DIR),
 }
 
 MIRROR_KEYS: dict[str, Key] = {
@@ -347,7 +365,7 @@ def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
     node = NodeConfig(**{
         **node_values,
         "hash_workers": node_values["hash_workers"] or _default_workers(),
-        "index_patterns": node_values["index_patterns"] or _default_index_patterns(),
+        "index_patterns": node_values["index_patterns"] or DEFAULT_INDEX_PATTERNS,
     })
     _check_dirs(cfg_path, node)
 

@@ -13,26 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .config import DEFAULT_INDEX_PATTERNS
 from .errors import DeletionGuardError
-
-# Files whose publication makes a new release visible to clients: they go
-# live after every data file they may reference, and before any deletion.
-DEFAULT_INDEX_PATTERNS: tuple[str, ...] = (
-    # Debian / Ubuntu
-    "Release", "Release.gpg", "InRelease",
-    "Packages", "Packages.*", "Sources", "Sources.*",
-    "Contents-*", "Translation-*", "Components-*", "icons-*", "Commands-*",
-    "Index", "by-hash/**",
-    # RPM (dnf/yum)
-    "repodata/repomd.xml", "repodata/repomd.xml.*",
-    # PyPI simple (PEP 503) and JSON indices
-    "simple/index.html", "simple/*/index.html", "simple/*/index.v1_json", "pypi/*/json",
-    # generic checksum lists and their signatures
-    "SHA256SUMS", "SHA256SUMS.*", "SHA512SUMS", "SHA512SUMS.*", "MD5SUMS", "MD5SUMS.*",
-    "*.sha256", "*.sha512",
-    # Alpine, Arch
-    "APKINDEX.tar.gz", "*.db", "*.db.sig", "*.files", "*.files.sig",
-)
 
 
 class IndexMatcher:

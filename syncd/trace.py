@@ -18,8 +18,8 @@ syncd writes the same file for a node, after each generation it commits::
 The path is ``[node] trace_dir`` (default ``project/trace``) relative to
 root, plus the node's name; nothing is written unless ``[node] trace`` is on.
 The file is written in ``state_dir/staging`` and renamed into root through
-``SafeRoot.publish``, so a reader never sees it partial (DESIGN.md invariant
-1), and a temporary left by a killed agent is a ``tmp.*`` name the agent
+``SafeRoot.publish``, so a reader never sees it partial (docs/design.md,
+"The agent's staging"), and a temporary left by a killed agent is a ``tmp.*`` name the agent
 removes at its next start.
 
 The trace file is not in the manifest (the upstream does not have it), so
@@ -44,22 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACE_DIR = "project/trace"
-
 # English names, whatever the locale: checkers parse them.
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def parse_dir(raw: str) -> str:
-    """A directory relative to root: no leading '/', no '..', no empty parts."""
-    value = raw.strip().rstrip("/")
-    if not value or value.startswith("/"):
-        raise ValueError("expected a directory relative to root, such as project/trace")
-    parts = value.split("/")
-    if any(p in ("", ".", "..") for p in parts) or "\0" in value:
-        raise ValueError("expected a directory relative to root without '.', '..' or '//'")
-    return value
 
 
 def trace_path(cfg: "Config") -> bytes:
@@ -161,5 +148,4 @@ def after_commit(cfg: "Config", root: "SafeRoot", staging_fd: int, *, generation
     return True
 
 
-__all__ = ["DEFAULT_TRACE_DIR", "after_commit", "date_u", "parse_dir", "protects", "render",
-           "rfc2822", "trace_path", "write"]
+__all__ = ["after_commit", "date_u", "protects", "render", "rfc2822", "trace_path", "write"]
