@@ -61,8 +61,8 @@ from .errors import (
     disk_full_as,
 )
 from .filters import Filter
-from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, boot_id, start_writeback,
-                    syncfs, unlink_at, validate_name, verified_this_boot)
+from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, SafeRoot, SparseWriter, boot_id, copy_extents,
+                    sha256_around_cache, start_writeback, syncfs, unlink_at, validate_name, verified_this_boot)
 from .lock import StateLock
 from .manifest import (
     KIND_DIR,
@@ -75,9 +75,12 @@ from .manifest import (
     join,
     split,
 )
+from .partial import (PARTIAL_PREFIX, RANGES_SUFFIX, RECORD_EVERY, RESUME_MIN, RUN_PREFIX, RangeLog, promote_run,
+                      take_over)
 from .protocol import (MAX_OPEN_STREAMS, PROTOCOL_VERSION, BodyPool, FrameReader, FrameType, FrameWriter,
                        negotiate)
 from .session import stdio
+from .sparse import hash_zeros
 
 if TYPE_CHECKING:
     from . import verify as verifymod
@@ -96,11 +99,15 @@ PARK_MIN = 1 << 20
 #: From this size on, an old copy's signature is computed in two halves at once.
 SIG_SPLIT_MIN = 16 << 20
 PARK_FREE_DELAY = 1.0  # seconds after the commit
-COPY_CHUNK = 8 << 20
 # Protocol 1.2: a local copy of a file from this size on is made by a
 # staging thread (need "copy"); smaller ones at once, by the main thread.
 ASYNC_COPY_MIN = 1 << 20
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
+#: What this agent takes beyond the negotiated minor (its welcome's
+#: ``features``, docs/protocol.md section 4): ``sparse`` payloads and holes
+#: in a delta's result, and ``resume`` offers in ``needs`` with the
+#: ``file`` message's ``offset``.
+FEATURES = ("sparse", "resume")
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
 # New data files published while the push still arrives: in batches of at
@@ -191,6 +198,9 @@ class _Plan:
     early: dict[bytes, os.stat_result] = field(default_factory=dict)  # published before the commit
     ended: bool = False  # entries_end came: the plan is complete
     signatures: int = 0  # signatures of the edge's old copies asked for
+    # SHA-256 -> the offset offered: a file sent whole may start there (its
+    # prefix is this edge's partial file, taken over as a run of this process).
+    resumes: dict[bytes, int] = field(default_factory=dict)
 
 
 class _PathSet:
@@ -267,7 +277,16 @@ class _PathSet:
 
 
 class _Incoming:
-    """One file arriving on a stream, written to a staging temp file."""
+    """One file arriving on a stream, written to a staging temp file.
+
+    From RESUME_MIN on, a file sent whole (raw or zstd) is written as a run
+    of this process (``run.PID.<sha256hex>``, syncd.partial) whose progress
+    is recorded as it reaches the file: cut short, it becomes the object's
+    partial file, and the next push resumes from its prefix (the ``offset``
+    this agent offered, the prefix taken over again at planning).  A sparse
+    payload (``sparse``, syncd.sparse) writes only the data; with ``delta``,
+    ``sparse`` asks for runs of zeros in the result to be left as holes.
+    """
 
     def __init__(self, agent: "Agent", msg: dict) -> None:
         self.agent = agent
@@ -277,23 +296,46 @@ class _Incoming:
         self.sha256 = _field(msg, "sha256", bytes)
         if self.how not in ("whole", "zstd", "delta"):
             raise ProtocolError(f"file {fspath(self.path)}: unknown encoding {self.how!r}")
+        if self.size < 0:
+            raise ProtocolError(f"file {fspath(self.path)}: negative size")
+        self.sparse = msg.get("sparse") is True
+        self.offset = msg.get("offset", 0)
+        if not isinstance(self.offset, int) or isinstance(self.offset, bool):
+            raise ProtocolError(f"file {fspath(self.path)}: offset is not an integer")
+        if self.offset and (self.how == "delta" or agent.plan.resumes.get(self.sha256) != self.offset):
+            raise ProtocolError(f"file {fspath(self.path)}: offset {self.offset} was not offered")
         self.tmp = agent._new_tmp()
+        # A run's name is this process's and this object's: the prefix taken
+        # over at planning is there already.
+        self.run = (f"{RUN_PREFIX}{_PID}.{self.sha256.hex()}"
+                    if self.how != "delta" and self.size >= RESUME_MIN else None)
+        self.records: RangeLog | None = None
+        self.recorded = self.offset  # the run's prefix recorded so far
         # Created by the staging thread at the first write (creating a file
         # is one of the slower steps per small file).
         self.fd: int | None = None
-        self.out: DirectWriter | None = None
+        self.out: SparseWriter | None = None
         self.worker: "_Stager | None" = None
         self.dead = False  # failed, or its session did: the staging thread drops the rest
-        self.hasher = hashlib.sha256()
-        self.written = 0
+        # A resumed file is hashed again whole at the end (its prefix was
+        # written by an earlier session, possibly another process).
+        self.hasher = None if self.offset else hashlib.sha256()
+        self.written = self.offset  # logical bytes accounted for (holes included)
         self.old_fd: int | None = None
         self._sink: Callable[[Any], None]
+        self._decoder = None
+        write: Callable[[Any], None] = self._write
+        if self.sparse and self.how != "delta":
+            from .sparse import Decoder
+
+            self._decoder = Decoder(self.offset, self.size, self._write, self._hole, name=fspath(self.path))
+            write = self._decoder.feed
         if self.how == "whole":
-            self._sink = self._write
+            self._sink = write
         elif self.how == "zstd":
             import zstandard
 
-            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(self._write), write_size=1 << 20)
+            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(write), write_size=1 << 20)
             self._sink = self._zw.write
         else:
             from .delta import Patcher
@@ -306,9 +348,27 @@ class _Incoming:
             self._sink = self._patcher.feed
 
     def _open(self) -> None:
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=self.agent.staging_fd)
-        self.out = DirectWriter(self.fd, 0, self.agent.buffers if self.size >= DIRECT_MIN else None)
+        sfd = self.agent.staging_fd
+        if self.run is not None:
+            # Read back at the end when resumed: O_RDWR.
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            if self.offset:
+                self.fd = os.open(self.run, flags, dir_fd=sfd)
+                if os.fstat(self.fd).st_size != self.size:
+                    raise PatchMismatchError(f"{fspath(self.path)}: its partial file changed meanwhile")
+            else:
+                self.fd = os.open(self.run, flags | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=sfd)
+            self.agent._taken.discard(self.run)
+            self.records = RangeLog(sfd, self.run, fresh=not self.offset)
+        else:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=sfd)
+        if (self.run is not None and not self.offset) or self.sparse:
+            # At its final size from the start: a hole is what is not written,
+            # and a run cut short is a partial file (at its final size).
+            os.ftruncate(self.fd, self.size)
+        self.out = SparseWriter(self.fd, self.offset, self.agent.buffers if self.size >= DIRECT_MIN else None,
+                                find_zeros=self.sparse and self.how == "delta")
 
     def _write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -316,11 +376,31 @@ class _Incoming:
             raise PatchMismatchError(f"{fspath(self.path)}: more bytes than the announced {self.size}")
         if self.fd is None:
             self._open()
-        if self.how != "delta":  # the patcher hashes its output itself
+        if self.how != "delta" and self.hasher is not None:  # the patcher hashes its output itself
             self.hasher.update(view)
         with disk_full_as(self._disk_full):
             self.out.write(view)
         self.written += len(view)
+        if self.records is not None:
+            self._record()
+
+    def _hole(self, n: int) -> None:
+        """``n`` bytes of zeros the sender did not send (a sparse payload)."""
+        if self.fd is None:
+            self._open()
+        if self.hasher is not None:
+            hash_zeros(self.hasher, n)
+        with disk_full_as(self._disk_full):
+            self.out.skip(n)
+        self.written += n
+        if self.records is not None:
+            self._record()
+
+    def _record(self) -> None:
+        done = self.out.done()
+        if done - self.recorded >= RECORD_EVERY:
+            self.records.add(self.recorded, done - self.recorded)
+            self.recorded = done
 
     def _disk_full(self) -> str:
         return f"disk full staging {fspath(self.path)} in {self.agent.staging}; nothing was published"
@@ -338,11 +418,18 @@ class _Incoming:
                 self._zw.flush()
             elif self.how == "delta":
                 digest = self._patcher.finish()
-            if digest is None:
-                digest = self.hasher.digest()
+            if self._decoder is not None:
+                self._decoder.finish()  # a hole up to the end, or a payload cut inside an extent
             with disk_full_as(self._disk_full):
                 self.out.close()
-            if self.written != self.size or digest != self.sha256:
+            if self.written != self.size:
+                raise PatchMismatchError(f"{fspath(self.path)}: received content does not match its SHA-256")
+            if self.hasher is None:
+                # Resumed: the whole file as it is now, read back (holes not read).
+                digest, _ = sha256_around_cache(self.fd, self.agent.buffers)
+            elif digest is None:
+                digest = self.hasher.digest()
+            if digest != self.sha256:
                 raise PatchMismatchError(
                     f"{fspath(self.path)}: received content does not match its SHA-256"
                 )
@@ -365,7 +452,12 @@ class _Incoming:
         finally:
             self._close_fds()
         obj = self.sha256.hex()
-        os.rename(self.tmp, obj, src_dir_fd=self.agent.staging_fd, dst_dir_fd=self.agent.staging_fd)
+        sfd = self.agent.staging_fd
+        os.rename(self.run or self.tmp, obj, src_dir_fd=sfd, dst_dir_fd=sfd)
+        if self.run is not None:
+            # The object is whole: its records, and any partial file of it
+            # (an earlier, shorter attempt), serve nothing any more.
+            unlink_at(sfd, self.run + RANGES_SUFFIX, PARTIAL_PREFIX + obj, PARTIAL_PREFIX + obj + RANGES_SUFFIX)
         self.agent.verified_now.add(obj)
         self.agent.staged_this_push.add(obj)
         if meta is not None:
@@ -377,9 +469,11 @@ class _Incoming:
     def _close_fds(self) -> None:
         # The sink is a bound method of this object (a cycle): dropped, so
         # that reference counting frees it with the cyclic GC paused.
-        self._sink = self._zw = self._patcher = None  # type: ignore[assignment]
+        self._sink = self._zw = self._patcher = self._decoder = None  # type: ignore[assignment]
         if self.out is not None:
             self.out.abandon()
+        if self.records is not None:
+            self.records.close()
         for fd in (self.fd, self.old_fd):
             if fd is not None:
                 try:
@@ -388,9 +482,20 @@ class _Incoming:
                     pass
         self.fd = self.old_fd = None  # type: ignore[assignment]
 
-    def discard(self) -> None:
+    def discard(self, keep: bool = False) -> None:
+        """Drop what arrived.  With ``keep`` (the session ended, nothing went
+        wrong with the file itself), a run's recorded prefix stays, as the
+        object's partial file, for the next push to resume from."""
         self._close_fds()
-        unlink_at(self.agent.staging_fd, self.tmp)
+        sfd = self.agent.staging_fd
+        if self.run is not None:
+            self.agent._taken.discard(self.run)
+        if self.run is None:
+            unlink_at(sfd, self.tmp)
+        elif keep and self.recorded > 0:
+            promote_run(sfd, self.run)
+        else:
+            unlink_at(sfd, self.run, self.run + RANGES_SUFFIX)
 
 
 class _Bundle:
@@ -481,7 +586,7 @@ class _Bundle:
         if self.received != self.total or self._cur is not None or self._next != len(self.items):
             raise ProtocolError(f"files: stream ended after {self.received} of {self.total} bytes")
 
-    def discard(self) -> None:
+    def discard(self, keep: bool = False) -> None:
         self._zw = None
         if self._cur is not None:
             self._cur.discard()
@@ -540,7 +645,7 @@ class _LocalCopy:
         self.dead = False
         self.worker: "_Stager | None" = None
 
-    def discard(self) -> None:
+    def discard(self, keep: bool = False) -> None:
         pass  # _stage_copy leaves no partial file behind
 
 
@@ -756,6 +861,10 @@ class Agent:
         self._sync_lock = threading.Lock()
         self._sync_error: OSError | None = None  # sticky (see sync_staging)
         self._copies: list[_LocalCopy] = []  # decided in this entries batch, not yet handed over
+        # Runs taken over from partial files for a resume offered and not
+        # yet begun: given back as partial files if the session ends first.
+        self._taken: set[str] = set()
+        self._resume_offers: list[list] = []  # [path, offset] of this entries batch
         self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
         self.verified_now: set[str] = set()
@@ -813,7 +922,9 @@ class Agent:
                     if importer is not None:
                         importer.join()  # not cut off by the interpreter's exit mid-import
                 for inc in self.incoming.values():
-                    inc.discard()
+                    inc.discard(keep=True)  # a run cut short stays as a partial file
+                for run in self._taken:  # offered, never begun: back as it was
+                    promote_run(self.staging_fd, run)
                 self._unlock()
                 os.close(self.staging_fd)
                 self.root.close()
@@ -885,6 +996,8 @@ class Agent:
                 "repair": repair,
                 # Its own downstreams: the pusher then asks it to cascade.
                 "downstreams": [m.name for m in self.cfg.mirrors],
+                # What it takes beyond the negotiated minor's messages (optional keys).
+                "features": list(FEATURES),
             })
             self.client = msg.get("node") if isinstance(msg.get("node"), str) else "?"
         elif kind == "begin":
@@ -1138,7 +1251,10 @@ class Agent:
             raise
         if not streamed:
             self._send_signatures()  # before the needs that names them
-        self.writer.message({"type": "needs", "batch": batch, "items": items})
+        needs: dict[str, Any] = {"type": "needs", "batch": batch, "items": items}
+        if self._resume_offers:
+            needs["resume"], self._resume_offers = self._resume_offers, []
+        self.writer.message(needs)
         if streamed:
             # 1.3: each signature follows the needs as soon as it is computed,
             # and the pusher starts that file's delta while the others are
@@ -1268,7 +1384,25 @@ class Agent:
             if plan.dry_run:
                 return [planmod.DELTA, row.path, "delta", None, None]
             return [planmod.DELTA, row.path, "delta", None, self._send_signature(row.path)]
+        if row.size >= RESUME_MIN and not plan.dry_run:
+            self._offer_resume(row)
         return [planmod.NEW, row.path, "whole", None, None]
+
+    def _offer_resume(self, row: _Row) -> None:
+        """A partial file of this object (a push or a prewarm cut short): its
+        recorded prefix becomes a run of this process, and the pusher may
+        send the rest only (the ``file`` message's ``offset``)."""
+        run = f"{RUN_PREFIX}{_PID}.{row.sha256.hex()}"
+        try:
+            have = take_over(self.staging_fd, row.sha256.hex(), row.size, run)
+        except OSError as err:
+            log.warning("%s: its partial file cannot be resumed (%s); asked for whole", fspath(row.path), err)
+            return
+        if have:
+            self._taken.add(run)
+            self.plan.resumes[row.sha256] = have
+            self._resume_offers.append([row.path, have])
+            log.info("%s: resuming from byte %d of %d", fspath(row.path), have, row.size)
 
     def _staged(self, obj: str) -> bool:
         try:
@@ -1949,7 +2083,7 @@ class Agent:
                 if kind == "run" and not everything:
                     # A killed stager's in-order object: its recorded ranges
                     # stay, as the object's partial file, for a resumed prewarm.
-                    from .stager import RANGES_SUFFIX, promote_run
+                    from .partial import RANGES_SUFFIX, promote_run
 
                     if not name.endswith(RANGES_SUFFIX):
                         promote_run(self.staging_fd, name)
@@ -2109,13 +2243,7 @@ def _copy_at(dir_fd: int, src: str, dst: str) -> None:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dir_fd)
         try:
-            size = os.fstat(sfd).st_size
-            offset = 0
-            while offset < size:
-                n = os.copy_file_range(sfd, dfd, min(COPY_CHUNK, size - offset), offset, offset)
-                if n == 0:
-                    break
-                offset += n
+            copy_extents(sfd, dfd, os.fstat(sfd).st_size)  # holes stay holes
             os.fsync(dfd)
         finally:
             os.close(dfd)

@@ -691,6 +691,7 @@ class DirectWriter:
         self.buf = None
         self.direct = False
         self._in_flight: tuple[Any, memoryview, Any] | None = None  # (buffer, view, future)
+        self._flight_pos = offset  # file offset of the buffer in flight
         if pool is not None and offset % DIRECT_ALIGN == 0 and _set_direct(fd, True):
             self.direct = True
             self.buf = pool.get()
@@ -731,11 +732,22 @@ class DirectWriter:
         """Hand the full buffer to the pool's threads; go on in another."""
         self._wait()
         pos, self.pos = self.pos, self.pos + self.fill
+        self._flight_pos = pos
         future = self.pool.submit(self._write_out, self.view[:self.fill], pos)
         self._in_flight = (self.buf, self.view, future)
         self.buf = self.pool.get()
         self.view = memoryview(self.buf)
         self.fill = 0
+
+    def done(self) -> int:
+        """The file offset up to which every byte handed over has reached the
+        file (the disk with O_DIRECT, else the page cache): what a resumable
+        transfer may record.  Bytes still gathered, or in flight, are not."""
+        if self._in_flight is not None:
+            future = self._in_flight[2]
+            if not future.done() or future.exception() is not None:
+                return self._flight_pos
+        return self.pos
 
     def _wait(self) -> None:
         """The buffer in flight is written (its error raised here); back to the pool."""
@@ -811,12 +823,154 @@ class DirectWriter:
             self.buf = None
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` of ``fd`` read as zeros, deallocated
+    where the filesystem can (fallocate PUNCH_HOLE), else by writing zeros
+    (a bounded buffer at a time).  The file's size is kept."""
+    if length <= 0:
+        return
+    try:
+        import ctypes
+
+        libc = _load_libc()
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    from .sparse import ZEROS
+
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, memoryview(ZEROS)[:min(len(ZEROS), end - offset)], offset)
+
+
+class SparseWriter:
+    """A file's content written from ``offset`` on (through
+    :class:`DirectWriter`), where holes stay unwritten.
+
+    The caller gives the file its final size first (``ftruncate``), so what
+    is not written reads as zeros and takes no blocks.  :meth:`skip` leaves
+    the next bytes as a hole (a sparse payload says where, syncd.sparse);
+    with ``find_zeros``, aligned :data:`syncd.sparse.ZERO_BLOCK` blocks of
+    what is written that are all zeros become holes too (a delta's output,
+    which does not say), as rsync -S does where it receives.  With
+    ``punch``, a hole is also deallocated (the file may hold older bytes
+    there: a partial file written before).
+    """
+
+    def __init__(self, fd: int, offset: int, pool: BufferPool | None, *, find_zeros: bool = False,
+                 punch: bool = False) -> None:
+        self.fd = fd
+        self.pool = pool
+        self.pos = offset  # the next logical offset
+        self.find_zeros = find_zeros
+        self.punch = punch
+        self._carry = bytearray()  # the start of a zero-detection block not complete yet
+        self.out = DirectWriter(fd, offset, pool)
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if not self.find_zeros:
+            self.out.write(view)
+            self.pos += len(view)
+            return
+        from .sparse import ZERO_BLOCK
+
+        if self._carry:
+            need = ZERO_BLOCK - len(self._carry)
+            self._carry += view[:need]
+            view = view[need:]
+            if len(self._carry) < ZERO_BLOCK:
+                return
+            block, self._carry = self._carry, bytearray()
+            self._blocks(memoryview(block))
+        whole = len(view) - len(view) % ZERO_BLOCK
+        if whole:
+            self._blocks(view[:whole])
+        if whole < len(view):
+            self._carry += view[whole:]
+
+    def _blocks(self, view: memoryview) -> None:
+        from .sparse import zero_runs
+
+        for start, end, zero in zero_runs(view):
+            if zero:
+                self.skip(end - start)
+            else:
+                self.out.write(view[start:end])
+                self.pos += end - start
+
+    def skip(self, n: int) -> None:
+        """The next ``n`` bytes are zeros: left as a hole."""
+        if n <= 0:
+            return
+        if self._carry:  # (only when find_zeros: bytes before the hole)
+            tail, self._carry = bytes(self._carry), bytearray()
+            self.out.write(tail)
+            self.pos += len(tail)
+        self.out.close()  # what is gathered goes out; the next bytes start elsewhere
+        if self.punch:
+            punch_hole(self.fd, self.pos, n)
+        self.pos += n
+        self.out = DirectWriter(self.fd, self.pos, self.pool)
+
+    def done(self) -> int:
+        """The offset up to which everything is on the file (written, or a hole)."""
+        return self.out.done()
+
+    def close(self) -> None:
+        if self._carry:
+            tail, self._carry = bytes(self._carry), bytearray()
+            if tail.count(0) == len(tail):
+                self.skip(len(tail))  # zeros at the very end: the size set already covers them
+            else:
+                self.out.write(tail)
+                self.pos += len(tail)
+        self.out.close()
+
+    def abandon(self) -> None:
+        self._carry = bytearray()
+        self.out.abandon()
+
+
+def copy_extents(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes of ``src`` to the new, empty ``dst`` in the kernel
+    (``copy_file_range``), data extents only: holes stay holes (on ext4 a
+    plain copy_file_range fills them)."""
+    from .sparse import data_extents
+
+    os.ftruncate(dst, size)
+    for off, length in data_extents(src, 0, size):
+        end = off + length
+        while off < end:
+            n = os.copy_file_range(src, dst, min(1 << 30, end - off), off, off)
+            if n == 0:
+                return  # shrank: the caller's size check (or hash) finds it
+            off += n
+
+
 def sha256_around_cache(fd: int, pool: BufferPool) -> tuple[bytes, int]:
     """SHA-256 and length of ``fd``'s whole content, read with O_DIRECT where
     the filesystem allows it (so reading back what :class:`DirectWriter`
     wrote costs no page-cache copy), else with ordinary reads."""
     import hashlib
 
+    st = os.fstat(fd)
+    from .sparse import has_holes, logical_sha256
+
+    if has_holes(st):
+        # Holes are hashed as the zeros they read as, without reading them.
+        buf = pool.get()
+        try:
+            with memoryview(buf) as view:
+                return logical_sha256(fd, 0, st.st_size, view).digest(), os.fstat(fd).st_size
+        finally:
+            pool.put(buf)
     h = hashlib.sha256()
     offset = 0
     if not _set_direct(fd, True):
@@ -929,8 +1083,34 @@ def _copy_hashing(src: int, dst: int, pool: BufferPool | None) -> tuple[int, byt
     import hashlib
 
     h = hashlib.sha256()
-    out = DirectWriter(dst, 0, pool if os.fstat(src).st_size >= DIRECT_MIN else None)
+    st = os.fstat(src)
     view = memoryview(bytearray(_READ_CHUNK))
+    from .sparse import data_extents, has_holes, hash_zeros
+
+    if has_holes(st):
+        # Holes stay holes in the copy; the digest covers their zeros.
+        os.ftruncate(dst, st.st_size)
+        sparse = SparseWriter(dst, 0, pool if st.st_size >= DIRECT_MIN else None)
+        pos = 0
+        try:
+            for off, length in data_extents(src, 0, st.st_size):
+                hash_zeros(h, off - pos)
+                sparse.skip(off - pos)
+                pos, end = off, off + length
+                while pos < end:
+                    n = os.preadv(src, [view[:min(len(view), end - pos)]], pos)
+                    if not n:
+                        return pos, h.digest()  # shrank: a short copy, which its digest tells
+                    h.update(view[:n])
+                    sparse.write(view[:n])
+                    pos += n
+            hash_zeros(h, st.st_size - pos)
+            sparse.skip(st.st_size - pos)
+            sparse.close()
+        finally:
+            sparse.abandon()
+        return st.st_size, h.digest()
+    out = DirectWriter(dst, 0, pool if st.st_size >= DIRECT_MIN else None)
     total = 0
     try:
         while n := os.readv(src, [view]):
@@ -999,6 +1179,9 @@ __all__ = [
     "DIRECT_MIN",
     "BufferPool",
     "DirectWriter",
+    "SparseWriter",
+    "copy_extents",
+    "punch_hole",
     "VerifiedLog",
     "boot_id",
     "verified_this_boot",

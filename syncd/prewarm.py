@@ -49,13 +49,11 @@ from typing import Any, Callable
 from .config import PROBE_TIMEOUT, Config, MirrorConfig
 from .errors import ConnectionLostError, ProtocolError, RemoteError, SyncdError, UsageError
 from .manifest import KIND_FILE, fspath
+from .partial import RANGE_SIZE, contains
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)
 
-# Ranges of a large object: small enough that a killed run loses little,
-# large enough that the per-range record and ack cost nothing.
-RANGE_SIZE = 4 << 20
 # Small files travel in batches of about this many bytes per work item.
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
@@ -236,10 +234,6 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _contains(ranges: list[tuple[int, int]], off: int, length: int) -> bool:
-    return any(o <= off and off + length <= o + n for o, n in ranges)
-
-
 def _pieces(objs: list[Obj], states: list[list], range_size: int, streams: int = 1) -> list[list[tuple]]:
     """Work items: lists of (sha256, size, path, offset, length, run), large objects first.
 
@@ -266,7 +260,7 @@ def _pieces(objs: list[Obj], states: list[list], range_size: int, streams: int =
             whole_run = state == "none" and o.size <= share
             pieces = [(o.sha256, o.size, o.path, off, min(range_size, o.size - off), whole_run)
                       for off in range(0, o.size, range_size)
-                      if not _contains(done, off, min(range_size, o.size - off))]
+                      if not contains(done, off, min(range_size, o.size - off))]
             if whole_run:
                 runs.append(pieces)
             else:

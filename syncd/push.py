@@ -14,6 +14,7 @@ the other on a full channel.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -434,6 +435,10 @@ class Pusher:
         if held is not None and (not isinstance(held, int) or isinstance(held, bool)):
             raise ProtocolError("welcome: generation is not an integer")
         downstreams = welcome.get("downstreams") or []
+        features = welcome.get("features")
+        # Optional keys the agent takes (docs/protocol.md section 4): sparse
+        # payloads, and resuming a file from the offset it offers.
+        self.features = {f for f in features if isinstance(f, str)} if isinstance(features, list) else set()
         if self.feed is not None:
             sub = None
             if held is None and ch.version >= (1, 4) and not self.force_full and self.stream:
@@ -523,6 +528,8 @@ class Pusher:
         self._unacked: set[bytes] = set()
         self._retried: set[bytes] = set()
         self._sig_waiting: dict[int, Entry] = {}  # 1.3: delta items whose signature is still coming
+        self._resume: dict[bytes, int] = {}  # path -> the offset the agent offered to resume from
+        self._read_buf = memoryview(bytearray(CHUNK))  # a sparse file's data is read into it
         self._bundle: list[Entry] = []
         self._bundle_bytes = 0
         # The bundle's bytes, read straight into place (no bytes object per
@@ -613,6 +620,7 @@ class Pusher:
             return
         kind = msg["type"]
         if kind in ("needs", "planned"):
+            self._resume_offers(msg.get("resume"))
             for raw in msg.get("items") or []:
                 self._item(ch, result, raw)
             self._bundle_flush(ch, result)
@@ -644,6 +652,19 @@ class Pusher:
             ch.writer.flush()
         else:
             raise ProtocolError(f"unexpected message {kind!r} from the agent")
+
+    def _resume_offers(self, offers: Any) -> None:
+        """A needs' ``resume``: files sent whole may start at these offsets
+        (the agent holds their prefixes, checked again whole at the end)."""
+        if offers is None or "resume" not in self.features:
+            return
+        if not isinstance(offers, list):
+            raise ProtocolError("needs: resume is not a list")
+        for offer in offers:
+            if (not isinstance(offer, list) or len(offer) != 2 or not isinstance(offer[0], bytes)
+                    or not isinstance(offer[1], int) or isinstance(offer[1], bool) or offer[1] <= 0):
+                raise ProtocolError("needs: a resume offer is not [path bytes, offset int > 0]")
+            self._resume[offer[0]] = offer[1]
 
     def _item(self, ch: _Channel, result: PushResult, raw: Any) -> None:
         if not isinstance(raw, list) or len(raw) != 5:
@@ -753,13 +774,19 @@ class Pusher:
         self._unacked.add(entry.path)
 
     def _send_file(self, ch: _Channel, result: PushResult, entry: Entry, need: str, signature: bytes | None) -> None:
+        from .sparse import data_extents, has_holes, payload
+
         w = ch.writer
         self._stream = getattr(self, "_stream", 0) + 1
         stream = self._stream
         fd = self._open_source(entry)
         try:
-            header = {"type": "file", "stream": stream, "path": entry.path, "size": entry.size,
-                      "sha256": entry.sha256}
+            header: dict[str, Any] = {"type": "file", "stream": stream, "path": entry.path, "size": entry.size,
+                                      "sha256": entry.sha256}
+            # Holes are not sent: only where the agent takes a sparse payload.
+            sparse = "sparse" in self.features and has_holes(os.fstat(fd))
+            if sparse:
+                header["sparse"] = True
             if need == "delta":
                 from .delta import decode_signature, iter_delta
 
@@ -773,12 +800,26 @@ class Pusher:
                         # the edge rebuilds while the rest is matched.
                         w.flush()
             else:
-                first = os.pread(fd, CHUNK, 0)
+                # A retry after a failure (retry_whole) starts from 0: its offer was used.
+                offset = self._resume.pop(entry.path, 0)
+                if not 0 <= offset <= entry.size:
+                    raise ProtocolError(f"needs: resume of {fspath(entry.path)} at {offset}, "
+                                        f"beyond its {entry.size} bytes")
+                if offset:
+                    header["offset"] = offset
+                    log.info("%s: %s resumed from byte %d of %d", self.mirror.name, fspath(entry.path),
+                             offset, entry.size)
+                if sparse:
+                    first_data = next(data_extents(fd, offset, entry.size), (offset, 0))[0]
+                    first = os.pread(fd, CHUNK, first_data)
+                    pieces: Iterable[Any] = payload(fd, offset, entry.size, self._read_buf, name=fspath(entry.path))
+                else:
+                    first = os.pread(fd, CHUNK, offset)
+                    pieces = itertools.chain([first], _chunks(fd, offset + len(first)))
                 packed = self._maybe_zstd(entry.path, first)
                 if packed is None:
                     w.message(dict(header, how="whole"))
-                    w.data(stream, first)
-                    for chunk in _chunks(fd, len(first)):
+                    for chunk in pieces:
                         self._check_stop()
                         w.data(stream, chunk)
                 else:
@@ -786,8 +827,7 @@ class Pusher:
                     import zstandard
 
                     cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-                    w.data(stream, cobj.compress(first))
-                    for chunk in _chunks(fd, len(first)):
+                    for chunk in pieces:
                         self._check_stop()
                         out = cobj.compress(chunk)
                         if out:

@@ -45,6 +45,7 @@ from .errors import ManifestError, ProtocolError, SyncdError, UnsafePathError, d
 from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, VerifiedLog,
                     sha256_around_cache, start_writeback, unlink_at, validate_name)
 from .manifest import KIND_FILE, Manifest, fspath
+from .partial import PARTIAL_PREFIX, RANGES_SUFFIX, RUN_PREFIX, RangeLog, covered, promote_run, read_ranges
 from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,6 @@ PIPE_SIZE = 1 << 20
 COMMIT_THREADS = 2
 COMMITS_IN_FLIGHT = 8
 TEMP_PREFIX = "stage."
-PARTIAL_PREFIX = "partial."
-RUN_PREFIX = "run."
-RANGES_SUFFIX = ".ranges"
 # Compression, as the pusher decides it: zstd only where a sample shrinks.
 ZSTD_LEVEL = 1
 ZSTD_MIN_GAIN = 0.9
@@ -102,37 +100,6 @@ def zstd_pays(path: bytes, sample: bytes) -> bool:
 
     head = sample[: 256 * 1024]
     return len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(head)) < ZSTD_MIN_GAIN * len(head)
-
-
-def covered(ranges: list[tuple[int, int]], size: int) -> bool:
-    """Whether the (offset, length) ranges cover [0, size) without a gap."""
-    end = 0
-    for off, length in sorted(ranges):
-        if off > end:
-            return False
-        end = max(end, off + length)
-    return end >= size
-
-
-def read_ranges(staging_fd: int, hexname: str) -> list[tuple[int, int]]:
-    """The verified ranges recorded for a partial object (torn last line ignored)."""
-    try:
-        fd = os.open(PARTIAL_PREFIX + hexname + RANGES_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=staging_fd)
-    except FileNotFoundError:
-        return []
-    try:
-        data = b""
-        while chunk := os.read(fd, 1 << 16):
-            data += chunk
-    finally:
-        os.close(fd)
-    out = []
-    for line in data.split(b"\n"):
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            out.append((int(parts[0]), int(parts[1])))
-    return out
 
 
 def _field(msg: dict, key: str, kind: type) -> Any:
@@ -267,12 +234,11 @@ class _Put:
             return
         # Written data first, then its record: a killed stager never records
         # a range it did not write (a power cut may; the whole-object check catches it).
-        rfd = os.open(self.name + RANGES_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+        records = RangeLog(sfd, self.name)
         try:
-            os.write(rfd, f"{self.offset} {self.length}\n".encode())
+            records.add(self.offset, self.length)
         finally:
-            os.close(rfd)
+            records.close()
 
     def discard(self) -> None:
         if self.run is not None:
@@ -302,26 +268,6 @@ class _Run:
         self.broken = False
         self.done = False
         self.lock = threading.Lock()
-
-
-def promote_run(staging_fd: int, name: str) -> None:
-    """Hand a run over as the object's partial file, with its records, or
-    drop it when a partial file of that object exists already (two sets of
-    records cannot be merged without reading)."""
-    hexname = name.split(".", 2)[2]
-    partial = PARTIAL_PREFIX + hexname
-    try:
-        os.link(name, partial, src_dir_fd=staging_fd, dst_dir_fd=staging_fd, follow_symlinks=False)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        pass  # only its records are left (the data was named, or never made)
-    else:
-        try:
-            os.replace(name + RANGES_SUFFIX, partial + RANGES_SUFFIX, src_dir_fd=staging_fd, dst_dir_fd=staging_fd)
-        except FileNotFoundError:
-            pass
-    unlink_at(staging_fd, name, name + RANGES_SUFFIX)
 
 
 class _Sink:
@@ -571,7 +517,7 @@ class Stager:
             elif self._published(path, sha, size, mtime_ns):
                 answers.append(["published", []])
             else:
-                ranges = read_ranges(self.staging_fd, hexname)
+                ranges = read_ranges(self.staging_fd, PARTIAL_PREFIX + hexname)
                 answers.append(["partial", [list(r) for r in ranges]] if ranges else ["none", []])
         with self.wlock:
             self.writer.message({"type": "have", "batch": msg.get("batch"), "objects": answers})
@@ -673,7 +619,7 @@ class Stager:
 
     def _finalize(self, hexname: str, sha: bytes, size: int) -> bool:
         """Stage a partial object once its ranges cover it and its SHA-256 matches."""
-        if not covered(read_ranges(self.staging_fd, hexname), size):
+        if not covered(read_ranges(self.staging_fd, PARTIAL_PREFIX + hexname), size):
             return False
         sfd = self.staging_fd
         partial = PARTIAL_PREFIX + hexname
