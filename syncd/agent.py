@@ -75,7 +75,7 @@ from .manifest import (
     join,
     split,
 )
-from .partial import (PARTIAL_PREFIX, RANGES_SUFFIX, RECORD_EVERY, RESUME_MIN, RUN_PREFIX, RangeLog, promote_run,
+from .partial import (PARTIAL_MAX_AGE, PARTIAL_PREFIX, RANGES_SUFFIX, RECORD_EVERY, RESUME_MIN, RUN_PREFIX, RangeLog, promote_run,
                       take_over)
 from .protocol import (MAX_OPEN_STREAMS, PROTOCOL_VERSION, BodyPool, FrameReader, FrameType, FrameWriter,
                        negotiate)
@@ -2094,7 +2094,15 @@ class Agent:
             elif kind == "verified" and not everything:
                 if rest == boot_id():
                     continue  # this boot's log; an older boot's is void
-            elif kind == "partial" or not everything:
+            elif kind == "partial":
+                # Kept for a resumed push or prewarm, unless nobody went on
+                # with it for days: its file changed before it was finished.
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > time.time() - PARTIAL_MAX_AGE:
+                        continue
+                except FileNotFoundError:
+                    continue
+            elif not everything:
                 continue
             unlink_at(self.staging_fd, name)
 

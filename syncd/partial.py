@@ -47,8 +47,12 @@ RANGE_SIZE = 4 << 20
 RESUME_MIN = 8 << 20
 #: A push records its run's progress every time this much more has reached the file.
 RECORD_EVERY = 1 << 20
+#: A partial file (or its records) untouched this long is another object's,
+#: one no push or prewarm went on with (its file changed meanwhile): an
+#: agent removes it when it starts.  Seconds.
+PARTIAL_MAX_AGE = 2 * 24 * 3600
 
-__all__ = ["PARTIAL_PREFIX", "RANGES_SUFFIX", "RANGE_SIZE", "RECORD_EVERY", "RESUME_MIN", "RUN_PREFIX",
+__all__ = ["PARTIAL_MAX_AGE", "PARTIAL_PREFIX", "RANGES_SUFFIX", "RANGE_SIZE", "RECORD_EVERY", "RESUME_MIN", "RUN_PREFIX",
            "RangeLog", "covered", "prefix", "promote_run", "read_ranges", "take_over"]
 
 

@@ -418,6 +418,8 @@ class _Stream:
         offered = self.edge.features if self.source is None else self.edge.features & self.source.features
         self.digest = "xxh3-128" if "xxh3-128" in offered else "sha256"
         self.runs = "run" in self.edge.features
+        self.sparse = "sparse" in (self.edge.features if self.source is None
+                                   else self.edge.features & self.source.features)
         self._packs: dict[bytes, bool] = {}
         self._chunk = bytearray(CHUNK)  # ranges are read into this, hashed and sent from it
         self.sent_pieces = 0
@@ -497,11 +499,13 @@ class _Stream:
                 self.error = err
                 self.cond.notify_all()
 
-    def _open_put(self, piece: tuple, how: str) -> int:
+    def _open_put(self, piece: tuple, how: str, sparse: bool = False) -> int:
         sha, size, _path, off, length, run = piece
         self.stream_id += 1
         msg = {"type": "put", "stream": self.stream_id, "sha256": sha, "size": size,
                "offset": off, "length": length, "how": how}
+        if sparse:
+            msg["sparse"] = True
         if length != size:
             if self.digest != "sha256":
                 msg["digest"] = self.digest
@@ -513,6 +517,7 @@ class _Stream:
 
     def _send_local(self, piece: tuple) -> None:
         from .push import COMPRESSED_SUFFIXES
+        from .sparse import data_extents, has_holes, payload
         from .stager import ZSTD_LEVEL, digest_key, range_hasher, zstd_pays
 
         sha, size, path, off, length, _run = piece
@@ -523,10 +528,14 @@ class _Stream:
             self.shared.add(self.shared.failed, 1)
             return
         try:
-            if os.fstat(fd).st_size != size:
+            st = os.fstat(fd)
+            if st.st_size != size:
                 log.warning("%s: changed since the scan; left to the push", fspath(path))
                 self.shared.add(self.shared.failed, 1)
                 return
+            # Holes are not sent where the stager takes a sparse payload.
+            sparse = self.sparse and has_holes(st)
+            start = next(data_extents(fd, off, off + length), (off, 0))[0] if sparse else off
             w = self.edge.writer
             first = None
             packed = self._packs.get(path)
@@ -536,14 +545,14 @@ class _Stream:
                 if path.lower().endswith(COMPRESSED_SUFFIXES):
                     packed = False
                 else:
-                    first = os.pread(fd, min(CHUNK, length), off)
+                    first = os.pread(fd, min(CHUNK, length), start)
                     packed = zstd_pays(path, first)
                 self._packs[path] = packed
-            stream = self._open_put(piece, "zstd" if packed else "whole")
+            stream = self._open_put(piece, "zstd" if packed else "whole", sparse)
             # A whole object is checked against its own SHA-256 on the edge;
             # only a range needs a digest of its own.
             whole = off == 0 and length == size
-            if whole and not packed and first is None and self.edge.can_send_file:
+            if whole and not packed and not sparse and first is None and self.edge.can_send_file:
                 # Nothing to look at on this side: file to pipe, no copy here.
                 self._send_file(stream, fd, path, off, length)
                 w.end(stream, None)
@@ -554,28 +563,37 @@ class _Stream:
 
                 cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
             h = None if whole else range_hasher(self.digest)
-            pos, end = off, off + length
             with memoryview(self._chunk) as buf:
-                while pos < end:
-                    if first is not None:
-                        chunk, first = memoryview(first), None
-                    else:
-                        chunk = buf[:os.preadv(fd, [buf[:min(CHUNK, end - pos)]], pos)]
-                        if not chunk:
-                            raise SyncdError(f"{fspath(path)}: shrank while being read")
-                    if h is not None:
-                        h.update(chunk)
-                    pos += len(chunk)
+                if sparse:
+                    pieces = payload(fd, off, off + length, buf, h, name=fspath(path))
+                else:
+                    pieces = self._pieces(fd, path, buf, first, off, off + length, h)
+                for chunk in pieces:
                     # Sent (or copied into the writer) before the buffer is read into again.
                     out = cobj.compress(chunk) if cobj else chunk
                     if out:
                         self.bucket.take(len(out))
                         w.data(stream, out)
+                del pieces
             if cobj is not None:
                 w.data(stream, cobj.flush())
             w.end(stream, None if h is None else {digest_key(self.digest): h.digest()})
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _pieces(fd: int, path: bytes, buf: memoryview, first: bytes | None, pos: int, end: int, h: Any) -> Any:
+        while pos < end:
+            if first is not None:
+                chunk, first = memoryview(first), None
+            else:
+                chunk = buf[:os.preadv(fd, [buf[:min(CHUNK, end - pos)]], pos)]
+                if not chunk:
+                    raise SyncdError(f"{fspath(path)}: shrank while being read")
+            if h is not None:
+                h.update(chunk)
+            pos += len(chunk)
+            yield chunk
 
     def _send_file(self, stream: int, fd: int, path: bytes, off: int, length: int) -> None:
         w = self.edge.writer
@@ -597,6 +615,8 @@ class _Stream:
         msg = {"type": "get", "stream": 1, "path": path, "sha256": sha, "offset": off, "length": length}
         if self.digest != "sha256":
             msg["digest"] = self.digest
+        if self.sparse:
+            msg["sparse"] = True
         src.writer.message(msg)
         src.writer.flush()
         head = src.message()
@@ -606,7 +626,7 @@ class _Stream:
             return
         if head.get("type") != "range" or head.get("how") not in ("whole", "zstd"):
             raise ProtocolError(f"expected 'range' from the source, got {head.get('type')!r}")
-        stream = self._open_put(piece, head["how"])
+        stream = self._open_put(piece, head["how"], self.sparse and head.get("sparse") is True)
         w = self.edge.writer
         while True:
             frame = src.reader.read_frame()

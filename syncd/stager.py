@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .errors import ManifestError, ProtocolError, SyncdError, UnsafePathError, disk_full_as
-from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, VerifiedLog,
+from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, SparseWriter, VerifiedLog,
                     sha256_around_cache, start_writeback, unlink_at, validate_name)
 from .manifest import KIND_FILE, Manifest, fspath
 from .partial import PARTIAL_PREFIX, RANGES_SUFFIX, RUN_PREFIX, RangeLog, covered, promote_run, read_ranges
@@ -73,7 +73,9 @@ ZSTD_MIN_GAIN = 0.9
 #   run:      a ``put`` with ``run`` true is one of an object's ranges sent in
 #             order on this session: the stager hashes the object as the
 #             ranges arrive and need not read it back.
-FEATURES = ("agent", "xxh3-128", "run")
+#   sparse:   a ``put`` (and a ``get``) with ``sparse`` true carries a sparse
+#             payload (syncd.sparse): the range's data extents only.
+FEATURES = ("agent", "xxh3-128", "run", "sparse")
 DIGESTS = ("sha256", "xxh3-128")
 
 
@@ -150,23 +152,41 @@ class _Put:
                     # stagers agree, and a stale larger file is cut to size.
                     os.ftruncate(self.fd, self.size)
         self.pos = self.offset
-        self.out = DirectWriter(self.fd, self.offset, stager.buffers if self.length >= DIRECT_MIN else None)
+        pool = stager.buffers if self.length >= DIRECT_MIN else None
+        # A sparse payload (syncd.sparse): only the range's data comes; its
+        # holes are left unwritten (in a partial file, where older bytes may
+        # lie, deallocated), and hashed as the zeros they read as.
+        self.sparse = msg.get("sparse") is True
+        self.out: Any
+        self._decoder = None
+        write: Callable[[Any], Any] = self._write
+        if self.sparse:
+            from .sparse import Decoder
+
+            if self.whole:
+                os.ftruncate(self.fd, self.size)
+            self.out = SparseWriter(self.fd, self.offset, pool, punch=self.run is None and not self.whole)
+            self._decoder = Decoder(self.offset, self.offset + self.length, self._write, self._hole,
+                                    name=f"put {self.hex}")
+            write = self._decoder.feed
+        else:
+            self.out = DirectWriter(self.fd, self.offset, pool)
         self.hasher = hashlib.sha256() if self.whole else range_hasher(self.digest)
         self.chain = self.run.chain if self.run is not None else None
         if how == "zstd":
             import zstandard
 
-            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(self._write), write_size=CHUNK)
+            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(write), write_size=CHUNK)
             self.feed = self._zw.write
         else:
             self._zw = None
-            self.feed = self._write
+            self.feed = write
 
     def receive(self, reader: FrameReader, length: int) -> None:
         """A DATA body of ``length`` bytes from ``reader`` (read lazily):
         raw bytes go from the stream straight into the aligned write buffer
         and are hashed there, with no copy in between."""
-        space = self.out.space() if self._zw is None else None
+        space = self.out.space() if self._zw is None and self._decoder is None else None
         if space is None:
             self.feed(reader.read_body())
             return
@@ -202,6 +222,16 @@ class _Put:
         self.pos += len(view)
         return len(view)
 
+    def _hole(self, n: int) -> None:
+        from .sparse import hash_zeros
+
+        hash_zeros(self.hasher, n)
+        if self.chain is not None:
+            hash_zeros(self.chain, n)
+        with disk_full_as(self._disk_full):
+            self.out.skip(n)
+        self.pos += n
+
     def _disk_full(self) -> str:
         return f"disk full staging {self.hex} in {self.stager.staging}"
 
@@ -209,6 +239,8 @@ class _Put:
         """True when the range (or whole object) arrived intact."""
         if self._zw is not None:
             self._zw.flush()
+        if self._decoder is not None:
+            self._decoder.finish()
         with disk_full_as(self._disk_full):
             self.out.close()
         digest = trailer.get(digest_key(self.digest)) if isinstance(trailer, dict) else None
@@ -676,29 +708,30 @@ class Stager:
             self.writer.message({"type": "get_failed", "stream": stream, "path": path, "error": problem})
             return
         try:
-            first = os.pread(fd, min(CHUNK, length), offset)
+            from .sparse import data_extents, has_holes, payload
+
+            sparse = msg.get("sparse") is True and has_holes(os.fstat(fd))
+            start = next(data_extents(fd, offset, offset + length), (offset, 0))[0] if sparse else offset
+            first = os.pread(fd, min(CHUNK, length), start)
             packed = zstd_pays(path, first)
-            self.writer.message({"type": "range", "stream": stream, "how": "zstd" if packed else "whole"})
+            head = {"type": "range", "stream": stream, "how": "zstd" if packed else "whole"}
+            if sparse:
+                head["sparse"] = True
+            self.writer.message(head)
             h = range_hasher(digest)
-            pos = offset
-            end = offset + length
             cobj = None
             if packed:
                 import zstandard
 
                 cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-            chunk = first
-            while True:
-                if len(chunk) == 0 and pos < end:
-                    raise SyncdError(f"{fspath(path)}: shrank while being read")
-                h.update(chunk)
-                pos += len(chunk)
+            if sparse:
+                pieces = payload(fd, offset, offset + length, memoryview(bytearray(CHUNK)), h, name=fspath(path))
+            else:
+                pieces = self._pieces(fd, path, first, offset, offset + length, h)
+            for chunk in pieces:
                 out = cobj.compress(chunk) if cobj else chunk
                 if out:
                     self.writer.data(stream, out)
-                if pos >= end:
-                    break
-                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
             if cobj is not None:
                 tail = cobj.flush()
                 if tail:
@@ -707,6 +740,19 @@ class Stager:
         finally:
             os.close(fd)
         self.writer.flush()
+
+    @staticmethod
+    def _pieces(fd: int, path: bytes, first: bytes, pos: int, end: int, h: Any) -> Any:
+        chunk = first
+        while True:
+            if len(chunk) == 0 and pos < end:
+                raise SyncdError(f"{fspath(path)}: shrank while being read")
+            h.update(chunk)
+            pos += len(chunk)
+            yield chunk
+            if pos >= end:
+                return
+            chunk = os.pread(fd, min(CHUNK, end - pos), pos)
 
 
 def serve_stage_stdio(cfg: Config) -> int:

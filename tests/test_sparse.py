@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -254,3 +256,181 @@ def test_a_1_gib_file_with_4_mib_of_data_stays_sparse_and_sends_the_data(pair: P
     print(f"sparse: primary {allocated(big)} B allocated, mirror {allocated(mirror / 'disk.img')} B; "
           f"{sent} B up the wire for {GiB + 112 * MiB} B of files")
     same_tree(pair.primary.root, mirror)
+
+
+# -- resuming a whole file inside it ----------------------------------------------------
+
+
+def staging_names(pair: Pair) -> list[str]:
+    return sorted(p.name for p in (pair.edge.state / "staging").iterdir())
+
+
+def test_a_256_mib_file_cut_at_60_percent_resumes_from_its_prefix(pair: Pair) -> None:
+    size = 256 * MiB
+    data = os.urandom(size)  # incompressible: the bytes on the wire are the file's
+    (pair.primary.root / "big.iso").write_bytes(data)
+    pair.relay.set_cut(int(0.6 * size), None)
+    cut, first = pair.run_once()
+    pair.relay.set_cut(None, None)
+    assert cut.returncode != 0 and pair.relay.cuts == 1, cut.stdout + cut.stderr
+    # What arrived is kept as the object's partial file, with its records.
+    partial = [n for n in staging_names(pair) if n.startswith("partial.")]
+    assert len(partial) == 2 and partial[1].endswith(".ranges"), staging_names(pair)
+    assert not (pair.edge.root / "big.iso").exists()
+
+    ok, second = pair.run_once()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    print(f"resume: first push {first} B up (cut), second push {second} B up, file {size} B")
+    assert second < 0.45 * size, (first, second)
+    assert (pair.edge.root / "big.iso").read_bytes() == data
+    same_tree(pair.primary.root, pair.edge.root)
+    assert staging_names(pair) == []
+
+
+def test_a_resumed_file_whose_partial_bytes_are_wrong_still_arrives_right(pair: Pair) -> None:
+    size = 24 * MiB
+    data = os.urandom(size)
+    (pair.primary.root / "big.iso").write_bytes(data)
+    pair.relay.set_cut(int(0.7 * size), None)
+    cut, _ = pair.run_once()
+    pair.relay.set_cut(None, None)
+    assert cut.returncode != 0
+    staging = pair.edge.state / "staging"
+    partial = next(p for p in staging.iterdir() if p.name.startswith("partial.") and "." not in p.name[8:])
+    # Its recorded prefix is damaged on the edge's disk (bit rot, a stray writer).
+    with open(partial, "r+b") as fh:
+        fh.seek(3 * MiB)
+        fh.write(b"\xff" * 4096)
+    ok, second = pair.run_once()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert (pair.edge.root / "big.iso").read_bytes() == data
+    assert second > size  # found wrong by the whole file's SHA-256 at the end: sent again whole
+    same_tree(pair.primary.root, pair.edge.root)
+    assert staging_names(pair) == []
+
+
+def test_a_file_changed_between_the_cut_and_the_rerun_arrives_as_it_is_now(pair: Pair) -> None:
+    size = 24 * MiB
+    (pair.primary.root / "big.iso").write_bytes(os.urandom(size))
+    pair.relay.set_cut(int(0.6 * size), None)
+    cut, _ = pair.run_once()
+    pair.relay.set_cut(None, None)
+    assert cut.returncode != 0
+    # Same name and size, other content: the partial file is another object's.
+    now = os.urandom(size)
+    (pair.primary.root / "big.iso").write_bytes(now)
+    ok, _ = pair.run_once()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert (pair.edge.root / "big.iso").read_bytes() == now
+    same_tree(pair.primary.root, pair.edge.root)
+    # The old content's partial file waits (a prewarm may go on with it)
+    # until it is days old; then the next agent removes it.
+    stale = [p for p in (pair.edge.state / "staging").iterdir() if p.name.startswith("partial.")]
+    assert len(stale) == 2
+    for p in stale:
+        os.utime(p, (time.time() - 3 * 24 * 3600,) * 2)
+    again, _ = pair.run_once()
+    assert again.returncode == 0
+    assert staging_names(pair) == []
+
+
+def test_a_sparse_file_edited_goes_as_a_delta_and_stays_sparse(pair: Pair) -> None:
+    img = pair.primary.root / "vm.img"
+    make_sparse(img, 256 * MiB, [(0, os.urandom(2 * MiB)), (100 * MiB, os.urandom(2 * MiB))])
+    proc, _ = pair.run_once()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Edited in place: in its data, and in a hole (which becomes data).
+    with open(img, "r+b") as fh:
+        for off in (4096, 100 * MiB + 8192, 200 * MiB):
+            fh.seek(off)
+            fh.write(os.urandom(4096))
+    proc, sent = pair.run_once()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 delta" in proc.stdout, proc.stdout
+    assert sent < 2 * MiB, sent  # the edits and the copy ops, not the file
+    dst = pair.edge.root / "vm.img"
+    assert dst.read_bytes() == img.read_bytes()
+    # The rebuilt file leaves its runs of zeros unwritten (rsync -S's receiver does the same).
+    assert allocated(dst) <= 1.1 * allocated(img) + 64 * 1024, (allocated(img), allocated(dst))
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_a_renamed_and_copied_sparse_file_keeps_its_holes(pair: Pair) -> None:
+    img = pair.primary.root / "a.img"
+    make_sparse(img, 128 * MiB, [(MiB, os.urandom(MiB)), (64 * MiB, os.urandom(3 * MiB))])
+    proc, _ = pair.run_once()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    os.rename(img, pair.primary.root / "b.img")
+    subprocess.run(["cp", "--sparse=always", "-p", str(pair.primary.root / "b.img"),
+                    str(pair.primary.root / "c.img")], check=True)
+    subprocess.run(["cp", "--sparse=always", "-p", str(pair.primary.root / "b.img"),
+                    str(pair.primary.root / "d.img")], check=True)
+    proc, sent = pair.run_once()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sent < MiB, sent  # copied on the edge from the file it has
+    for name in ("b.img", "c.img", "d.img"):
+        src, dst = pair.primary.root / name, pair.edge.root / name
+        assert dst.read_bytes() == src.read_bytes()
+        assert allocated(dst) <= 1.1 * allocated(src) + 64 * 1024, (name, allocated(src), allocated(dst))
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_prewarm_keeps_holes_and_sends_only_the_data(pair: Pair) -> None:
+    img = pair.primary.root / "disk.img"
+    # 64 ranges of 4 MiB, most of them all hole; one extent across a range boundary.
+    make_sparse(img, 256 * MiB, [(10 * MiB, os.urandom(MiB)), (16 * MiB - 4096, os.urandom(8192)),
+                                 (255 * MiB, os.urandom(MiB))])
+    (pair.primary.root / "small-sparse").touch()
+    os.truncate(pair.primary.root / "small-sparse", 3 * MiB)  # one whole object, all hole
+    pair.relay.reset_counts()
+    proc = subprocess.run(SYNCD + ["-c", str(pair.primary.ini), "prewarm", "edge", "--streams", "2"],
+                          capture_output=True, text=True, timeout=600)
+    wait_agents_ended(pair.edge.ini)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sent = pair.relay.counts()["up"]
+    assert sent < 4 * MiB, sent
+    for name in ("disk.img", "small-sparse"):
+        src, dst = pair.primary.root / name, pair.edge.root / name
+        assert dst.read_bytes() == src.read_bytes()
+        assert allocated(dst) <= 1.1 * allocated(src) + 64 * 1024, (name, allocated(src), allocated(dst))
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+@pytest.fixture
+def slow_pair(tmp_path: Path, sshd) -> Pair:  # noqa: ANN001
+    # Throttled, so that a signal sent at a byte count lands mid-file.
+    with Relay(sshd.host, sshd.port, rate_up=40e6) as relay:
+        yield Pair(tmp_path, sshd, relay)
+
+
+@pytest.mark.parametrize("how", ["kill -9 of run --once", "SIGTERM of the daemon"])
+def test_a_push_stopped_at_60_percent_resumes_from_its_prefix(slow_pair: Pair, how: str) -> None:
+    pair = slow_pair
+    size = 64 * MiB
+    data = os.urandom(size)
+    (pair.primary.root / "big.iso").write_bytes(data)
+    pair.relay.reset_counts()
+    argv = ["run", "--once"] if how.startswith("kill") else ["run"]
+    proc = subprocess.Popen(SYNCD + ["-c", str(pair.primary.ini), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while pair.relay.counts()["up"] < 0.6 * size and time.monotonic() < deadline:
+            assert proc.poll() is None, "the push ended before the signal: the test would prove nothing"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL if how.startswith("kill") else signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = pair.relay.counts()["up"]
+    wait_agents_ended(pair.edge.ini)
+    assert not (pair.edge.root / "big.iso").exists()
+    ok, second = pair.run_once()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    print(f"resume after {how}: {first} B up before, {second} B after, file {size} B")
+    assert second < 0.45 * size, (first, second)
+    assert (pair.edge.root / "big.iso").read_bytes() == data
+    same_tree(pair.primary.root, pair.edge.root)
+    assert staging_names(pair) == []
