@@ -434,3 +434,123 @@ def test_a_push_stopped_at_60_percent_resumes_from_its_prefix(slow_pair: Pair, h
     assert (pair.edge.root / "big.iso").read_bytes() == data
     same_tree(pair.primary.root, pair.edge.root)
     assert staging_names(pair) == []
+
+
+# -- what the agent takes from a hostile or broken sender -----------------------------
+
+
+def agent_edge(tmp_path: Path):  # noqa: ANN201
+    node = make_node(tmp_path, "edge")
+    node.write()
+    return node
+
+
+def plan_one(peer, path: bytes, data: bytes) -> dict:  # noqa: ANN001
+    from tests.test_agent import begin, row
+
+    peer.send(begin(), {"type": "entries", "batch": 1, "rows": [row(path, data)]}, {"type": "entries_end"})
+    needs = peer.message()
+    assert needs["type"] == "needs" and peer.message()["type"] == "planned"
+    return needs
+
+
+@pytest.mark.parametrize("case", ["beyond the size", "overlapping", "out of order", "empty extent",
+                                  "cut inside an extent", "offset never offered"])
+def test_a_hostile_sparse_payload_or_offset_is_refused_and_nothing_is_left(tmp_path: Path, case: str) -> None:
+    from tests.test_agent import Peer
+
+    edge = agent_edge(tmp_path)
+    data = bytes(2 * MiB)
+    peer = Peer(edge.ini)
+    assert set(peer.welcome["features"]) >= {"sparse", "resume"}
+    plan_one(peer, b"f", data)
+    msg = {"type": "file", "stream": 1, "path": b"f", "how": "whole", "size": len(data),
+           "sha256": hashlib.sha256(data).digest(), "sparse": True}
+    payload_ = {
+        "beyond the size": EXTENT.pack(2 * MiB - 10, 11) + bytes(11),
+        "overlapping": EXTENT.pack(0, 100) + bytes(100) + EXTENT.pack(99, 10) + bytes(10),
+        "out of order": EXTENT.pack(MiB, 10) + bytes(10) + EXTENT.pack(0, 10) + bytes(10),
+        "empty extent": EXTENT.pack(5, 0),
+        "cut inside an extent": EXTENT.pack(0, 100) + bytes(50),
+        "offset never offered": b"",
+    }[case]
+    if case == "offset never offered":
+        msg["offset"] = MiB
+    peer.send(msg)
+    peer.w.data(1, payload_)
+    peer.w.end(1)
+    peer.w.flush()
+    answer = peer.message()
+    assert answer["type"] == "error", answer
+    assert "\n" not in answer["message"]
+    assert ("was not offered" if case == "offset never offered" else "sparse payload") in answer["message"]
+    peer.finish()
+    wait_agents_ended(edge.ini)
+    assert list(edge.root.iterdir()) == []
+    assert [p.name for p in (edge.state / "staging").iterdir()] == []
+
+
+def test_the_agent_offers_the_prefix_of_a_cut_run_and_checks_the_whole_file(tmp_path: Path) -> None:
+    from tests.test_agent import Peer, begin
+
+    edge = agent_edge(tmp_path)
+    data = os.urandom(12 * MiB)
+    sha = hashlib.sha256(data).digest()
+    peer = Peer(edge.ini)
+    needs = plan_one(peer, b"big", data)
+    assert "resume" not in needs  # nothing to resume from yet
+    peer.send({"type": "file", "stream": 1, "path": b"big", "how": "whole", "size": len(data), "sha256": sha})
+    peer.w.data(1, data[:7 * MiB])
+    peer.w.flush()
+    peer.finish()  # the link drops
+    wait_agents_ended(edge.ini)
+    staging = edge.state / "staging"
+    names = sorted(p.name for p in staging.iterdir())
+    assert names == [f"partial.{sha.hex()}", f"partial.{sha.hex()}.ranges"], names
+
+    peer = Peer(edge.ini)
+    needs = plan_one(peer, b"big", data)
+    [[path, offset]] = needs["resume"]
+    assert path == b"big" and 5 * MiB <= offset <= 7 * MiB
+    # The rest from the offset on, as a sparse payload this time.
+    peer.send({"type": "file", "stream": 1, "path": b"big", "how": "whole", "size": len(data), "sha256": sha,
+               "offset": offset, "sparse": True})
+    peer.w.data(1, EXTENT.pack(offset, len(data) - offset) + data[offset:])
+    peer.w.end(1)
+    peer.w.flush()
+    assert peer.message() == {"type": "staged", "path": b"big"}
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    peer.finish()
+    assert (edge.root / "big").read_bytes() == data
+    wait_agents_ended(edge.ini)
+    assert list(staging.iterdir()) == []
+
+    # Offered again after another cut, but the pusher sends it from 0 (it
+    # does not resume): the run starts over, and the result is right.
+    data2 = os.urandom(12 * MiB)
+    sha2 = hashlib.sha256(data2).digest()
+    peer = Peer(edge.ini)
+    peer.send(begin(2), {"type": "entries", "batch": 1, "rows": [[b"big2", 0, len(data2), 1, 0o644, sha2, None,
+                                                                   0, 2]]}, {"type": "entries_end"})
+    peer.message(), peer.message()
+    peer.send({"type": "file", "stream": 1, "path": b"big2", "how": "whole", "size": len(data2), "sha256": sha2})
+    peer.w.data(1, data2[:9 * MiB])
+    peer.w.flush()
+    peer.finish()
+    wait_agents_ended(edge.ini)
+    peer = Peer(edge.ini)
+    peer.send(begin(2), {"type": "entries", "batch": 1, "rows": [[b"big2", 0, len(data2), 1, 0o644, sha2, None,
+                                                                   0, 2]]}, {"type": "entries_end"})
+    needs = peer.message()
+    assert needs["resume"][0][1] > 0
+    assert peer.message()["type"] == "planned"
+    peer.send({"type": "file", "stream": 1, "path": b"big2", "how": "whole", "size": len(data2), "sha256": sha2})
+    peer.w.data(1, data2)
+    peer.w.end(1)
+    peer.w.flush()
+    assert peer.message() == {"type": "staged", "path": b"big2"}
+    peer.send({"type": "commit", "generation": 2})
+    assert peer.message()["type"] == "committed"
+    peer.finish()
+    assert (edge.root / "big2").read_bytes() == data2
