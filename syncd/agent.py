@@ -304,11 +304,21 @@ class _Incoming:
             raise ProtocolError(f"file {fspath(self.path)}: offset is not an integer")
         if self.offset and (self.how == "delta" or agent.plan.resumes.get(self.sha256) != self.offset):
             raise ProtocolError(f"file {fspath(self.path)}: offset {self.offset} was not offered")
+        agent.plan.resumes.pop(self.sha256, None)  # an offer is used once
         self.tmp = agent._new_tmp()
         # A run's name is this process's and this object's: the prefix taken
-        # over at planning is there already.
+        # over at planning is there already.  One stream at a time writes it
+        # (a second one for the same content, which no plan asks for, goes
+        # to a file of its own and is not resumable).
         self.run = (f"{RUN_PREFIX}{_PID}.{self.sha256.hex()}"
                     if self.how != "delta" and self.size >= RESUME_MIN else None)
+        if self.run is not None:
+            if self.run in agent._open_runs:
+                if self.offset:
+                    raise ProtocolError(f"file {fspath(self.path)}: offset {self.offset} was not offered")
+                self.run = None
+            else:
+                agent._open_runs.add(self.run)
         self.records: RangeLog | None = None
         self.recorded = self.offset  # the run's prefix recorded so far
         # Created by the staging thread at the first write (creating a file
@@ -458,6 +468,7 @@ class _Incoming:
             # The object is whole: its records, and any partial file of it
             # (an earlier, shorter attempt), serve nothing any more.
             unlink_at(sfd, self.run + RANGES_SUFFIX, PARTIAL_PREFIX + obj, PARTIAL_PREFIX + obj + RANGES_SUFFIX)
+            self.agent._open_runs.discard(self.run)  # its name is free again only now
         self.agent.verified_now.add(obj)
         self.agent.staged_this_push.add(obj)
         if meta is not None:
@@ -496,6 +507,8 @@ class _Incoming:
             promote_run(sfd, self.run)
         else:
             unlink_at(sfd, self.run, self.run + RANGES_SUFFIX)
+        if self.run is not None:
+            self.agent._open_runs.discard(self.run)
 
 
 class _Bundle:
@@ -865,6 +878,7 @@ class Agent:
         # yet begun: given back as partial files if the session ends first.
         self._taken: set[str] = set()
         self._resume_offers: list[list] = []  # [path, offset] of this entries batch
+        self._open_runs: set[str] = set()  # runs an _Incoming writes now
         self.closing = False  # the session is ending: staging threads drop the local copies queued
         # Staged objects whose SHA-256 this session computed from the bytes it wrote.
         self.verified_now: set[str] = set()

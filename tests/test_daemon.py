@@ -137,7 +137,7 @@ def test_sigterm_mid_push_leaves_mirrors_consistent(tmp_path: Path, sshd, daemon
     wait_until(lambda: same(primary, tier1), what="the first sync")
     before = tree_listing(tier1.root)
     publish(primary.root, "big.iso", os.urandom(8 << 20))
-    wait_until(lambda: any(n.startswith("tmp.") for n in os.listdir(tier1.state / "staging")),
+    wait_until(lambda: any(n.startswith(("tmp.", "run.")) for n in os.listdir(tier1.state / "staging")),
                what="the big file to be arriving")
     started = time.monotonic()
     assert p.stop(timeout=10) == 0

@@ -554,3 +554,31 @@ def test_the_agent_offers_the_prefix_of_a_cut_run_and_checks_the_whole_file(tmp_
     assert peer.message()["type"] == "committed"
     peer.finish()
     assert (edge.root / "big2").read_bytes() == data2
+
+
+def test_two_streams_of_one_large_content_never_share_a_run(tmp_path: Path) -> None:
+    """A second stream for the same content (no plan asks for it) must not
+    write into the first one's run: the object named is the right one."""
+    from tests.test_agent import Peer
+
+    edge = agent_edge(tmp_path)
+    data = os.urandom(10 * MiB)
+    sha = hashlib.sha256(data).digest()
+    peer = Peer(edge.ini)
+    plan_one(peer, b"big", data)
+    for stream in (1, 2):
+        peer.send({"type": "file", "stream": stream, "path": b"big", "how": "whole", "size": len(data),
+                   "sha256": sha})
+    junk = os.urandom(len(data))
+    for at in range(0, len(data), MiB):
+        peer.w.data(1, data[at:at + MiB])
+        peer.w.data(2, junk[at:at + MiB])
+    peer.w.end(1)
+    peer.w.end(2)
+    peer.w.flush()
+    answers = [peer.message(), peer.message()]
+    assert {a["type"] for a in answers} == {"staged", "failed"}, answers
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    peer.finish()
+    assert (edge.root / "big").read_bytes() == data
