@@ -196,6 +196,71 @@ def test_payload_of_a_real_sparse_file_round_trips(tmp_path: Path) -> None:
     assert len(stream) < 1 * MiB
 
 
+@st.composite
+def write_ops(draw):  # noqa: ANN001, ANN201
+    """Writes and holes, data made of zero and non-zero 4 KiB-ish pieces."""
+    ops = []
+    for _ in range(draw(st.integers(0, 8))):
+        if draw(st.booleans()):
+            ops.append(("skip", draw(st.integers(1, 3 * ZERO_BLOCK + 7))))
+        else:
+            zero = draw(st.booleans())
+            n = draw(st.integers(1, 3 * ZERO_BLOCK + 5))
+            ops.append(("write", bytes(n) if zero else draw(st.binary(min_size=n, max_size=n))))
+    return ops
+
+
+@given(write_ops(), st.booleans(), st.booleans(), st.sampled_from([0, ZERO_BLOCK, 3]))
+def test_sparse_writer_writes_the_logical_content(tmp_path_factory, ops, find_zeros, pooled, start) -> None:  # noqa: ANN001
+    from syncd.fsops import BufferPool, SparseWriter
+
+    expected = bytearray(start)
+    for kind, arg in ops:
+        expected += bytes(arg) if kind == "skip" else arg
+    path = tmp_path_factory.mktemp("w") / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    pool = BufferPool(write_behind=True) if pooled else None
+    try:
+        os.ftruncate(fd, len(expected))
+        w = SparseWriter(fd, start, pool, find_zeros=find_zeros)
+        for kind, arg in ops:
+            w.skip(arg) if kind == "skip" else w.write(arg)
+        w.close()
+        assert w.pos == len(expected)
+    finally:
+        os.close(fd)
+        if pool is not None:
+            pool.close()
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_copies_keep_holes(tmp_path: Path) -> None:
+    from syncd.fsops import BufferPool, SafeRoot, copy_extents
+
+    root = tmp_path / "root"
+    root.mkdir()
+    src = root / "src"
+    make_sparse(src, 64 * MiB, [(MiB, os.urandom(MiB)), (40 * MiB + 5, os.urandom(100_000))])
+    want = hashlib.sha256(src.read_bytes()).digest()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pool = BufferPool(write_behind=True)
+    try:
+        with SafeRoot(root) as safe:
+            total, digest = safe.copy_into(b"src", dfd, b"hashed", pool)
+        assert (total, digest) == (64 * MiB, want)
+        s, d = os.open(src, os.O_RDONLY), os.open(tmp_path / "kernel", os.O_WRONLY | os.O_CREAT, 0o600)
+        copy_extents(s, d, 64 * MiB)
+        os.close(s)
+        os.close(d)
+    finally:
+        os.close(dfd)
+        pool.close()
+    for name in ("hashed", "kernel"):
+        copy = tmp_path / name
+        assert copy.read_bytes() == src.read_bytes()
+        assert allocated(copy) <= 1.1 * allocated(src) + 64 * 1024, (name, allocated(src), allocated(copy))
+
+
 # -- pushes over sshd -------------------------------------------------------------------
 
 
@@ -375,7 +440,8 @@ def test_a_renamed_and_copied_sparse_file_keeps_its_holes(pair: Pair) -> None:
     same_tree(pair.primary.root, pair.edge.root)
 
 
-def test_prewarm_keeps_holes_and_sends_only_the_data(pair: Pair) -> None:
+@pytest.mark.parametrize("streams", ["1", "2"])  # 1: the file goes as a run; 2: as ranges into a partial file
+def test_prewarm_keeps_holes_and_sends_only_the_data(pair: Pair, streams: str) -> None:
     img = pair.primary.root / "disk.img"
     # 64 ranges of 4 MiB, most of them all hole; one extent across a range boundary.
     make_sparse(img, 256 * MiB, [(10 * MiB, os.urandom(MiB)), (16 * MiB - 4096, os.urandom(8192)),
@@ -383,7 +449,7 @@ def test_prewarm_keeps_holes_and_sends_only_the_data(pair: Pair) -> None:
     (pair.primary.root / "small-sparse").touch()
     os.truncate(pair.primary.root / "small-sparse", 3 * MiB)  # one whole object, all hole
     pair.relay.reset_counts()
-    proc = subprocess.run(SYNCD + ["-c", str(pair.primary.ini), "prewarm", "edge", "--streams", "2"],
+    proc = subprocess.run(SYNCD + ["-c", str(pair.primary.ini), "prewarm", "edge", "--streams", streams],
                           capture_output=True, text=True, timeout=600)
     wait_agents_ended(pair.edge.ini)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -582,3 +648,26 @@ def test_two_streams_of_one_large_content_never_share_a_run(tmp_path: Path) -> N
     assert peer.message()["type"] == "committed"
     peer.finish()
     assert (edge.root / "big").read_bytes() == data
+
+
+def test_prewarm_from_a_sibling_relays_sparse_ranges(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    from tests.test_prewarm import Site
+
+    site = Site(tmp_path, sshd)
+    with Relay(sshd.host, sshd.port) as to_sib, Relay(sshd.host, sshd.port) as to_edge:
+        site.add_mirror("sib", to_sib)
+        edge = site.add_mirror("edge", to_edge)
+        img = site.primary / "root" / "disk.img"
+        make_sparse(img, 128 * MiB, [(5 * MiB, os.urandom(MiB)), (127 * MiB, os.urandom(MiB))])
+        first = site.run_once("--mirror", "sib")
+        assert first.returncode == 0, first.stdout + first.stderr
+        to_sib.reset_counts()
+        to_edge.reset_counts()
+        done = site.prewarm("edge", "--from", "sib", "--streams", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        # Down from the sibling and up to the edge: the data, not the holes.
+        assert to_sib.counts()["down"] < 4 * MiB + (4 << 20), to_sib.counts()  # (and the probe's sample)
+        assert to_edge.counts()["up"] < 4 * MiB, to_edge.counts()
+        dst = edge / "root" / "disk.img"
+        assert dst.read_bytes() == img.read_bytes()
+        assert allocated(dst) <= 1.1 * allocated(img) + 64 * 1024, (allocated(img), allocated(dst))
