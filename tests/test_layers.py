@@ -29,8 +29,10 @@ LAYERS: list[list[str]] = [
     # stager: the stage-only agent, which becomes a push agent; part of agent/.
     ["agent", "stager"],
     ["transport", "gcm", "session"],
+    # partial: the run and partial files prewarm and a push resume from
+    # (on fsops); sparse: extents and holes (on errors alone).
     ["verify", "scan", "plan", "fsops", "staging", "compress", "messages", "protocol", "manifest",
-     "delta", "trace", "lock", "notify", "metrics"],
+     "delta", "trace", "lock", "notify", "metrics", "partial", "sparse"],
     ["config"],
     # Below config, not beside plan as in the map: config compiles each
     # include/exclude rule as it loads sync.ini, so that a bad one is a
@@ -45,9 +47,6 @@ LAYERS: list[list[str]] = [
 KNOWN: dict[tuple[str, str], str] = {
     # stager.py imports the pusher for its zstd cut-off (a constant).
     ("stager", "push"): "removed by the agent/ split",
-    # agent.py imports stager.py's staging names (promote_run, RANGES_SUFFIX),
-    # and stager.py hands its session over to agent.serve_stdio: a cycle.
-    ("agent", "stager"): "removed by the agent/ split",
     # The cascade: an agent pushes on to its own mirrors (push_tree).  The
     # split does not end this by itself: agent/session must be handed the
     # pusher from above (cli), or the map must put push/ below agent/.
