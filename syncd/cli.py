@@ -172,7 +172,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ``--repair`` it only reports, like without.
     """
     from .manifest import KIND_FILE, META_HELD_BACK, META_REPAIR, Manifest
-    from .verify import Finding, check_hashes, check_own_index_group
+    from .own_release import check_own_index_group
+    from .verify import Finding, check_hashes
 
     cfg = _load_config(args)
     out = sys.stdout

@@ -29,10 +29,10 @@ from . import gc_paused
 from .config import Config, MirrorConfig
 from .errors import SyncdError
 from .manifest import Manifest
+from .own_release import refuse_broken_release
 from .plan import Item
 from .push import Link, PushResult, push_tree
 from .scan import ScanFeed, ScanResult, scan
-from .verify import refuse_broken_release
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def scan_node(cfg: Config, manifest: Manifest, *, dirs: Iterable[bytes] | None =
 
 class ReleaseGate:
     """Whether a primary may push its current generation: only if its own
-    index group passes its checks (``verify.refuse_broken_release``).
+    index group passes its checks (``own_release.refuse_broken_release``).
 
     Each generation is checked once; the scan that fixes a release makes a
     new generation, checked again.  ``on_refused(generation, err)`` hears

@@ -24,7 +24,8 @@ LAYERS: list[list[str]] = [
     ["__main__"],
     ["cli"],
     ["daemon"],
-    ["runonce", "status"],
+    # own_release: the node's own-release check (config and manifest meet verify).
+    ["runonce", "status", "own_release"],
     ["push", "prewarm"],
     # stager: the stage-only agent, which becomes a push agent; part of agent/.
     ["agent", "stager"],

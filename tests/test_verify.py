@@ -681,7 +681,7 @@ def test_own_release_check_is_kept_per_generation_and_settings(tmp_path, monkeyp
     verify settings; a failed check is never kept."""
     from types import SimpleNamespace
 
-    from syncd import verify as verifymod
+    from syncd import own_release as verifymod
     from syncd.errors import VerifyError
     from syncd.manifest import Manifest
 
@@ -724,7 +724,7 @@ def test_gpg_that_hangs_is_stopped_and_reported(keyring_file, deb, tmp_path, mon
     import shutil
     import time
 
-    from syncd import verify as verifymod
+    from syncd.verify import gpg as verifymod
 
     real = shutil.which("gpg")
     hanging = tmp_path / "gpg-hangs-on-verify"
@@ -746,3 +746,86 @@ def test_gpg_that_hangs_is_stopped_and_reported(keyring_file, deb, tmp_path, mon
         assert ring.verify_detached(deb["dists/stable/Release.gpg"], deb["dists/stable/Release"]).outcome is SigOutcome.GOOD
     finally:
         ring.close()
+
+
+# -- gpg run directly, against python-gnupg's own calls ------------------------------
+
+
+def python_gnupg_verdict(keyring, sig: Path, data: Path | None):
+    """What the verdict was when python-gnupg ran gpg (the library's own
+    verify_file and verify, over the same home with the same options)."""
+    import gnupg
+
+    from syncd.verify.gpg import _verdict
+
+    lib = gnupg.GPG(gpgbinary=keyring._gpg.gpgbinary, gnupghome=str(keyring.home),
+                    options=list(keyring._gpg.options))
+    if data is None:
+        result = lib.verify(sig.read_bytes(), extra_args=["--output", "-"])
+        return _verdict(sig.name, result.stderr or "", detached=False), result.data
+    result = lib.verify_file(str(sig), data_filename=os.path.abspath(data))
+    return _verdict(sig.name, result.stderr or "", detached=True), None
+
+
+def test_gpg_command_line_is_python_gnupgs(keyring):
+    import gnupg
+
+    lib = gnupg.GPG(gpgbinary=keyring._gpg.gpgbinary, gnupghome=str(keyring.home),
+                    options=list(keyring._gpg.options))
+    for args in (["--import"], ["--verify", "-", "/x/Release"], ["--verify", "--output", "-"], ["--list-config"]):
+        assert keyring._gpg.argv(args) == lib.make_args(args, False)
+
+
+def test_verdicts_are_those_through_python_gnupg(keyring, signer, deb, tmp_path):
+    """Every outcome, clearsigned text included, is what it was when python-gnupg
+    ran gpg: good, unknown key, expired key and signature, revoked key, a
+    damaged signature, garbage, an inline-signed file given as a signature."""
+    data = signer.home / "probe"
+    signer.sign("other@test", data, tmp_path / "other.asc")
+    signer.sign("old@test", data, tmp_path / "expsig.asc", faked="20200101T010000", sig_expire="1d")
+    damaged = tmp_path / "damaged.asc"
+    damaged.write_bytes(deb["dists/stable/Release.gpg"].read_bytes())
+    damage_armored_signature(damaged, "value")
+    garbage = tmp_path / "garbage.sig"
+    garbage.write_bytes(b"\x89garbage")
+    detached = [(deb["dists/stable/Release.gpg"], deb["dists/stable/Release"]), (tmp_path / "other.asc", data),
+                (tmp_path / "expsig.asc", data), (signer.home / "expired.asc", data),
+                (signer.home / "revoked.asc", data), (damaged, deb["dists/stable/Release"]),
+                (garbage, data), (deb["dists/stable/InRelease"], deb["dists/stable/Release"])]
+    seen = set()
+    for sig, signed in detached:
+        ours = keyring.verify_detached(sig, signed, name=sig.name)
+        theirs, _ = python_gnupg_verdict(keyring, sig, signed)
+        assert ours == theirs, sig
+        seen.add(ours.outcome)
+    for clear in (deb["dists/stable/InRelease"],):
+        ours = keyring.verify_clearsigned(clear, name=clear.name)
+        theirs, text = python_gnupg_verdict(keyring, clear, None)
+        assert (ours.outcome, ours.message, ours.key_id, ours.fingerprint) == (
+            theirs.outcome, theirs.message, theirs.key_id, theirs.fingerprint)
+        assert ours.content == text == deb["dists/stable/Release"].read_bytes()
+        seen.add(ours.outcome)
+    assert seen >= {SigOutcome.GOOD, SigOutcome.UNKNOWN_KEY, SigOutcome.EXPIRED_SIG, SigOutcome.EXPIRED_KEY,
+                    SigOutcome.REVOKED_KEY, SigOutcome.BAD}
+
+
+def test_a_gpg_that_cannot_run_is_a_clear_error(keyring_file, tmp_path):
+    with pytest.raises(VerifyError, match=r"cannot run gpg: .*no-such-gpg"):
+        Keyring(keyring_file, tmp_path / "home", gpgbinary=str(tmp_path / "no-such-gpg"))
+
+
+def test_a_keyring_import_that_hangs_is_stopped(keyring_file, tmp_path, monkeypatch):
+    """Every gpg call has a timeout, the import too: a clear error, not a hang."""
+    from syncd.verify import gpg as gpgmod
+
+    real = shutil.which("gpg")
+    hanging = tmp_path / "gpg-hangs-on-import"
+    hanging.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in --import) exec sleep 60;; esac; done\n'
+        f'exec {real} "$@"\n'
+    )
+    hanging.chmod(0o755)
+    monkeypatch.setattr(gpgmod, "GPG_TIMEOUT", 1.0)
+    with pytest.raises(VerifyError, match=r"archive-keyring.gpg: gpg gave no answer in 1 s"):
+        Keyring(keyring_file, tmp_path / "home", gpgbinary=str(hanging))
