@@ -1,4 +1,5 @@
-"""The SSH session that runs the remote agent: the only module importing paramiko.
+"""The SSH session that runs the remote agent: the only module importing paramiko
+(with syncd.gcm, its one-copy path for channel data, which only this module imports).
 
 ``open_session(mirror)`` connects to a downstream, checks its host key against
 ``known_hosts`` only, authenticates, runs ``remote_command`` on an exec channel
@@ -16,27 +17,43 @@ key ``AuthenticationError``, anything that a plain retry may cure
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
-import os
 import pathlib
 import socket
-import struct
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from typing import Any
 
-# paramiko.config imports invoke (0.04 s, with asyncio and unittest.mock) only
-# for ssh_config's "Match exec"; syncd never reads an ssh_config (a mirror's
-# settings come from sync.ini), so the import is declined up front.
-sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
-import paramiko  # noqa: E402
-from paramiko.common import cMSG_CHANNEL_DATA
-from paramiko.packet import Packetizer
-from paramiko.hostkeys import InvalidHostKey
-from paramiko.pkey import UnknownKeyType
-from paramiko.ssh_exception import (
+
+@contextlib.contextmanager
+def _declined(name: str) -> Iterator[None]:
+    """``import name`` fails inside the block (unless it is already imported),
+    and works again after it."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
+# paramiko.config imports invoke (with asyncio and unittest.mock: see
+# docs/performance.md, "Importing paramiko") only for ssh_config's "Match
+# exec", and paramiko 4 made invoke a dependency.  syncd never reads an
+# ssh_config (a mirror's settings come from sync.ini), so invoke is declined
+# while paramiko is imported, and only then: paramiko's SSHConfig in this
+# process cannot run "Match exec"; anything else may still import invoke.
+with _declined("invoke"):
+    import paramiko
+from paramiko.hostkeys import InvalidHostKey  # noqa: E402
+from paramiko.pkey import UnknownKeyType  # noqa: E402
+from paramiko.ssh_exception import (  # noqa: E402
     AuthenticationException,
     BadHostKeyException,
     IncompatiblePeer,
@@ -44,13 +61,21 @@ from paramiko.ssh_exception import (
     SSHException,
 )
 
-from syncd import session as _session
-from syncd.session import _STDERR_SETTLE, PREFERRED_CIPHERS, RECV_BLOCK, MirrorLike, _StreamBase, _TailBuffer
-from syncd.errors import (
+from syncd import gcm  # noqa: E402
+from syncd import session as _session  # noqa: E402
+from syncd.errors import (  # noqa: E402
     AuthenticationError,
     ConnectionLostError,
     HostKeyError,
     TransportError,
+)
+from syncd.session import (  # noqa: E402
+    _STDERR_SETTLE,
+    PREFERRED_CIPHERS,
+    RECV_BLOCK,
+    MirrorLike,
+    _StreamBase,
+    _TailBuffer,
 )
 
 log = logging.getLogger(__name__)
@@ -61,116 +86,29 @@ LocalSession = _session.LocalSession
 open_openssh_session = _session.open_openssh_session
 openssh_error = _session.openssh_error
 
-# Measured on loopback (DESIGN.md): a 64 MiB window with 1 MiB packets lets
-# paramiko receive at 470-510 MB/s; small packets in a large window halve it.
+# A 64 MiB window with 1 MiB packets: paramiko receives at its fastest with
+# these, and small packets in a large window halve it (docs/performance.md,
+# "SSH window and packet size").
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 1024 * 1024
 
 
-class _ChannelData:
-    """One SSH_MSG_CHANNEL_DATA packet's content, for :meth:`_Packetizer.send_message`."""
+class _Packetizer(gcm.GcmPacketizer):
+    """paramiko's Packetizer (channel data built by syncd.gcm where it may),
+    starting no rekey itself.
 
-    __slots__ = ("chanid", "data")
-
-    def __init__(self, chanid: int, data: memoryview) -> None:
-        self.chanid = chanid
-        self.data = data
-
-    def message(self) -> paramiko.Message:
-        m = paramiko.Message()
-        m.add_byte(cMSG_CHANNEL_DATA)
-        m.add_int(self.chanid)
-        m.add_string(bytes(self.data))
-        return m
-
-
-_GCM_HEAD = struct.Struct(">IBBII")  # packet length, padding length, message 94, channel, data length
-_GCM_BLOCK = 16
-
-
-class _Packetizer(Packetizer):
-    """paramiko's Packetizer, with two changes.
-
-    * No rekeying started by this side: paramiko's own rekey every 512 MiB
-      can stall 30 s and fail when it meets a channel close (paramiko issue
-      #822).  The server's RekeyLimit still rekeys, and paramiko answers
-      that correctly.
-    * Channel data under AES-GCM is built with one copy.  paramiko's
-      ``Channel.send`` copies each 32 KiB packet six times on its way
-      (Message, asbytes, the header, the padding, the slice to encrypt, the
-      length prefix) around 20 us of Python; the pusher is the busiest
-      thread of an initial copy, and on the 2-core benchmark host this path
-      took a session's sender from 0.40-0.41 to 0.27-0.29 s of CPU (user
-      and system) per 383 MiB sent to ``cat``.  Everything else (another
-      cipher, compression, packet dumps, every other message, a paramiko
-      whose Packetizer lacks the attributes used here) goes through
-      paramiko unchanged.
-
-    The packet is what paramiko's own code sends (RFC 5647): the length as
-    associated data, random padding to the 16-byte block, the sequence
-    number and the invocation counter advanced under the same write lock,
-    the same byte and packet counts (this side never starts a rekey, so it
-    has no limit to check them against).  It is sent from
-    ``Transport._send_user_message``, under the lock that holds back a key
-    exchange, so a rekey never changes the keys between two of its steps.
+    paramiko's own rekey every 512 MiB can stall 30 s and fail when it meets
+    a channel close (paramiko issue #822).  The server's RekeyLimit still
+    rekeys, and paramiko answers that correctly.
     """
 
     REKEY_BYTES = 1 << 62
     REKEY_PACKETS = 1 << 62
-    _USED = ("write_lock", "block_engine_out", "aead_out", "block_size_out", "compress_engine_out",
-             "dump_packets", "iv_out", "sequence_number_out", "sent_bytes", "sent_packets", "socket",
-             "keepalive_last")
-    #: Channel data packets built here (the rest went through paramiko's own path).
-    fast_packets = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._fast = all(hasattr(self, "_Packetizer__" + name) for name in self._USED)
-
-    def _plain_gcm_out(self) -> bool:
-        """Outbound AES-GCM, no compression, no packet dumps.  Read outside
-        the write lock: only a key exchange changes these, and none starts
-        while ``_send_user_message`` holds its lock."""
-        return (self._fast and self._Packetizer__aead_out and self._Packetizer__block_size_out == _GCM_BLOCK
-                and self._Packetizer__compress_engine_out is None and not self._Packetizer__dump_packets)
-
-    def send_message(self, data: Any) -> None:
-        if type(data) is not _ChannelData:
-            return super().send_message(data)
-        if not self._plain_gcm_out():
-            return super().send_message(data.message())
-        piece = data.data
-        n = len(piece)
-        # 1 + 4 + 4 + n bytes of payload, the padding length byte, at least 4
-        # bytes of padding: a multiple of the block without the 4-byte
-        # length (as in paramiko's _build_packet).
-        padding = 3 + _GCM_BLOCK - ((n + 9 + 4) % _GCM_BLOCK)
-        head = _GCM_HEAD.pack(n + 10 + padding, padding, 94, data.chanid, n)
-        with self._Packetizer__write_lock:
-            iv = self._Packetizer__iv_out
-            sealed = self._Packetizer__block_engine_out.encrypt(
-                iv, b"".join((head[4:], piece, os.urandom(padding))), head[:4])
-            self._Packetizer__iv_out = iv[:4] + (int.from_bytes(iv[4:], "big") + 1).to_bytes(8, "big")
-            self._Packetizer__sequence_number_out = (self._Packetizer__sequence_number_out + 1) & 0xFFFFFFFF
-            self._send_parts(head[:4], sealed)
-            self._Packetizer__sent_bytes += 4 + len(sealed)
-            self._Packetizer__sent_packets += 1
-            self.fast_packets += 1
-
-    def _send_parts(self, length: bytes, sealed: bytes) -> None:
-        """``length + sealed`` to the socket, without joining them if it takes both at once."""
-        self._Packetizer__keepalive_last = time.time()
-        try:
-            sent = self._Packetizer__socket.sendmsg((length, sealed))
-        except (socket.timeout, BlockingIOError, InterruptedError):
-            sent = 0  # a full send buffer: write_all waits as paramiko does
-        except OSError:
-            raise EOFError() from None  # as write_all: the transport is gone
-        if sent < 4 + len(sealed):
-            self.write_all(memoryview(length + sealed)[sent:])
 
 
-def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> paramiko.Transport:
+def _transport_factory(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
+    """``SSHClient.connect``'s transport: ``kwargs`` are what this paramiko's
+    client passes (paramiko 3 and 4 add ``gss_kex`` and ``gss_deleg_creds``)."""
     # paramiko leaves Nagle on: a small packet sent while the one before is
     # unacknowledged then waits for the peer's delayed ACK (40 ms on Linux),
     # twice in the handshake (the auth request, the channel open) and on
@@ -183,8 +121,8 @@ def _transport_factory(sock: socket.socket, disabled_algorithms: Any = None) -> 
         sock,
         default_window_size=WINDOW_SIZE,
         default_max_packet_size=MAX_PACKET_SIZE,
-        disabled_algorithms=disabled_algorithms,
         packetizer_class=_Packetizer,
+        **kwargs,
     )
     options = transport.get_security_options()
     known = tuple(options.ciphers)
@@ -344,6 +282,8 @@ class Session(_StreamBase):
         self._client = client
         self._transport = transport
         self._channel = channel
+        packetizer = transport.packetizer
+        self._fast = isinstance(packetizer, gcm.GcmPacketizer) and packetizer.fast
         self._stderr = _TailBuffer()
         self._closed = False
         self._stderr_thread = threading.Thread(
@@ -385,17 +325,11 @@ class Session(_StreamBase):
             raise self._lost("sending")
 
     def _send_packet(self, view: memoryview) -> int:
-        """What ``Channel.send`` does, one packet of ``view`` (as much as the
-        window and the packet size allow), built by :class:`_Packetizer`;
-        the bytes sent, 0 once the channel has ended."""
-        channel = self._channel
-        with channel.lock:
-            if channel.closed:
-                raise OSError("Socket is closed")
-            size = channel._wait_for_send_window(len(view))
-        if size:
-            self._transport._send_user_message(_ChannelData(channel.remote_chanid, view[:size]))
-        return size
+        """One packet of ``view`` (as much as the window and the packet size
+        allow); the bytes sent, 0 once the channel has ended."""
+        if self._fast:
+            return gcm.send_channel_data(self._transport, self._channel, view)
+        return self._channel.send(view)
 
     def recv(self, n: int = RECV_BLOCK) -> bytes:
         """Up to ``n`` bytes; b'' only at the remote's real end of output."""

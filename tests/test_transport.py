@@ -197,6 +197,28 @@ def test_a_paramiko_without_the_packetizer_internals_used_sends_its_own_way(sshd
         assert echoed_and_built_by_syncd(session, payload) == 0
 
 
+@pytest.mark.parametrize("off", ["kill switch", "untested paramiko"])
+def test_without_the_fast_path_data_goes_through_paramikos_public_send(sshd_factory, monkeypatch, off):
+    # SYNCD_NO_FAST_GCM=1, or a paramiko release syncd.gcm was not tested
+    # on: Channel.send carries every byte, through a server's rekeys too.
+    from syncd import gcm
+
+    if off == "kill switch":
+        monkeypatch.setenv("SYNCD_NO_FAST_GCM", "1")
+    else:
+        monkeypatch.setattr(gcm, "TESTED_PARAMIKO", ())
+    sends = []
+    real_send = transport.paramiko.Channel.send
+    monkeypatch.setattr(transport.paramiko.Channel, "send", lambda self, s: sends.append(len(s)) or real_send(self, s))
+    server = sshd_factory(rekey_limit="2M")
+    payload = pattern(12 * MiB + 5, 7)
+    with open_session(server.mirror("cat")) as session:
+        assert session.cipher == "aes128-gcm@openssh.com"
+        assert echoed_and_built_by_syncd(session, payload) == 0
+    assert sends
+    assert server.log_tail(10**8).count("SSH2_MSG_NEWKEYS received") > 2
+
+
 def test_io_timeout_turns_a_silent_peer_into_connection_loss(sshd):
     with open_session(sshd.mirror("cat > /dev/null", io_timeout=0.5)) as session:
         with pytest.raises(ConnectionLostError, match="timed out"):
