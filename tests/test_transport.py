@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -217,6 +218,21 @@ def test_without_the_fast_path_data_goes_through_paramikos_public_send(sshd_fact
         assert echoed_and_built_by_syncd(session, payload) == 0
     assert sends
     assert server.log_tail(10**8).count("SSH2_MSG_NEWKEYS received") > 2
+
+
+def test_invoke_is_declined_only_while_paramiko_is_imported():
+    # paramiko imported without invoke (syncd reads no ssh_config), and the
+    # process may still import invoke afterwards.
+    code = "\n".join([
+        "import importlib.util, sys",
+        "import syncd.transport, paramiko.config",
+        "assert paramiko.config.invoke is None",
+        "assert 'invoke' not in sys.modules, sys.modules.get('invoke', 'absent')",
+        "if importlib.util.find_spec('invoke') is not None:",
+        "    import invoke",
+    ])
+    root = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
 
 
 def test_io_timeout_turns_a_silent_peer_into_connection_loss(sshd):
