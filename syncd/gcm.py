@@ -5,10 +5,9 @@ paramiko's ``Channel.send`` copies each packet six times on its way
 (Message, asbytes, the header, the padding, the slice to encrypt, the length
 prefix); the pusher is the busiest thread of an initial copy, and this path
 builds each packet with one copy (docs/performance.md, "Sending channel
-data").  To do it, it reads and
-writes name-mangled attributes of paramiko's ``Packetizer`` (the AES-GCM
-invocation counter among them) and calls private methods of ``Channel`` and
-``Transport``.
+data").  To do it, it reads and writes name-mangled attributes of paramiko's
+``Packetizer`` (the AES-GCM invocation counter among them) and calls private
+methods of ``Channel`` and ``Transport``.
 
 So it runs only where it was tested: the paramiko releases in
 TESTED_PARAMIKO, with the environment variable SYNCD_NO_FAST_GCM unset (or

@@ -68,7 +68,7 @@ def refuse_broken_release(cfg: Config, manifest: Manifest) -> None:
 
     A generation that passed once is not checked again with the same verify
     settings: listing the index files of an unchanged tree costs time on
-    every no-op run (docs/performance.md, "Own-release check").
+    every no-op run (docs/performance.md, "Hashing and signatures").
     """
     key = _release_check_key(cfg, manifest)
     now = time.time()

@@ -1,14 +1,16 @@
 """Sessions that need no paramiko: a local subprocess's pipes, and the OpenSSH client.
 
 prewarm's streams run through ``ssh`` (open_openssh_session); importing this
-module instead of syncd.transport spares them paramiko's import (40 ms)
-before their first login.  syncd.transport re-exports every name here.
+module instead of syncd.transport spares them paramiko's import before their
+first login (docs/performance.md, "Importing paramiko").  syncd.transport
+re-exports every name here.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import getpass
 import os
 import pathlib
@@ -243,8 +245,8 @@ def open_openssh_session(mirror: MirrorLike) -> "LocalSession":
 
     Each prewarm stream is one process; with paramiko that process spends
     most of its core packetizing and encrypting in Python, while ``ssh``
-    encrypts in C at several times the rate (DESIGN.md: 530 MB/s against
-    about 300).  The same promises as syncd.transport: only the mirror's
+    encrypts in C at a higher rate (docs/performance.md, "SSH transfer
+    rates").  The same promises as syncd.transport: only the mirror's
     ``known_hosts`` is trusted and an unknown key is refused
     (StrictHostKeyChecking), the mirror's key only, no prompts, no user
     ssh_config, GCM ciphers first.
@@ -288,10 +290,8 @@ def grow_pipe(fd: int) -> None:
     """Let sshd hand us 1 MiB per read instead of the default 64 KiB pipe.
 
     A full 64 KiB pipe stalls sshd, which then withholds the SSH window from
-    the pusher: measured, it capped a push at about 130 MB/s.
+    the pusher, which capped a push (docs/performance.md, "SSH transfer rates").
     """
-    import fcntl
-
     try:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     except OSError:

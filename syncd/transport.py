@@ -88,7 +88,7 @@ openssh_error = _session.openssh_error
 
 # A 64 MiB window with 1 MiB packets: paramiko receives at its fastest with
 # these, and small packets in a large window halve it (docs/performance.md,
-# "SSH window and packet size").
+# "SSH transfer rates").
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 1024 * 1024
 

@@ -271,7 +271,7 @@ def _check_signatures(files: Mapping[str, Path], plan: SignaturePlan, keyring: K
             return keyring.verify_clearsigned(files[sig], name=sig)
         return keyring.verify_detached(files[sig], files[target], name=sig)
 
-    # One gpg process per signature (docs/performance.md, "Signatures"): run them side by side.
+    # One gpg process per signature (docs/performance.md, "Hashing and signatures"): run them side by side.
     n = min(len(jobs), default_workers() if workers is None else max(1, workers))
     with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="syncd-gpg") as pool:
         for (sig, target), res in zip(jobs, pool.map(check, jobs)):

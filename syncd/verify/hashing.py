@@ -18,7 +18,7 @@ PathLike = TypeVar("PathLike", str, os.PathLike)
 # 256 KiB reads: large enough that hashlib drops the GIL for each update and
 # syscalls cost nothing, small enough that the hash reads the bytes from L2
 # right after the kernel copied them there (faster than 1 MiB reads: see
-# docs/performance.md, "Hashing").
+# docs/performance.md, "Hashing and signatures").
 DEFAULT_BUFFER = 256 << 10
 
 
@@ -85,7 +85,7 @@ def hash_files(
 
     # Workers pull from one shared iterator and push to one bounded queue: a
     # lock and a queue hop per file, where an executor future per file cost
-    # more than hashing a small file (docs/performance.md, "Hashing").
+    # more than hashing a small file (docs/performance.md, "Hashing and signatures").
     source = iter(items)
     pull = threading.Lock()
     results: queue.Queue = queue.Queue(maxsize=4 * workers)
