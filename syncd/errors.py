@@ -98,10 +98,6 @@ class VerifyError(SyncdError):
     """A SHA-256 or signature check failed."""
 
 
-class SignatureError(VerifyError):
-    """An OpenPGP signature is bad, unknown, expired, revoked or missing."""
-
-
 class DeletionGuardError(SyncdError):
     """A plan would delete more than the configured share of the tree."""
 
@@ -152,7 +148,7 @@ WIRE_KINDS: dict[str, type[SyncdError]] = {cls.__name__: cls for cls in (
     SyncdError, ConfigError, UsageError, LockedError, ManifestError, SchemaError, ScanError,
     DeltaError, DeltaFormatError, PatchMismatchError, ProtocolError, UnsafePathError,
     TransportError, ConnectionLostError, HostKeyError, AuthenticationError,
-    VerifyError, SignatureError, IndexFormatError, DeletionGuardError, RemoteError, DiskFullError,
+    VerifyError, IndexFormatError, DeletionGuardError, RemoteError, DiskFullError,
     StoppedError,
 )}
 
