@@ -166,20 +166,7 @@ def open_session(mirror: MirrorLike) -> Session:
     """
     label = _label(mirror)
     known_hosts = pathlib.Path(mirror.known_hosts or "~/.ssh/known_hosts").expanduser()
-    identity = mirror.identity_file
-    pkey = None
-    if identity is not None:
-        identity = pathlib.Path(identity).expanduser()
-        # Loaded here so a bad key file is a clear, permanent error, not a
-        # failed login that looks retryable.
-        try:
-            pkey = paramiko.PKey.from_path(identity)
-        except (OSError, ValueError, TypeError, SSHException, UnknownKeyType) as err:
-            raise TransportError(
-                f"{label}: identity_file {identity} is not a usable private key "
-                f"(missing, unreadable, passphrase-protected or unknown type): {err}"
-            ) from None
-
+    identity, pkey = _load_identity(label, mirror.identity_file)
     client = paramiko.SSHClient()
     # Only the configured file: never ~/.ssh/known_hosts behind the operator's back.
     if known_hosts.exists():
@@ -189,6 +176,49 @@ def open_session(mirror: MirrorLike) -> Session:
             raise HostKeyError(f"{label}: cannot read known_hosts {known_hosts}: {err}") from err
     client.set_missing_host_key_policy(_RefuseUnknownHost(label, known_hosts))
     timeout = float(mirror.connect_timeout)
+    _connect(client, mirror, label, known_hosts, identity, pkey, timeout)
+    transport = client.get_transport()
+    try:
+        if mirror.keepalive:
+            transport.set_keepalive(int(mirror.keepalive))
+        channel = transport.open_session(timeout=timeout)
+        channel.exec_command(mirror.remote_command)
+        # Optional: a link that dies silently (no RST) is otherwise only
+        # noticed after TCP gives up, many minutes later.
+        io_timeout = getattr(mirror, "io_timeout", None)
+        if io_timeout:
+            channel.settimeout(float(io_timeout))
+    except (OSError, EOFError, SSHException) as err:
+        client.close()
+        raise ConnectionLostError(
+            f"{label}: cannot start {mirror.remote_command!r}: {_describe(err)}"
+        ) from None
+    log.debug("%s: connected, cipher %s, running %r", label,
+              transport.remote_cipher, mirror.remote_command)
+    return Session(label, client, transport, channel)
+
+
+def _load_identity(label: str, identity: "pathlib.Path | str | None") -> tuple[pathlib.Path | None, paramiko.PKey | None]:
+    """The identity file's path and key, or (None, None) without one.
+
+    Loaded before connecting so a bad key file is a clear, permanent error,
+    not a failed login that looks retryable.
+    """
+    if identity is None:
+        return None, None
+    identity = pathlib.Path(identity).expanduser()
+    try:
+        return identity, paramiko.PKey.from_path(identity)
+    except (OSError, ValueError, TypeError, SSHException, UnknownKeyType) as err:
+        raise TransportError(
+            f"{label}: identity_file {identity} is not a usable private key "
+            f"(missing, unreadable, passphrase-protected or unknown type): {err}"
+        ) from None
+
+
+def _connect(client: paramiko.SSHClient, mirror: MirrorLike, label: str, known_hosts: pathlib.Path,
+             identity: pathlib.Path | None, pkey: paramiko.PKey | None, timeout: float) -> None:
+    """``client.connect``, each of paramiko's failures translated (the client closed)."""
     try:
         client.connect(
             mirror.host,
@@ -239,26 +269,6 @@ def open_session(mirror: MirrorLike) -> Session:
     except BaseException:
         client.close()
         raise
-
-    transport = client.get_transport()
-    try:
-        if mirror.keepalive:
-            transport.set_keepalive(int(mirror.keepalive))
-        channel = transport.open_session(timeout=timeout)
-        channel.exec_command(mirror.remote_command)
-        # Optional: a link that dies silently (no RST) is otherwise only
-        # noticed after TCP gives up, many minutes later.
-        io_timeout = getattr(mirror, "io_timeout", None)
-        if io_timeout:
-            channel.settimeout(float(io_timeout))
-    except (OSError, EOFError, SSHException) as err:
-        client.close()
-        raise ConnectionLostError(
-            f"{label}: cannot start {mirror.remote_command!r}: {_describe(err)}"
-        ) from None
-    log.debug("%s: connected, cipher %s, running %r", label,
-              transport.remote_cipher, mirror.remote_command)
-    return Session(label, client, transport, channel)
 
 
 def _describe(err: BaseException) -> str:
