@@ -17,6 +17,13 @@ from .config import DEFAULT_INDEX_PATTERNS
 from .errors import DeletionGuardError
 
 
+# Names of files compressed already: zstd does not shrink them, and a new
+# version shares next to no bytes with an old one (a delta against another
+# file's blocks does not pay).
+COMPRESSED_SUFFIXES = (b".gz", b".xz", b".bz2", b".zst", b".lz4", b".deb", b".udeb", b".rpm", b".zip",
+                       b".jpg", b".png", b".7z", b".lzma", b".squashfs", b".whl")
+
+
 class IndexMatcher:
     """Classifies paths as index files by glob patterns.
 

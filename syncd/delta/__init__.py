@@ -7,7 +7,7 @@ here: everything takes buffers or iterators of buffers and yields bytes.
 The byte format is in ``docs/delta-format.md``.
 """
 
-from .encode import DeltaParams, DeltaStats, delta_bytes, iter_delta
+from .encode import DeltaParams, DeltaStats, delta_bytes, iter_delta, samples_matching
 from .patch import Patcher, patch_bytes
 from .signature import (Signature, block_size_for, decode_signature, join_signatures, make_signature,
                         signature_of_reader)
@@ -25,4 +25,5 @@ __all__ = [
     "join_signatures",
     "signature_of_reader",
     "patch_bytes",
+    "samples_matching",
 ]

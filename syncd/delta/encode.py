@@ -36,7 +36,7 @@ from . import format as fmt
 from .rollsum import Roller, block_sums, weak_sum
 from .signature import Signature
 
-__all__ = ["DeltaParams", "DeltaStats", "iter_delta", "delta_bytes"]
+__all__ = ["DeltaParams", "DeltaStats", "iter_delta", "delta_bytes", "samples_matching"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ PIECE_SIZE = 1 << 20
 _PIECE_SLACK = 64
 #: Below this strong length an aligned match is confirmed by its weak sum too.
 _SHORT_STRONG = 8
+#: Strong sums tried per sample by samples_matching, at most (a signature
+#: whose weak sums hit everywhere costs no more than this).
+_SAMPLE_TRIES = 256
 #: Blocks checked at once where the new file follows the old one block by
 #: block: from _RUN_START, doubling up to _RUN_BLOCKS while all match.
 _RUN_START = 8
@@ -511,3 +514,32 @@ def delta_bytes(
     ``patch_bytes`` checks the result without being told the digest.
     """
     return b"".join(iter_delta(sig, [new], params=params, stats=stats, embed_sha256=embed_sha256))
+
+
+def samples_matching(sig: Signature, samples: Iterable) -> int:
+    """How many of ``samples`` (buffers of the new file) hold at least one
+    full block of the old file, found at any offset by weak and strong sum.
+
+    A cheap look, before a delta, at whether the new file shares anything
+    with the old one: a sender whose basis is only a guess (a file of a
+    similar name) sends the file whole when no sample matches, instead of
+    a delta of literals that zstd cannot shrink and that cost the search.
+    """
+    index = _Index(sig)
+    B = sig.block_size
+    if index.full == 0:
+        return 0
+    roller = Roller(B)
+    found = 0
+    for sample in samples:
+        view = fmt.byte_view(sample)
+        if view.nbytes < B:
+            continue
+        x = np.frombuffer(view, dtype=np.uint8)
+        sums = roller.sums(x)
+        for k in index.candidates(sums)[:_SAMPLE_TRIES].tolist():
+            h = xxhash.xxh3_128_digest(view[k : k + B])[: sig.strong_len]
+            if index.find(h, int(sums[k]) if index.short_strong else None) is not None:
+                found += 1
+                break
+    return found
