@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import import_in_background
 from . import plan as planmod
+from .basis import Candidates
 from .config import Config
 from .errors import (
     DISK_FULL_ERRNOS,
@@ -94,6 +95,9 @@ AGENT_LOCK_WAIT = 120.0
 CASCADE_HEARTBEAT = 5.0
 # Below this size a delta saves too little to pay for its signature round trip.
 DELTA_MIN_SIZE = 64 * 1024
+# New files per push that may look for a basis (a file of a similar name the
+# plan deletes or replaces, syncd.basis): a signature read each, at most.
+BASIS_MAX_FILES = 1000
 #: Replaced or deleted files from this size on are freed after the commit.
 PARK_MIN = 1 << 20
 #: From this size on, an old copy's signature is computed in two halves at once.
@@ -201,6 +205,13 @@ class _Plan:
     # SHA-256 -> the offset offered: a file sent whole may start there (its
     # prefix is this edge's partial file, taken over as a run of this process).
     resumes: dict[bytes, int] = field(default_factory=dict)
+    # A basis for new files that have no copy here (syncd.basis, _basis_items):
+    bases: Candidates = field(default_factory=Candidates)  # files the plan deletes or replaces
+    want_basis: list[_Row] = field(default_factory=list)  # new files of this entries batch
+    deferred: list[_Row] = field(default_factory=list)  # answered in "planned" (need "later")
+    basis_of: dict[bytes, bytes] = field(default_factory=dict)  # path -> the file its delta is against
+    defer: bool = False  # the pusher keeps a file answered "later" until "planned" (begin: fuzzy)
+    basis_tries: int = 0  # new files that looked for a basis (BASIS_MAX_FILES)
 
 
 class _PathSet:
@@ -350,7 +361,8 @@ class _Incoming:
         else:
             from .delta import Patcher
 
-            self.old_fd = agent.root.open_read(self.path)
+            # A new file's old copy is the basis the plan chose (syncd.basis).
+            self.old_fd = agent.root.open_read(agent.plan.basis_of.get(self.path, self.path))
             old_size = os.fstat(self.old_fd).st_size
             old_fd = self.old_fd
             self._patcher = Patcher(lambda off, n: os.pread(old_fd, n, off), old_size, self._write,
@@ -770,6 +782,7 @@ class _EarlyPublisher(threading.Thread):
 
 
 _END = object()  # queued after a file's last chunk
+_ASK_BASIS = object()  # _decide_row: this new file's item waits for its basis (Agent._basis_items)
 
 
 class _Stager(threading.Thread):
@@ -1233,6 +1246,7 @@ class Agent:
             filter=rule_filter,
             max_delete=max_delete,
             seen=_PathSet(where=self.staging),
+            defer=bool(msg.get("fuzzy")) and self.version >= (1, 3),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
         if not self.plan.dry_run and self._importer is None and not self._began_empty:
@@ -1260,6 +1274,7 @@ class Agent:
                 item = self._decide(row)
                 if item is not None:
                     items.append(item)
+            items += self._basis_items(final=False)
         except BaseException:
             self._send_signatures()  # to close their files
             raise
@@ -1297,6 +1312,9 @@ class Agent:
         if st is None and row.kind == KIND_DIR:
             self._missing.add(row.path)
         item = self._decide_row(row, st)
+        if item is _ASK_BASIS:
+            plan.rows.append(row)
+            return None  # answered at the end of its batch, or in "planned"
         if item is None and plan.full and self._recorded(row, st):
             # A full comparison (a reconcile) lists every path: one that the
             # manifest already records exactly as it is is not kept until
@@ -1325,6 +1343,7 @@ class Agent:
         if row.deleted:
             if st is not None:
                 plan.deletes.append(row.path)
+                self._basis_candidate(row.path, st)
                 return [planmod.DELETE, row.path, None, None, None]
             return None
         if row.kind == KIND_DIR:
@@ -1368,6 +1387,8 @@ class Agent:
         plan.files.append(row)
         if st is None:
             plan.fresh.add(row.path)
+        else:
+            self._basis_candidate(row.path, st)  # replaced: its old bytes stay until the commit
         obj = row.sha256.hex()
         if row.sha256 in plan.pending or obj in self.staged_at_begin or obj in self.staged_this_push:
             return [planmod.NEW, row.path, None, None, None]  # already staged or on its way
@@ -1398,25 +1419,96 @@ class Agent:
             if plan.dry_run:
                 return [planmod.DELTA, row.path, "delta", None, None]
             return [planmod.DELTA, row.path, "delta", None, self._send_signature(row.path)]
-        if row.size >= RESUME_MIN and not plan.dry_run:
-            self._offer_resume(row)
+        if row.size >= RESUME_MIN and not plan.dry_run and self._offer_resume(row):
+            return [planmod.NEW, row.path, "whole", None, None]  # the rest of its verified prefix
+        if self._wants_basis(row):
+            plan.want_basis.append(row)
+            return _ASK_BASIS
         return [planmod.NEW, row.path, "whole", None, None]
 
-    def _offer_resume(self, row: _Row) -> None:
+    def _offer_resume(self, row: _Row) -> bool:
         """A partial file of this object (a push or a prewarm cut short): its
         recorded prefix becomes a run of this process, and the pusher may
-        send the rest only (the ``file`` message's ``offset``)."""
+        send the rest only (the ``file`` message's ``offset``).  Whether it
+        was offered."""
         run = f"{RUN_PREFIX}{_PID}.{row.sha256.hex()}"
         try:
             have = take_over(self.staging_fd, row.sha256.hex(), row.size, run)
         except OSError as err:
             log.warning("%s: its partial file cannot be resumed (%s); asked for whole", fspath(row.path), err)
-            return
+            return False
         if have:
             self._taken.add(run)
             self.plan.resumes[row.sha256] = have
             self._resume_offers.append([row.path, have])
             log.info("%s: resuming from byte %d of %d", fspath(row.path), have, row.size)
+        return bool(have)
+
+    # -- a basis for a new file (rsync's --fuzzy; the choice is syncd.basis's) ------
+
+    def _basis_candidate(self, path: bytes, st: os.stat_result) -> None:
+        """``path`` is deleted or replaced by this plan: a possible basis,
+        when it is a regular file large enough for a delta."""
+        if stat.S_ISREG(st.st_mode) and st.st_size >= DELTA_MIN_SIZE and not self.plan.dry_run:
+            parent, name = split(path)
+            self.plan.bases.add(parent, name, st.st_size)
+
+    def _wants_basis(self, row: _Row) -> bool:
+        """Whether a new file with no old copy of its own here looks for a
+        basis: large enough for a delta, not compressed (a new version of a
+        compressed file shares next to nothing with the old one), in a
+        directory this edge has, within the push's bound on signature reads."""
+        plan = self.plan
+        if (plan.dry_run or self._began_empty or row.size < DELTA_MIN_SIZE
+                or plan.basis_tries >= BASIS_MAX_FILES or row.path.lower().endswith(planmod.COMPRESSED_SUFFIXES)):
+            return False
+        parent = split(row.path)[0]
+        if parent in self._missing:
+            return False
+        if parent:
+            pst = self.root.lstat(parent)
+            if pst is None or not stat.S_ISDIR(pst.st_mode):
+                return False
+        plan.basis_tries += 1
+        return True
+
+    def _basis_items(self, *, final: bool) -> list[list]:
+        """Items for the new files waiting for a basis: a delta against the
+        candidate :meth:`Candidates.choose` picks, with its signature, or
+        the file whole.  At a batch's end (``final`` False) one without a
+        candidate yet waits for the rest of the plan (need "later", when the
+        pusher keeps such files: begin's ``fuzzy``): its old version may be
+        deleted by a later batch, or, in a full comparison, be found
+        unlisted at the end.  At entries_end (``final``) every file is
+        answered."""
+        plan = self.plan
+        rows, plan.want_basis = plan.want_basis, []
+        if final:
+            rows, plan.deferred = plan.deferred + rows, []
+        items = []
+        for row in rows:
+            parent, name = split(row.path)
+            chosen = plan.bases.choose(parent, name, row.size)
+            item = self._delta_from(row, join(parent, chosen)) if chosen is not None else None
+            if item is None and not final and plan.defer:
+                plan.deferred.append(row)
+                item = [planmod.NEW, row.path, "later", None, None]
+            items.append(item or [planmod.NEW, row.path, "whole", None, None])
+        return items
+
+    def _delta_from(self, row: _Row, basis: bytes) -> list | None:
+        """The delta item of ``row`` against this edge's file ``basis``, its
+        signature started; None when ``basis`` cannot be read as a regular
+        file in root (SafeRoot walks from root's fd and follows no symlink,
+        so a symlink or a directory planted there is never read through)."""
+        try:
+            fd = self.root.open_read(basis)
+        except (OSError, UnsafePathError) as err:
+            log.debug("%s: no basis %s (%s)", fspath(row.path), fspath(basis), err)
+            return None
+        self.plan.basis_of[row.path] = basis
+        log.debug("%s: a delta against %s", fspath(row.path), fspath(basis))
+        return [planmod.DELTA, row.path, "delta", basis, self._send_signature(row.path, fd)]
 
     def _staged(self, obj: str) -> bool:
         try:
@@ -1471,15 +1563,17 @@ class Agent:
                 unlink_at(self.staging_fd, tmp)
         return None
 
-    def _send_signature(self, path: bytes) -> int:
-        """Start the block signature of this edge's copy of ``path``; its stream id.
+    def _send_signature(self, path: bytes, fd: int | None = None) -> int:
+        """Start the block signature of this edge's copy of ``path`` (or of
+        the file open on ``fd``, which it closes); its stream id.
 
         Computed in a pool (numpy and the hashing release the GIL), beside
         the batch's other signatures and local copies; ``_entries`` sends
         each one after the batch's ``needs`` as it ends (1.3), or all of
         them, in order, before it (1.2).
         """
-        fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
+        if fd is None:
+            fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
         self.plan.signatures += 1
         if self._sig_pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -1540,6 +1634,8 @@ class Agent:
             raise ProtocolError("entries_end twice")
         self.plan.ended = True
         items = []
+        # Deferred new files look for their basis among the unlisted files of their directory too.
+        basis_dirs = {split(r.path)[0] for r in self.plan.deferred}
         if self.plan.full and not self._began_empty:  # (an empty mirror holds nothing unlisted)
             for path, is_dir, listed in self._walk():
                 if listed or self.plan.filter.excluded_path(path, is_dir):
@@ -1550,8 +1646,16 @@ class Agent:
                     continue
                 self.plan.deletes.append(path)
                 items.append([planmod.DELETE, path, None, None, None])
+                if not is_dir and split(path)[0] in basis_dirs and (st := self.root.lstat(path)) is not None:
+                    self._basis_candidate(path, st)
         self.plan.seen.clear()
+        items += self._basis_items(final=True)
+        streamed = self.version >= (1, 3)
+        if not streamed:
+            self._send_signatures()  # before the planned that names them
         self.writer.message({"type": "planned", "items": items})
+        if streamed:
+            self._stream_signatures()
         # Not while signatures read the edge's old copies: those reads would
         # queue behind the writes (measured: the first delta started 0.1 s later).
         if self.plan.files and not self.plan.dry_run and not self.plan.signatures:

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .filters import Filter
 from .manifest import KIND_FILE, Entry, Manifest, fspath
+from .plan import COMPRESSED_SUFFIXES  # (stager and prewarm take it from here)
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ BUNDLE_BYTES = 1 << 20
 BUNDLE_FILES = 512
 ZSTD_LEVEL = 1
 ZSTD_MIN_GAIN = 0.9
-COMPRESSED_SUFFIXES = (b".gz", b".xz", b".bz2", b".zst", b".lz4", b".deb", b".udeb", b".rpm", b".zip",
-                       b".jpg", b".png", b".7z", b".lzma", b".squashfs", b".whl")
+# A delta against a basis the agent chose by name or size goes only when
+# samples of the new file find its blocks (_delta_pays).
+PAYS_SAMPLES = 16
+PAYS_MIN = 2
+PAYS_SAMPLE_MIN = 64 << 10
 
 
 @dataclass
@@ -520,6 +524,9 @@ class Pusher:
             "type": "begin", "generation": target, "full": full, "dry_run": self.dry_run,
             "filter": self.rules, "max_delete_ppm": round(self.cfg.node.max_delete * 1_000_000),
             "force_deletes": self.force_deletes,
+            # A new file may be answered need "later" (its basis is looked for
+            # in the rest of the plan) and named again in "planned".
+            "fuzzy": True,
         })
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.
@@ -530,6 +537,8 @@ class Pusher:
         self._sig_waiting: dict[int, Entry] = {}  # 1.3: delta items whose signature is still coming
         self._resume: dict[bytes, int] = {}  # path -> the offset the agent offered to resume from
         self._read_buf = memoryview(bytearray(CHUNK))  # a sparse file's data is read into it
+        self._later: set[bytes] = set()  # need "later": named again in "planned"
+        self._basis: dict[bytes, bytes] = {}  # a delta against another file of the edge: path -> that file
         self._bundle: list[Entry] = []
         self._bundle_bytes = 0
         # The bundle's bytes, read straight into place (no bytes object per
@@ -558,6 +567,8 @@ class Pusher:
             self._outstanding -= self._handle(ch, result, expect="needs")
         while self._handle(ch, result, expect="planned") == 0:
             pass
+        if self._later:
+            raise ProtocolError(f"the agent never asked for {fspath(next(iter(self._later)))} again")
         while self.awaiting:
             self._handle(ch, result, expect="acks")
         if self.dry_run:
@@ -627,7 +638,7 @@ class Pusher:
             ch.writer.flush()
             batch = msg.get("batch")
             for path in self._batch_paths.pop(batch, []) if isinstance(batch, int) else []:
-                if path not in self._unacked:
+                if path not in self._unacked and path not in self._later:
                     self._by_path.pop(path, None)
         elif kind == "staged":
             paths = msg.get("paths") if "paths" in msg else [msg.get("path")]
@@ -643,6 +654,7 @@ class Pusher:
             if entry is None or not msg.get("retry_whole") or path in self._retried:
                 raise RemoteError(f"agent could not stage {fspath(path or b'?')}: {msg.get('error')}")
             self._retried.add(path)
+            self._basis.pop(path, None)
             for stream, waiting in list(self._sig_waiting.items()):
                 if waiting.path == path:  # its signature will not come (1.3)
                     del self._sig_waiting[stream]
@@ -673,6 +685,14 @@ class Pusher:
         if action not in planmod.ACTIONS or not isinstance(path, bytes):
             raise ProtocolError(f"needs: bad item {raw!r:.80}")
         entry = self._by_path.get(path)
+        if need == "later":
+            # Its item comes in "planned", once the agent has the whole plan
+            # to look for a basis in.
+            if entry is None or entry.kind != KIND_FILE or path in self._later:
+                raise ProtocolError(f"needs: {fspath(path)} put off, which is not a file in this push")
+            self._later.add(path)
+            return
+        self._later.discard(path)
         item = planmod.Item(action, path, entry.size if entry else 0, source if isinstance(source, bytes) else None)
         result.items.append(item)
         if self.on_item is not None:
@@ -696,10 +716,14 @@ class Pusher:
                     raise ProtocolError(f"needs: signature stream {sig_stream} named twice")
                 # 1.3: it follows; the delta starts when it is complete.
                 self._sig_waiting[sig_stream] = entry
+                if isinstance(source, bytes) and source != path:
+                    self._basis[path] = source
                 self.awaiting += 1
                 self._unacked.add(path)
                 return
             signature = ch.signatures.pop(sig_stream)
+            if isinstance(source, bytes) and source != path:
+                self._basis[path] = source
         elif need != "whole":
             raise ProtocolError(f"needs: unknown need {need!r}")
         elif entry.size <= BUNDLE_FILE_MAX and ch.version >= (1, 1):
@@ -787,10 +811,19 @@ class Pusher:
             sparse = "sparse" in self.features and has_holes(os.fstat(fd))
             if sparse:
                 header["sparse"] = True
+            sig = None
             if need == "delta":
-                from .delta import decode_signature, iter_delta
+                from .delta import decode_signature
 
                 sig = decode_signature(signature)
+                basis = self._basis.pop(entry.path, None)
+                if basis is not None and not _delta_pays(sig, fd, entry.size):
+                    log.debug("%s: %s shares too little with %s on the mirror; sending it whole",
+                             self.mirror.name, fspath(entry.path), fspath(basis))
+                    sig = None
+            if sig is not None:
+                from .delta import iter_delta
+
                 w.message(dict(header, how="delta"))
                 for piece in iter_delta(sig, _chunks(fd)):
                     self._check_stop()
@@ -887,6 +920,22 @@ def _batches(rows: Iterable[Any], n: int) -> Iterator[list[Entry]]:
             batch = []
     if batch:
         yield batch
+
+
+def _delta_pays(sig: Any, fd: int, size: int) -> bool:
+    """Whether a delta against ``sig``'s file, a basis the agent chose by
+    its name or size, saves enough to send: a block of it is found in at
+    least PAYS_MIN of PAYS_SAMPLES samples spread evenly over the new file
+    (a few milliseconds: 16 samples of 64 KiB for a 64 MiB file).  Unrelated
+    data then goes whole, zstd-compressed where that pays, instead of as a
+    delta of literals that costs the search and compresses nothing."""
+    from .delta import samples_matching
+
+    length = min(size, max(PAYS_SAMPLE_MIN, 8 * sig.block_size))
+    count = 1 if size <= length else PAYS_SAMPLES
+    offsets = [i * (size - length) // max(1, count - 1) for i in range(count)]
+    found = samples_matching(sig, (os.pread(fd, length, offset) for offset in offsets))
+    return found >= min(PAYS_MIN, count)
 
 
 def _chunks(fd: int, offset: int = 0) -> Iterator[bytes]:
