@@ -16,10 +16,12 @@ Steps:
   initial      (``--rounds`` times, default 3, alternating; the medians are
                compared) copy of a mirror-like tree: N small files (default 5,000, 1-64 KiB,
                pool/main/x/pkg/*.deb), dists/stable/.../Packages(.gz), Release,
-               and K files of M MiB (default 3 x 64 MiB)
+               and K files of M MiB (default 4 x 64 MiB)
   incremental  20 small files edited in place, 1,000 bytes inserted in the middle
                of one big file, 1 MiB appended to another, the third renamed,
-               100 small files added, 50 deleted, Packages and Release rewritten
+               the fourth edited in three 4 KiB places and renamed (a respun
+               image under a new version number), 100 small files added, 50
+               deleted, Packages and Release rewritten
   no-op        the same tree again, nothing changed
   noop-100k    a separate tree of --noop-files small files (default 100,000):
                an untimed-for-the-target initial copy, then a no-op resync
@@ -162,6 +164,18 @@ class MirrorTree:
             os.rename(self.bigs[2], new)
             done.append(f"{self.bigs[2].name} renamed to {new.name}")
             self.bigs[2] = new
+        if len(self.bigs) >= 4:
+            old = self.bigs[3]
+            data = bytearray(old.read_bytes())
+            for i in (1, 2, 3):
+                at = i * len(data) // 4
+                data[at:at + 4096] = self.rng.randbytes(4096)
+            new = old.with_name(old.name.replace(".0-amd64", ".1-amd64"))
+            write_file(new, bytes(data))
+            del data
+            old.unlink()
+            done.append(f"{old.name} edited in three 4 KiB places and renamed to {new.name}")
+            self.bigs[3] = new
         for _ in range(100):
             self._add_deb()
         done.append("100 small files added")
@@ -471,7 +485,7 @@ def context(bench: Bench, src: pathlib.Path, work: pathlib.Path, r: int) -> bool
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench.py push", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", type=int, default=5000, help="small files in the mirror tree (default 5,000)")
-    ap.add_argument("--big", type=int, default=3, help="big files in the mirror tree (default 3)")
+    ap.add_argument("--big", type=int, default=4, help="big files in the mirror tree (default 4)")
     ap.add_argument("--big-mib", type=int, default=64, help="size of each big file in MiB (default 64)")
     ap.add_argument("--noop-files", type=int, default=100_000,
                     help="files in the separate no-op tree (default 100,000; 0 skips that step)")
