@@ -98,6 +98,8 @@ DELTA_MIN_SIZE = 64 * 1024
 # New files per push that may look for a basis (a file of a similar name the
 # plan deletes or replaces, syncd.basis): a signature read each, at most.
 BASIS_MAX_FILES = 1000
+# Signatures of bases kept for other new files that choose the same one.
+BASIS_SIGNATURES_KEPT = 16
 #: Replaced or deleted files from this size on are freed after the commit.
 PARK_MIN = 1 << 20
 #: From this size on, an old copy's signature is computed in two halves at once.
@@ -210,6 +212,7 @@ class _Plan:
     want_basis: list[_Row] = field(default_factory=list)  # new files of this entries batch
     deferred: list[_Row] = field(default_factory=list)  # answered in "planned" (need "later")
     basis_of: dict[bytes, bytes] = field(default_factory=dict)  # path -> the file its delta is against
+    basis_sigs: dict[bytes, Any] = field(default_factory=dict)  # basis -> its signature's Future, the last few
     defer: bool = False  # the pusher keeps a file answered "later" until "planned" (begin: fuzzy)
     basis_tries: int = 0  # new files that looked for a basis (BASIS_MAX_FILES)
 
@@ -1501,14 +1504,23 @@ class Agent:
         signature started; None when ``basis`` cannot be read as a regular
         file in root (SafeRoot walks from root's fd and follows no symlink,
         so a symlink or a directory planted there is never read through)."""
-        try:
-            fd = self.root.open_read(basis)
-        except (OSError, UnsafePathError) as err:
-            log.debug("%s: no basis %s (%s)", fspath(row.path), fspath(basis), err)
-            return None
-        self.plan.basis_of[row.path] = basis
+        plan = self.plan
+        job = plan.basis_sigs.pop(basis, None)
+        if job is None:
+            try:
+                fd = self.root.open_read(basis)
+            except (OSError, UnsafePathError) as err:
+                log.debug("%s: no basis %s (%s)", fspath(row.path), fspath(basis), err)
+                return None
+            job = self._signature_job(fd)
+        # Several new files may share a basis (a directory's one replaced
+        # file): it is read once for them.  The last few are kept.
+        plan.basis_sigs[basis] = job
+        if len(plan.basis_sigs) > BASIS_SIGNATURES_KEPT:
+            del plan.basis_sigs[next(iter(plan.basis_sigs))]
+        plan.basis_of[row.path] = basis
         log.debug("%s: a delta against %s", fspath(row.path), fspath(basis))
-        return [planmod.DELTA, row.path, "delta", basis, self._send_signature(row.path, fd)]
+        return [planmod.DELTA, row.path, "delta", basis, self._signature_stream(row.path, job)]
 
     def _staged(self, obj: str) -> bool:
         try:
@@ -1563,31 +1575,36 @@ class Agent:
                 unlink_at(self.staging_fd, tmp)
         return None
 
-    def _send_signature(self, path: bytes, fd: int | None = None) -> int:
-        """Start the block signature of this edge's copy of ``path`` (or of
-        the file open on ``fd``, which it closes); its stream id.
+    def _send_signature(self, path: bytes) -> int:
+        """Start the block signature of this edge's copy of ``path``; its stream id.
 
         Computed in a pool (numpy and the hashing release the GIL), beside
         the batch's other signatures and local copies; ``_entries`` sends
         each one after the batch's ``needs`` as it ends (1.3), or all of
         them, in order, before it (1.2).
         """
-        if fd is None:
-            fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
-        self.plan.signatures += 1
+        fd = self.root.open_read(path)  # here: SafeRoot belongs to this thread
+        return self._signature_stream(path, self._signature_job(fd))
+
+    def _signature_job(self, fd: int) -> Any:
+        """The signature of the file open on ``fd`` (which it closes), being
+        computed in the pool: a Future of its encoded bytes."""
         if self._sig_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._sig_pool = ThreadPoolExecutor(STAGING_WORKERS, thread_name_prefix="signature")
-        self._sig_stream = getattr(self, "_sig_stream", 0) + 1
         try:
             size: int | None = os.fstat(fd).st_size
         except OSError:
             size = None  # _signature_of meets the same error and reports it
         if size is not None and size >= SIG_SPLIT_MIN:
-            job = _split_signature(self._sig_pool, fd, size)
-        else:
-            job = self._sig_pool.submit(_signature_of, fd, size)
+            return _split_signature(self._sig_pool, fd, size)
+        return self._sig_pool.submit(_signature_of, fd, size)
+
+    def _signature_stream(self, path: bytes, job: Any) -> int:
+        """The stream id on which ``job``'s signature goes, for ``path``'s delta."""
+        self.plan.signatures += 1
+        self._sig_stream = getattr(self, "_sig_stream", 0) + 1
         self._sig_jobs.append((self._sig_stream, path, job))
         return self._sig_stream
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 NAME_MIN = 0.5
 #: Without a name match, a candidate whose size is within this ratio of the
 #: new file's (smaller / larger) is a size match.
-SIZE_MIN = 0.75
+SIZE_MIN = 0.9
 #: Candidates kept per directory, per (directory, stem), and in all.
 PER_DIR = 32
 PER_STEM = 4

@@ -163,7 +163,7 @@ def tombstone(path: bytes, data: bytes, gen: int) -> list:
 
 def until_planned(peer: Peer) -> tuple[list[dict], dict[int, bytes]]:
     """The agent's answers up to its "planned", and the signature streams
-    that follow it (all of them: the planned's delta items name them)."""
+    of every delta item they name."""
     messages: list[dict] = []
     streams: dict[int, list[bytes]] = {}
     ended: dict[int, bytes] = {}
@@ -177,9 +177,9 @@ def until_planned(peer: Peer) -> tuple[list[dict], dict[int, bytes]]:
             streams.setdefault(frame.stream, []).append(bytes(frame.payload))
         else:
             ended[frame.stream] = b"".join(streams.pop(frame.stream, []))
-        planned = [m for m in messages if m["type"] == "planned"]
-        wanted = {i[4] for m in planned for i in m["items"] if i[2] == "delta"}
-        if planned and wanted <= set(ended):
+        answers = [m for m in messages if m["type"] in ("needs", "planned")]
+        wanted = {i[4] for m in answers for i in m["items"] if i[2] == "delta"}
+        if any(m["type"] == "planned" for m in answers) and wanted <= set(ended):
             return messages, ended
 
 
@@ -244,6 +244,26 @@ def test_without_fuzzy_a_file_is_never_put_off_but_a_basis_known_at_its_batch_en
                                       row(b"iso/image-1.3.iso", new, gen=2)]], fuzzy=False)
     assert [i[:4] for i in items_of(messages, "needs") if i[1] == b"iso/image-1.3.iso"] == \
         [["delta", b"iso/image-1.3.iso", "delta", b"iso/image-1.2.iso"]]
+    peer.send({"type": "abort"})
+    assert peer.finish() == 0
+
+
+def test_new_files_that_choose_the_same_basis_share_its_signature(edge) -> None:  # noqa: ANN001
+    rng = random.Random(13)
+    old = rng.randbytes(1 << 20)
+    peer = Peer(edge.ini)
+    assert push_one(peer, 1, b"iso/image-1.2.iso", old, [b"iso"])["type"] == "committed"
+    assert peer.finish() == 0
+    peer = Peer(edge.ini)
+    news = [b"iso/image-1.3.iso", b"iso/image-1.3-netinst.iso", b"iso/image-1.4.iso"]
+    messages, sigs = iso_push(peer, 2, [[tombstone(b"iso/image-1.2.iso", old, 2)]
+                                        + [row(p, edited(old, rng), gen=2) for p in news]])
+    deltas = {i[1]: i for i in items_of(messages, "needs") if i[0] == "delta"}
+    assert sorted(deltas) == sorted(news)
+    assert {i[3] for i in deltas.values()} == {b"iso/image-1.2.iso"}
+    assert len({i[4] for i in deltas.values()}) == 3  # a stream each, one signature for all
+    assert len({sigs[i[4]] for i in deltas.values()}) == 1
+    assert decode_signature(sigs[deltas[news[0]][4]]).file_size == len(old)
     peer.send({"type": "abort"})
     assert peer.finish() == 0
 
