@@ -516,7 +516,7 @@ class _Stream:
         return self.stream_id
 
     def _send_local(self, piece: tuple) -> None:
-        from .push import COMPRESSED_SUFFIXES
+        from .plan import COMPRESSED_SUFFIXES
         from .sparse import data_extents, has_holes, payload
         from .stager import ZSTD_LEVEL, digest_key, range_hasher, zstd_pays
 

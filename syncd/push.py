@@ -38,7 +38,7 @@ from .errors import (
 )
 from .filters import Filter
 from .manifest import KIND_FILE, Entry, Manifest, fspath
-from .plan import COMPRESSED_SUFFIXES  # (stager and prewarm take it from here)
+from .plan import COMPRESSED_SUFFIXES
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
 log = logging.getLogger(__name__)

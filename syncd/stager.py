@@ -94,7 +94,7 @@ def digest_key(digest: str) -> str:
 
 
 def zstd_pays(path: bytes, sample: bytes) -> bool:
-    from .push import COMPRESSED_SUFFIXES
+    from .plan import COMPRESSED_SUFFIXES
 
     if len(sample) < 512 or path.lower().endswith(COMPRESSED_SUFFIXES):
         return False

@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["transport", "gcm", "session"],
     # partial: the run and partial files prewarm and a push resume from
     # (on fsops); sparse: extents and holes (on errors alone).
-    ["verify", "scan", "plan", "fsops", "staging", "compress", "messages", "protocol", "manifest",
+    ["verify", "scan", "plan", "basis", "fsops", "staging", "compress", "messages", "protocol", "manifest",
      "delta", "trace", "lock", "notify", "metrics", "partial", "sparse"],
     ["config"],
     # Below config, not beside plan as in the map: config compiles each
@@ -46,8 +46,6 @@ LAYERS: list[list[str]] = [
 # ends it.  The test fails on any other, and on an entry that no longer
 # occurs (take it out).
 KNOWN: dict[tuple[str, str], str] = {
-    # stager.py imports the pusher for its zstd cut-off (a constant).
-    ("stager", "push"): "removed by the agent/ split",
     # The cascade: an agent pushes on to its own mirrors (push_tree).  The
     # split does not end this by itself: agent/session must be handed the
     # pusher from above (cli), or the map must put push/ below agent/.
