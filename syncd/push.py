@@ -520,14 +520,16 @@ class Pusher:
     def _plan_and_send(self, ch: _Channel, result: PushResult, rows: Iterable[Entry], target: int | None,
                        full: bool) -> None:
         w = ch.writer
-        w.message({
+        begin = {
             "type": "begin", "generation": target, "full": full, "dry_run": self.dry_run,
             "filter": self.rules, "max_delete_ppm": round(self.cfg.node.max_delete * 1_000_000),
             "force_deletes": self.force_deletes,
+        }
+        if "fuzzy" in self.features:
             # A new file may be answered need "later" (its basis is looked for
             # in the rest of the plan) and named again in "planned".
-            "fuzzy": True,
-        })
+            begin["fuzzy"] = True
+        w.message(begin)
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.
         self._by_path: dict[bytes, Entry] = {}

@@ -202,6 +202,7 @@ def test_a_new_file_is_put_off_until_planned_then_goes_as_a_delta_against_the_ol
     assert push_one(peer, 1, b"iso/image-1.2.iso", old, [b"iso"])["type"] == "committed"
     assert peer.finish() == 0
     peer = Peer(edge.ini)
+    assert "fuzzy" in peer.welcome["features"]
     # The new name comes first, the old one's deletion in a later batch:
     # the agent cannot know its basis at the first batch's end.
     messages, sigs = iso_push(peer, 2, [[row(b"iso/image-1.3.iso", new, gen=2)],
