@@ -13,8 +13,12 @@ Builds DIR (default: demo/ at the repository root, gitignored) afresh:
 
 then starts sshd on 127.0.0.1, scans and pushes, shows each node's status and
 that tier 2's tree equals the primary's (SHA-256 listing), changes a file on
-the primary and pushes again.  sshd is always stopped (by its PID) at the end.
-Exit status 0 only when every step ran and tier 2 matched the primary.
+the primary and pushes again.  After each push, rsync itself audits tier 1
+and tier 2 against the primary as mirror operators do
+(``rsync -rlptHSnci --delete``: contents, modes, file, directory and
+symlink times, hard links, holes) and prints what it would change.  sshd is
+always stopped (by its PID) at the end.  Exit status 0 only when every step
+ran, tier 2 matched the primary and rsync found no difference.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.nodes import rsync_differences  # noqa: E402
 from tests.sshd import start_sshd  # noqa: E402
 
 _BIN = pathlib.Path(sys.executable).parent
@@ -202,6 +207,26 @@ def main(argv: list[str]) -> int:
                     failures.append(f"tier1 run --once exited {rc}")
             elif tier2_ok:
                 print("\nthe push cascaded: tier1 pushed on to tier2 before run --once returned")
+            audit()
+
+        def audit() -> None:
+            """rsync as the oracle: what it would change on each mirror (nothing, for a mirror)."""
+            if not can_push:
+                return
+            for name in ("tier1", "tier2"):
+                print(f"$ rsync -rlptHSnci --delete {show_cmd([str(dirs['primary'] / 'root')], base)}/ "
+                      f"{show_cmd([str(dirs[name] / 'root')], base)}/", flush=True)
+                try:
+                    diff = rsync_differences(dirs["primary"] / "root", dirs[name] / "root")
+                except AssertionError as err:  # rsync itself failed: its stderr
+                    failures.append(f"rsync could not compare {name} with the primary: {err}")
+                    print(f"rsync failed: {err}")
+                    continue
+                if diff:
+                    failures.append(f"rsync -rlptHSnci --delete finds {len(diff)} difference(s) on {name}")
+                    print("\n".join(diff))
+                else:
+                    print("rsync -rlptHSnci --delete: no differences")
 
         header(4, "Scan the primary (hash every file, record generation 1)")
         if run([SYNCD, "-c", str(inis["primary"]), "scan"], base):
