@@ -4,7 +4,9 @@ The agent does every write on its host.  It validates each name from the
 wire, stages received files under ``state_dir/staging`` (content-addressed by
 SHA-256, same filesystem as root), checks each one's SHA-256, and at
 ``commit`` publishes the generation into root, in the order of DESIGN.md:
-directories, data files, index files together, deletions, directory mtimes.
+directories, data files, index files together, deletions, this node's trace
+file, and last the upstream's times of every directory whose entries changed
+(``_TouchedDirs`` remembers those across a push cut short) and of root.
 (New data files at new paths may go live before, once the plan is complete:
 ``_EarlyPublisher``.)
 Every file reaches its final name by ``rename(2)`` through ``SafeRoot``,
@@ -163,17 +165,24 @@ class _Row:  # slots: a full comparison holds one per path until commit
         validate_name(path)
         if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK):
             raise ProtocolError(f"entries: {fspath(path)}: unknown kind {kind!r}")
-        for name, value in (("size", size), ("mtime_ns", mtime_ns), ("mode", mode), ("generation", gen)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ProtocolError(f"entries: {fspath(path)}: {name} is not an integer")
-        if size < 0 or not 0 <= mode <= 0o7777:
-            raise ProtocolError(f"entries: {fspath(path)}: size or mode out of range")
+        _check_numbers(f"entries: {fspath(path)}", size, mtime_ns, mode, gen)
         if not deleted:
             if kind == KIND_FILE and not (isinstance(sha, bytes) and len(sha) == 32):
                 raise ProtocolError(f"entries: {fspath(path)}: a file without a SHA-256")
             if kind == KIND_SYMLINK and not (isinstance(target, bytes) and target and b"\0" not in target):
                 raise ProtocolError(f"entries: {fspath(path)}: a symlink without a valid target")
         return cls(path, kind, size, mtime_ns, mode & 0o7777, sha, target, 1 if deleted else 0, gen)
+
+    @classmethod
+    def root_from_wire(cls, raw: Any) -> "_Row":
+        """``commit``'s ``root``: the root's own row, a live directory at the empty path."""
+        if not isinstance(raw, list) or len(raw) != ROW_FIELDS or raw[0] != b"":
+            raise ProtocolError("commit: root is not a row of 9 fields with the empty path")
+        _, kind, size, mtime_ns, mode, _sha, _target, deleted, gen = raw
+        if kind != KIND_DIR or deleted:
+            raise ProtocolError("commit: root is not a live directory")
+        _check_numbers("commit: root", size, mtime_ns, mode, gen)
+        return cls(b"", KIND_DIR, 0, mtime_ns, mode & 0o7777, None, None, 0, gen)
 
     def manifest_row(self, st: os.stat_result | None) -> tuple:
         parent, name = split(self.path)
@@ -183,6 +192,14 @@ class _Row:  # slots: a full comparison holds one per path until commit
         return (parent, name, self.kind, size, self.mtime_ns, ctime, self.mode, ino,
                 self.sha256 if self.kind == KIND_FILE else None,
                 self.target if self.kind == KIND_SYMLINK else None, self.generation, self.deleted)
+
+
+def _check_numbers(where: str, size: Any, mtime_ns: Any, mode: Any, gen: Any) -> None:
+    for name, value in (("size", size), ("mtime_ns", mtime_ns), ("mode", mode), ("generation", gen)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{where}: {name} is not an integer")
+    if size < 0 or not 0 <= mode <= 0o7777:
+        raise ProtocolError(f"{where}: size or mode out of range")
 
 
 @dataclass
@@ -203,6 +220,7 @@ class _Plan:
     made_dirs: set[bytes] = field(default_factory=set)  # new directories the _DirMaker made
     fresh: set[bytes] = field(default_factory=set)  # files at paths the edge did not have
     early: dict[bytes, os.stat_result] = field(default_factory=dict)  # published before the commit
+    root: _Row | None = None  # the root's own row, from the commit (protocol: commit's "root")
     ended: bool = False  # entries_end came: the plan is complete
     signatures: int = 0  # signatures of the edge's old copies asked for
     # SHA-256 -> the offset offered: a file sent whole may start there (its
@@ -678,6 +696,111 @@ class _LocalCopy:
         pass  # _stage_copy leaves no partial file behind
 
 
+class _TouchedDirs:
+    """The directories whose entries this node changed since its last commit.
+
+    At the end of a commit every directory whose entries a push added,
+    replaced or removed gets its upstream's mtime back (a rename or an
+    unlink sets it to now).  A push cut short (kill -9 of either end, a
+    lost link, a held-back generation) may already have changed some: the
+    directory maker, the early publisher, a commit killed half-way.  A
+    rerun's plan need not name those directories again (a file the killed
+    push published is found in place and needs nothing), so the edge keeps
+    the record itself: ``state_dir/touched-dirs``, one NUL-terminated path
+    per directory (root is the empty one), appended *before* the change it
+    announces and removed once a commit has put every mtime back and
+    recorded its generation.  Each push reads it at ``begin``, under the
+    lock.  kill -9 needs no sync (the page cache survives the process);
+    where a ``syncfs`` precedes renames (early publisher, commit) it makes
+    the record durable with the staged bytes.  The set is closed under
+    parents: publishing may make missing directories, each of which changes
+    its own parent.  Memory follows the directories touched, not the files.
+    Called from the main, directory-maker and early-publisher threads.
+    """
+
+    NAME = "touched-dirs"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / self.NAME
+        self._lock = threading.Lock()
+        self._dirs: set[bytes] = set()
+        self._fd = -1
+
+    def load(self) -> None:
+        """Take over what an earlier session recorded and did not repair."""
+        with self._lock:
+            self._dirs = set()
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                return
+            records = data.split(b"\0")
+            records.pop()  # b"", or a record cut short by a kill: its change never happened
+            for path in records:
+                try:
+                    if path:
+                        validate_name(path)
+                except UnsafePathError:
+                    log.warning("%s: ignoring a bad record %r", self.path, path[:80])
+                    continue
+                self._close_under(path)
+
+    def add(self, paths: Any) -> None:
+        """Record the parent directories of ``paths`` (relative paths of
+        entries about to be made, replaced or removed), and theirs.  Raises
+        OSError when the record cannot be written: the change must not go
+        ahead then."""
+        with self._lock:
+            new: list[bytes] = []
+            for path in paths:
+                new += self._close_under(split(path)[0])
+            if not new:
+                return
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            record = b"".join(d + b"\0" for d in new)
+            try:
+                view = memoryview(record)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError:
+                self._dirs.difference_update(new)  # not recorded: asked again next time
+                raise
+
+    def _close_under(self, d: bytes) -> list[bytes]:
+        new = []
+        while d not in self._dirs:
+            self._dirs.add(d)
+            new.append(d)
+            if not d:
+                break
+            d = split(d)[0]
+        return new
+
+    def dirs(self) -> set[bytes]:
+        with self._lock:
+            return set(self._dirs)
+
+    def clear(self) -> None:
+        """Every directory recorded has its mtime back, and the generation is recorded."""
+        with self._lock:
+            self._close_fd()
+            self._dirs = set()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _DirMaker(threading.Thread):
     """Makes the directories a push adds while the main thread goes on planning.
 
@@ -690,25 +813,44 @@ class _DirMaker(threading.Thread):
     cannot.
     """
 
-    def __init__(self, root: bytes | str) -> None:
+    def __init__(self, root: bytes | str, touched: _TouchedDirs) -> None:
         super().__init__(name="dirs", daemon=True)
         self.root = root
+        self.touched = touched
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.made: set[bytes] = set()
         self.cancelled = False  # the push ends uncommitted: what is still queued is not made
 
     def run(self) -> None:
         with SafeRoot(self.root) as root:
-            while (item := self.queue.get()) is not None:
-                if self.cancelled:
+            done = False
+            while not done:
+                # What is queued by now goes in one record of touched directories.
+                batch = [self.queue.get()]
+                while batch[-1] is not None:
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is None:
+                    done = True
+                    batch.pop()
+                if self.cancelled or not batch:
                     continue
-                path, mode = item
                 try:
-                    root.ensure_dir(path, mode)
-                except (OSError, UnsafePathError) as err:
-                    log.debug("%s: left to the commit (%s)", fspath(path), err)
-                else:
-                    self.made.add(path)
+                    self.touched.add(path for path, _ in batch)
+                except OSError as err:
+                    log.debug("new directories left to the commit (%s)", err)
+                    continue
+                for path, mode in batch:
+                    if self.cancelled:
+                        break
+                    try:
+                        root.ensure_dir(path, mode)
+                    except (OSError, UnsafePathError) as err:
+                        log.debug("%s: left to the commit (%s)", fspath(path), err)
+                    else:
+                        self.made.add(path)
 
     def finish(self) -> set[bytes]:
         """Wait for the directories queued so far; the ones made."""
@@ -765,9 +907,11 @@ class _EarlyPublisher(threading.Thread):
                         self._cond.wait(left)
                     batch, self._ready = self._ready, []
                 try:
+                    # Recorded before the syncfs: durable before the renames it announces.
+                    agent.touched.add(row.path for _, row in batch)
                     agent.sync_staging()
                 except OSError:
-                    continue  # sticky: the commit raises it; the rest waits in staging
+                    continue  # the commit meets it again and says so; the rest waits in staging
                 for obj, row in batch:
                     try:
                         self.published[row.path] = root.publish(agent.staging_fd, obj.encode(), row.path)
@@ -885,6 +1029,7 @@ class Agent:
         self._freers: list[threading.Thread] = []
         self._session_over = threading.Event()
         self._dir_maker: _DirMaker | None = None  # started at a push's first new directory
+        self.touched = _TouchedDirs(self.state_dir)  # loaded at begin, under the lock
         self._early: _EarlyPublisher | None = None  # started at entries_end (see the class)
         self._early_rows: dict[str, _Row] = {}  # object -> the row it may go live as early
         self._early_lock = threading.Lock()
@@ -957,6 +1102,7 @@ class Agent:
                 for run in self._taken:  # offered, never begun: back as it was
                     promote_run(self.staging_fd, run)
                 self._unlock()
+                self.touched.close()
                 os.close(self.staging_fd)
                 self.root.close()
                 self.lookup.close()
@@ -1184,6 +1330,10 @@ class Agent:
         made for it (empty ones only, deepest first).  After a kill -9 they
         stay, empty, and the next push uses them."""
         made = self._stop_dir_maker(cancel=True) | self.plan.made_dirs
+        try:
+            self.touched.add(made)  # already, as the maker made them; unless that failed
+        except OSError:
+            pass  # the next push makes them again, and records their parents first
         for path in sorted(made, key=planmod.depth, reverse=True):
             self.root.remove_empty_dir(path)
         self.plan.made_dirs = set()
@@ -1218,6 +1368,7 @@ class Agent:
         # directories another session (or the operator) replaced since: walk
         # afresh from root, now that the lock keeps other writers out.
         self.root.forget()
+        self.touched.load()  # directories a push cut short left with the wrong mtime
         self._manifest_empty = self.lookup.empty()  # see _manifest_row
         # A new mirror: nothing here for a full comparison to delete, and no
         # old copy to send a signature of.  (The lock keeps other writers out.)
@@ -1356,12 +1507,15 @@ class Agent:
                 return None
             if st is None and not plan.dry_run:
                 if self._dir_maker is None:
-                    self._dir_maker = _DirMaker(self.cfg.node.root)
+                    self._dir_maker = _DirMaker(self.cfg.node.root, self.touched)
                     self._dir_maker.start()
                 self._dir_maker.queue.put((row.path, row.mode))
             return [planmod.DIR, row.path, None, None, None]
         if row.kind == KIND_SYMLINK:
             if st is not None and stat.S_ISLNK(st.st_mode) and self.root.readlink(row.path) == row.target:
+                if st.st_mtime_ns != row.mtime_ns:  # its own time, as rsync -a keeps it
+                    plan.metas.append(row)
+                    return [planmod.META, row.path, None, None, None]
                 return None
             plan.links.append(row)
             return [planmod.LINK, row.path, None, None, None]
@@ -1815,6 +1969,8 @@ class Agent:
                 plan.generation = generation
             elif generation != plan.generation:
                 raise ProtocolError("commit: generation differs from begin")
+            if msg.get("root") is not None:
+                plan.root = _Row.root_from_wire(msg["root"])
             if self.incoming:
                 raise ProtocolError("commit while files are still arriving")
             if plan.pending:
@@ -1830,17 +1986,12 @@ class Agent:
             plan.early = self._stop_early_publish()
         if findings:
             self._hold_back(findings, corrupt)  # raises
-        published = self._publish()
+        published = self._publish(started)
         log.info(
             "generation %d from %s published: %d files, %d links, %d metadata, %d deleted in %.2f s",
             plan.generation, getattr(self, "client", "?"), published, len(plan.links), len(plan.metas),
             len(plan.deletes), time.monotonic() - started,
         )
-        if self.cfg.node.trace:  # (not even its import otherwise: 4 ms of every commit)
-            from .trace import after_commit
-
-            after_commit(self.cfg, self.root, self.staging_fd, generation=plan.generation,
-                         upstream=getattr(self, "client", "?"), started_monotonic=started)
         self.writer.message({
             "type": "committed", "generation": plan.generation,
             "published": published, "deleted": len(plan.deletes),
@@ -1849,9 +2000,17 @@ class Agent:
         self._free_parked_later()
         self.plan = _Plan()
 
-    def _publish(self) -> int:
+    def _publish(self, started: float) -> int:
         plan = self.plan
         root = self.root
+        trace = None
+        if self.cfg.node.trace:  # (not even its import otherwise: 4 ms of every commit)
+            from . import trace
+        # Every directory whose entries this commit may change is recorded
+        # first (see _TouchedDirs); the syncfs below makes the record durable.
+        self.touched.add(itertools.chain(
+            (r.path for r in plan.dirs), (r.path for r in plan.files), (r.path for r in plan.links),
+            plan.deletes, [trace.trace_path(self.cfg)] if trace else ()))
         # What was staged reaches the disk before anything references it.
         self._join_early_sync()
         self.sync_staging()
@@ -1893,13 +2052,18 @@ class Agent:
         # 4. Deletions, deepest first: after the indices that referenced them.
         for path in planmod.deletion_order(set(plan.deletes)):
             root.remove(path, park=self._park_deleted)
-        # 5. Directory mtimes last: publishing above touched them.
-        for row in sorted(plan.dirs, key=lambda r: (-planmod.depth(r.path), r.path)):
-            stats[row.path] = root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
+        # This node's trace file: the last change of an entry of root
+        # (a failure is logged: a stale trace only makes the mirror look older).
+        if trace is not None:
+            trace.after_commit(self.cfg, root, self.staging_fd, generation=plan.generation,
+                               upstream=getattr(self, "client", "?"), started_monotonic=started)
+        # 5. Directory times last: nothing changes an entry of root after this.
+        self._restore_dir_times(stats)
         # The manifest says "generation G is here" only once it is, durably
         # (deletions and directory metadata included).
         self.sync_staging()
         self._record(plan, stats)
+        self.touched.clear()  # (a kill before this only repeats step 5 at the next commit)
         # (No object of this plan is left to unlink: the last path of each
         # took it by rename, here or in the early publisher.)
         # Objects still staged were kept for a held-back generation that
@@ -1907,10 +2071,48 @@ class Agent:
         self._clean_temps(everything=True)
         return published
 
+    def _restore_dir_times(self, stats: dict[bytes, os.stat_result | None]) -> None:
+        """Give every directory of the plan, every directory whose entries
+        changed since the last commit (:class:`_TouchedDirs`) and root the
+        upstream's mtime (root its mode too).
+
+        A directory's mtime is not an entry of its parent, so the order
+        does not matter; what matters is that no entry below changes after
+        it.  A touched directory that this plan does not list has not
+        changed upstream since the generation this edge holds: its row in
+        this edge's manifest has the time.  One that is gone, or that the
+        upstream never had (the trace file's own ``project/trace``, made
+        here), keeps the time it has.
+        """
+        plan = self.plan
+        root = self.root
+        listed = {row.path: row.mtime_ns for row in plan.dirs}
+        for row in sorted(plan.dirs, key=lambda r: (-planmod.depth(r.path), r.path)):
+            stats[row.path] = root.set_meta(row.path, mode=None, mtime_ns=row.mtime_ns)
+        for path in self.touched.dirs():
+            if not path or path in listed:
+                continue
+            known = self.lookup.lookup(path)
+            if known is None or known.deleted or known.kind != KIND_DIR:
+                continue
+            st = root.lstat(path)
+            if st is None or not stat.S_ISDIR(st.st_mode) or st.st_mtime_ns == known.mtime_ns:
+                continue
+            root.set_meta(path, mode=None, mtime_ns=known.mtime_ns)
+        own = plan.root
+        if own is None:  # an upstream that does not send it: as recorded, if ever
+            known = self.lookup.lookup(b"")
+            if known is not None and not known.deleted:
+                own = _Row(b"", KIND_DIR, 0, known.mtime_ns, known.mode, None, None, 0, known.generation)
+        if own is not None:
+            stats[b""] = root.set_meta(b"", mode=own.mode, mtime_ns=own.mtime_ns)
+
     def _publish_link(self, row: _Row) -> os.stat_result:
-        """A symlink, made in staging and renamed into place like a file."""
+        """A symlink, made in staging and renamed into place like a file,
+        with its own mtime (the rename keeps it)."""
         tmp = self._new_tmp()
         os.symlink(row.target, tmp, dir_fd=self.staging_fd)
+        os.utime(tmp, ns=(row.mtime_ns, row.mtime_ns), dir_fd=self.staging_fd, follow_symlinks=False)
         return self.root.publish(self.staging_fd, tmp.encode(), row.path)
 
     def _publish_file(self, row: _Row, uses: dict[str, int]) -> os.stat_result:
@@ -1986,6 +2188,8 @@ class Agent:
 
     def _record(self, plan: _Plan, stats: dict[bytes, os.stat_result | None]) -> None:
         with self.manifest.writer() as w:
+            if plan.root is not None:
+                w.upsert(plan.root.manifest_row(stats.get(b"")))
             for row in plan.rows:
                 if row.deleted:
                     st = None
@@ -2137,6 +2341,8 @@ class Agent:
         plan = self.plan
         root = self.root
         went_live: list[_Row] = []
+        # Their directories' times wait for the next commit (see _TouchedDirs).
+        self.touched.add(itertools.chain((r.path for r in plan.dirs), (r.path for r in plan.files + plan.links)))
         self._join_early_sync()
         self.sync_staging()  # as in _publish: staged bytes are durable before any rename
         for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):

@@ -78,7 +78,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     out = sys.stdout
 
     def show(kind: str, path: bytes) -> None:
-        out.write(f"{kind:<7}{fspath(path)}\n")
+        out.write(f"{kind:<7}{fspath(path) or './'}\n")  # b"": root itself (its mode or mtime)
 
     with _state_lock(cfg, "scan"):
         with Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:

@@ -404,7 +404,14 @@ class SafeRoot:
         gets only its own mtime (``mode`` is ignored: chmod through a symlink
         would change its target).  atime is kept.  Returns the entry's stat
         afterwards where that costs one fstat (the common case), else None.
+        ``b""`` is root itself, through the fd this object holds.
         """
+        if rel == b"":
+            if mode is not None:
+                os.fchmod(self._fd, stat.S_IMODE(mode))
+            if mtime_ns is not None:
+                os.utime(self._fd, ns=(os.fstat(self._fd).st_atime_ns, mtime_ns))
+            return os.fstat(self._fd)
         if mode is None and mtime_ns is None:
             validate_name(rel)
             return None

@@ -14,6 +14,13 @@ Layout (``state_dir/manifest.db``, WAL mode):
   node generation that last changed the row; a deletion keeps the row as a
   tombstone (``deleted = 1``) stamped with the deleting generation, so a
   downstream can be told about it by generation alone.
+  The root itself has a row too, keyed ``(b"", b"")`` (the empty path, a
+  directory): its mode and mtime are the tree's like any directory's, and a
+  change to them is a change of the tree.  It is never an entry of the tree:
+  the iterators, ``changes_since``, the counts and the statistics leave it
+  out, :meth:`Manifest.root_row` reads it, and a push carries it in its
+  ``commit`` (docs/protocol.md), never as a row to create or delete.  A
+  manifest from before it simply gains it at its next scan.
 - ``generations``: when each generation was made and how many changes it has.
 - ``downstreams``: what each downstream has acknowledged, and its last result.
 - ``meta``: schema version, node name, current generation.
@@ -165,6 +172,8 @@ DOWNSTREAM_COLUMNS = frozenset({
 ENTRY_COLUMNS = (
     "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted"
 )
+#: The root's own row is (b"", b""); every entry of the tree has a name.
+_NOT_ROOT = "name != x''"
 
 
 class Entry(NamedTuple):
@@ -340,9 +349,9 @@ class Manifest:
             # Without the hashes (NULL in their place) the rows are half the
             # bytes: a rescan compares stat data only.
             columns = ENTRY_COLUMNS if with_sha256 else ENTRY_COLUMNS.replace("sha256", "NULL")
-            sql = f"SELECT {columns} FROM entries"
+            sql = f"SELECT {columns} FROM entries WHERE {_NOT_ROOT}"
             if not include_deleted:
-                sql += " WHERE deleted = 0"
+                sql += " AND deleted = 0"
             cur = raw.execute(sql + " ORDER BY parent, name")
             while True:
                 rows = cur.fetchmany(4096)
@@ -376,6 +385,11 @@ class Manifest:
     def lookup(self, path: bytes) -> Entry | None:
         row = self._read_one(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND name = ?", split(path))
         return Entry(*row) if row else None
+
+    def root_row(self) -> Entry | None:
+        """The root's own row (its mode and mtime), None before a scan recorded it."""
+        row = self.lookup(b"")
+        return row if row is not None and not row.deleted else None
 
     def reader(self) -> "ManifestReader":
         """A connection kept open for many point lookups (the agent's hot path)."""
@@ -419,7 +433,7 @@ class Manifest:
         raw = self._raw()
         try:
             cur = raw.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE generation > ? ORDER BY parent, name",
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE generation > ? AND {_NOT_ROOT} ORDER BY parent, name",
                 (generation,),
             )
             for batch in iter(lambda: cur.fetchmany(4096), []):
@@ -436,7 +450,7 @@ class Manifest:
         with self._engine.connect() as conn:
             live = conn.execute(
                 select(e.c.kind, func.count(), func.coalesce(func.sum(e.c.size), 0))
-                .where(e.c.deleted == 0)
+                .where(e.c.deleted == 0, e.c.name != b"")
                 .group_by(e.c.kind)
             ).all()
             tombstones = conn.execute(select(func.count()).where(e.c.deleted == 1)).scalar() or 0
@@ -593,7 +607,7 @@ class ManifestReader:
         return self._raw.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
 
     def live_count(self) -> int:
-        return self._raw.execute("SELECT count(*) FROM entries WHERE deleted = 0").fetchone()[0]
+        return self._raw.execute(f"SELECT count(*) FROM entries WHERE deleted = 0 AND {_NOT_ROOT}").fetchone()[0]
 
     def close(self) -> None:
         self._raw.close()
@@ -649,7 +663,14 @@ class ManifestWriter:
         """The rows of one directory (hashes left out), as this transaction sees them."""
         self._flush()
         columns = ENTRY_COLUMNS.replace("sha256", "NULL")
-        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = ?", (parent,)).fetchall()
+        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = ? AND {_NOT_ROOT}",
+                                 (parent,)).fetchall()
+
+    def root_row(self) -> tuple | None:
+        """The root's own row as this transaction sees it (hash left out)."""
+        self._flush()
+        columns = ENTRY_COLUMNS.replace("sha256", "NULL")
+        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = x'' AND name = x''").fetchone()
 
     def live_under(self, path: bytes) -> list[tuple]:
         """Live rows anywhere below directory ``path`` ('0' is the byte after '/')."""

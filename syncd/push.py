@@ -578,7 +578,15 @@ class Pusher:
             w.flush()
             self.keep_open = False  # abort ends the agent's session (no cascade either)
             return
-        w.message({"type": "commit", "generation": target})
+        commit = {"type": "commit", "generation": target}
+        root = self.manifest.root_row()
+        if root is not None:
+            # The root's own mode and mtime: in every commit, not only when
+            # they changed, since the agent puts them back after each
+            # publish into root (and an edge whose manifest predates the
+            # root's row has never had them).
+            commit["root"] = _wire(root)
+        w.message(commit)
         w.flush()
         while True:
             msg = self._next(ch)

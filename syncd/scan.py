@@ -13,7 +13,13 @@ inode alone, with the same content, size, mode and mtime (a chown, a hard link,
 a copy-then-rename of identical bytes), updates the row without a new
 generation: there is nothing for a mirror to do.
 
-Symlinks are never followed: they are recorded with their target.  Sockets,
+The root's own mode and mtime are recorded too, in its row ``(b"", b"")``
+(see syncd.manifest), whenever root itself is listed: a change to them is a
+metadata change of the tree, reported with the empty path.  Recording them
+the first time is not a change.
+
+Symlinks are never followed: they are recorded with their target and their
+own mtime (a changed mtime alone is a metadata change, as rsync -a keeps it).  Sockets,
 FIFOs and device nodes are not mirrored.  Names are bytes end to end, so names
 that are not UTF-8 are kept exactly.
 """
@@ -492,6 +498,27 @@ def scan(
         if feeding:
             emit(row)
 
+    def record_root() -> None:
+        # Stat'ed before it is listed, as every other directory is (by its parent).
+        try:
+            st = os.stat(root_b)  # root may be a symlink to the tree: the operator's choice, followed
+        except OSError:
+            return  # the listing says why
+        old = writer.root_row()
+        perm = stat.S_IMODE(st.st_mode)
+        new = (b"", b"", KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
+        if old is None or old[_DELETED]:
+            # Recorded for the first time (a new manifest, or one from before
+            # the root had a row): no generation of its own.  An empty root
+            # stays generation 0, and an existing tree's mirrors get root's
+            # times with the next generation (every commit carries them).
+            writer.upsert(new + (prev_gen, 0))
+        elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
+            writer.upsert(new + (gen, 0))
+            changed(META, new)
+        elif (old[_CTIME], old[_INO]) != (st.st_ctime_ns, st.st_ino):
+            writer.upsert(new + (old[_GEN], 0))
+
     def drain(limit: int) -> None:
         while len(in_flight) > limit:
             item = in_flight.popleft()
@@ -538,6 +565,8 @@ def scan(
                 old_rows[row[_NAME]] = row
                 row = next(rows, None)
             dir_path = root_b + b"/" + d if d else root_b
+            if not d:
+                record_root()
             mine = listed.pop(d, None) if feeding else None
             try:
                 with os.scandir(dir_path) as it:
@@ -653,6 +682,9 @@ def scan(
                     elif old[_TARGET] != target:
                         new += (gen, 0)
                         changed(RELINKED, new)
+                    elif old[_MTIME] != st.st_mtime_ns:
+                        new += (gen, 0)
+                        changed(META, new)
                     else:
                         new += (old[_GEN], 0)
                     writer.upsert(new)

@@ -128,11 +128,14 @@ def write(root: "SafeRoot", staging_fd: int, rel: bytes, content: bytes) -> None
 
 def after_commit(cfg: "Config", root: "SafeRoot", staging_fd: int, *, generation: int, upstream: str,
                  started_monotonic: float) -> bool:
-    """Write this node's trace file after a committed generation, if enabled.
+    """Write this node's trace file once a generation is published, if enabled.
 
-    A failure is logged, not raised: the generation is published and
-    recorded already, and a stale trace only makes the mirror look older.
-    Returns True if the trace was written.
+    The agent calls it at the end of its commit, after the last change of
+    any other entry of root and before it puts the directories' times back
+    (its own directory's among them) and records the generation.  A failure
+    is logged, not raised: everything is published already, and a stale
+    trace only makes the mirror look older.  Returns True if the trace was
+    written.
     """
     if not cfg.node.trace:
         return False

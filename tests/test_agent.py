@@ -920,3 +920,98 @@ def test_protocol_1_4_commit_names_the_generation_begin_left_open(edge) -> None:
     assert peer.finish() == 0
     with Manifest.open(edge.state, "edge") as m:
         assert m.generation == 7 and m.get_meta("upstream_generation") == "7"
+
+
+ROOT_T = 1_650_000_000_000_000_000
+POOL_T = 1_660_000_000_000_000_000
+
+
+def root_row(gen: int, mtime_ns: int = ROOT_T) -> list:
+    """commit's "root": root's own mode and mtime, as a row of the empty path."""
+    return [b"", 1, 0, mtime_ns, 0o755, None, None, 0, gen]
+
+
+def test_directories_a_push_cut_short_touched_get_their_times_back_at_the_next_commit(edge) -> None:  # noqa: ANN001
+    pool = [b"pool", 1, 0, POOL_T, 0o755, None, None, 0, 1]
+    peer = Peer(edge.ini)
+    plan_all(peer, [pool, row(b"pool/old.deb", b"old")])
+    send_whole(peer, 1, b"pool/old.deb", b"old")
+    staged_paths(peer, 1)
+    peer.send({"type": "commit", "generation": 1, "root": root_row(1)})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    assert (edge.root / "pool").stat().st_mtime_ns == POOL_T
+    assert edge.root.stat().st_mtime_ns == ROOT_T
+    with Manifest.open(edge.state, "edge") as m:
+        assert m.root_row().mtime_ns == ROOT_T and m.root_row().generation == 1
+    assert not (edge.state / "touched-dirs").exists()
+    # Generation 2 adds a file to pool/ and does not list pool/ again (as for
+    # a file rewritten in place upstream, which leaves the directory's time
+    # as it was there).  The new file goes live early; the push is cut
+    # before its commit, leaving pool/ and root with the time of the rename.
+    data = b"new" * 1000
+    new = row(b"pool/new.deb", data, gen=2)
+    peer = Peer(edge.ini)
+    plan_all(peer, [new], dict(begin(2), full=False))
+    send_whole(peer, 1, b"pool/new.deb", data)
+    staged_paths(peer, 1)
+    assert listing_settles(edge.root, {"pool/old.deb", "pool/new.deb"}) == {"pool/old.deb", "pool/new.deb"}
+    peer.finish()
+    edge.wait_agent_ended()
+    assert (edge.root / "pool").stat().st_mtime_ns != POOL_T
+    # Recorded before the rename: pool/, and root above it (NUL-terminated).
+    assert (edge.state / "touched-dirs").read_bytes() == b"pool\0\0"
+    # The rerun finds the file in place and needs nothing, and its commit
+    # still gives both their upstream's times back.
+    peer = Peer(edge.ini)
+    needs, _ = plan_all(peer, [new], dict(begin(2), full=False))
+    assert needs["items"] == []
+    peer.send({"type": "commit", "generation": 2, "root": root_row(2)})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    assert (edge.root / "pool").stat().st_mtime_ns == POOL_T
+    assert edge.root.stat().st_mtime_ns == ROOT_T
+    assert not (edge.state / "touched-dirs").exists()
+
+
+def test_a_symlink_is_published_with_its_own_mtime_and_a_changed_one_is_set_in_place(edge) -> None:  # noqa: ANN001
+    link = [b"current", 2, 5, 1_600_000_000_000_000_000, 0o777, None, b"dists", 0, 1]
+    peer = Peer(edge.ini)
+    needs, _ = plan_all(peer, [link])
+    assert [item[0] for item in needs["items"]] == ["link"]
+    peer.send({"type": "commit", "generation": 1})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    st = os.lstat(edge.root / "current")
+    assert stat.S_ISLNK(st.st_mode) and st.st_mtime_ns == 1_600_000_000_000_000_000
+    ino = st.st_ino
+    peer = Peer(edge.ini)
+    needs, _ = plan_all(peer, [link[:3] + [1_600_000_001_000_000_000] + link[4:8] + [2]], begin(2))
+    assert [item[0] for item in needs["items"]] == ["meta"]
+    peer.send({"type": "commit", "generation": 2})
+    assert peer.message()["type"] == "committed"
+    assert peer.finish() == 0
+    st = os.lstat(edge.root / "current")
+    assert (st.st_ino, st.st_mtime_ns) == (ino, 1_600_000_001_000_000_000)  # the same link, never followed
+    assert os.readlink(edge.root / "current") == "dists"
+
+
+@pytest.mark.parametrize("bad", [
+    [b"x", 1, 0, 1, 0o755, None, None, 0, 1],  # a path
+    [b"", 0, 0, 1, 0o755, b"\0" * 32, None, 0, 1],  # a file
+    [b"", 1, 0, 1, 0o755, None, None, 1, 1],  # a tombstone
+    [b"", 1, 0, 1, 0o10000, None, None, 0, 1],  # a mode out of range
+    [b"", 1, 0, "1", 0o755, None, None, 0, 1],  # an mtime that is no integer
+    [b"", 1, 0, 1, 0o755, None, None, 0],  # 8 fields
+])
+def test_a_bad_root_in_commit_is_refused_and_nothing_is_published(edge, bad: list) -> None:  # noqa: ANN001
+    before = edge.root.stat().st_mtime_ns
+    peer = Peer(edge.ini)
+    plan_all(peer, [row(b"dists/Release", b"Origin: x\n")])
+    send_whole(peer, 1, b"dists/Release", b"Origin: x\n")
+    staged_paths(peer, 1)
+    peer.send({"type": "commit", "generation": 1, "root": bad})
+    answer = peer.message()
+    assert answer["type"] == "error" and answer["kind"] == "ProtocolError" and "root" in answer["message"]
+    assert peer.finish() != 0
+    assert tree_listing(edge.root) == {} and edge.root.stat().st_mtime_ns == before

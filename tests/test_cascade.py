@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import SYNCD, Node, make_node, tree_listing
+from tests.nodes import SYNCD, Node, assert_same_tree, make_node, tree_listing
 
 pytest_plugins = ["tests.sshd"]
 
@@ -63,6 +63,7 @@ def test_run_once_cascades_through_tiers(tmp_path: Path, sshd) -> None:  # noqa:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for node in t.all():
         assert tree_listing(node.root) == tree_listing(t.primary.root), node.name
+        assert_same_tree(t.primary.root, node.root)
     lines = proc.stdout.splitlines()
     # Tier by tier: each tier-1, then its edges indented under it.
     assert lines[0].startswith("tier1-a: generation none -> 1")
@@ -75,8 +76,11 @@ def test_run_once_cascades_through_tiers(tmp_path: Path, sshd) -> None:  # noqa:
     assert run_once(t.primary).returncode == 0
     for node in t.all():
         assert tree_listing(node.root) == tree_listing(t.primary.root), node.name
+        assert_same_tree(t.primary.root, node.root)
     again = run_once(t.primary)
     assert again.returncode == 0 and "FAILED" not in again.stdout
+    for node in t.all():
+        assert_same_tree(t.primary.root, node.root)
 
 
 def test_failing_mirror_is_reported_and_does_not_block_siblings(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -86,7 +90,9 @@ def test_failing_mirror_is_reported_and_does_not_block_siblings(tmp_path: Path, 
     assert proc.returncode == 1
     assert "tier1-a: FAILED" in proc.stdout
     assert tree_listing(t.t1b.root) == tree_listing(t.primary.root)
+    assert_same_tree(t.primary.root, t.t1b.root)
     assert tree_listing(t.edges["edge-b1"].root) == tree_listing(t.primary.root)
+    assert_same_tree(t.primary.root, t.edges["edge-b1"].root)
     assert list(t.edges["edge-a1"].root.iterdir()) == []  # not reached
 
 
@@ -99,6 +105,7 @@ def test_failing_edge_below_a_tier1_fails_the_primary_run(tmp_path: Path, sshd) 
     assert proc.returncode == 1, proc.stdout
     assert "  edge-b1: FAILED" in proc.stdout
     assert tree_listing(t.edges["edge-a2"].root) == tree_listing(t.primary.root)
+    assert_same_tree(t.primary.root, t.edges["edge-a2"].root)
 
 
 def test_failover_pushes_to_edges_directly_while_their_tier1_is_down(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -118,6 +125,7 @@ def test_failover_pushes_to_edges_directly_while_their_tier1_is_down(tmp_path: P
     assert "tier1: FAILED" in proc.stdout
     assert "(failover: tier1 failed) edge: generation none -> 1" in proc.stdout
     assert tree_listing(edge.root) == tree_listing(primary.root)
+    assert_same_tree(primary.root, edge.root)
     # tier1 comes back: it takes its edge again (nothing left to send there).
     primary.mirrors = [(t1, {}), (edge, {"via": "tier1"})]
     primary.write(sshd)
@@ -127,6 +135,7 @@ def test_failover_pushes_to_edges_directly_while_their_tier1_is_down(tmp_path: P
     assert "failover" not in proc.stdout
     assert proc.stdout.splitlines()[1].startswith("  edge: generation 1 -> 2")
     assert tree_listing(edge.root) == tree_listing(primary.root)
+    assert_same_tree(primary.root, edge.root)
 
 
 def test_no_cascade_flag(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -134,6 +143,7 @@ def test_no_cascade_flag(tmp_path: Path, sshd) -> None:  # noqa: ANN001
     fill(t.primary.root, "1")
     assert run_once(t.primary, "--no-cascade").returncode == 0
     assert tree_listing(t.t1a.root) == tree_listing(t.primary.root)
+    assert_same_tree(t.primary.root, t.t1a.root)
     assert list(t.edges["edge-a1"].root.iterdir()) == []
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import SYNCD, Node, make_node, tree_listing, wait_until
+from tests.nodes import SYNCD, Node, assert_same_tree, make_node, rsync_differences, tree_listing, wait_until
 
 pytest_plugins = ["tests.sshd"]
 
@@ -85,7 +85,16 @@ def three_tiers(base: Path, ssh, **keys) -> tuple[Node, Node, Node]:  # noqa: AN
 
 
 def same(a: Node, b: Node) -> bool:
-    return tree_listing(a.root) == tree_listing(b.root)
+    """Equal as a client lists them, and as rsync sees them.  The listing
+    alone can match a moment before a commit ends (new files go live early;
+    directory times are put back last): waiting for rsync's silence waits
+    for the commit."""
+    if tree_listing(a.root) != tree_listing(b.root):
+        return False
+    try:
+        return not rsync_differences(a.root, b.root)
+    except AssertionError:  # rsync itself failed: a file vanished under it, mid-commit
+        return False
 
 
 def test_daemons_carry_a_file_from_primary_to_tier2(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
@@ -97,6 +106,8 @@ def test_daemons_carry_a_file_from_primary_to_tier2(tmp_path: Path, sshd, daemon
     publish(primary.root, "pool/main/h/hello_1.0.deb", os.urandom(100_000))
     wait_until(lambda: same(primary, tier2), what="the new file to reach tier 2")
     assert p.stop() == 0
+    assert_same_tree(primary.root, tier1.root)
+    assert_same_tree(primary.root, tier2.root)
 
 
 def test_burst_of_writes_coalesces_into_few_pushes(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
@@ -148,6 +159,7 @@ def test_sigterm_mid_push_leaves_mirrors_consistent(tmp_path: Path, sshd, daemon
     proc = subprocess.run(SYNCD + ["-c", str(primary.ini), "run", "--once"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert same(primary, tier1) and same(primary, tier2)
+    assert_same_tree(primary.root, tier2.root)
 
 
 def test_sighup_reloads_the_config(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import SYNCD, make_node, tree_listing
+from tests.nodes import SYNCD, assert_same_tree, make_node, tree_listing
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -95,6 +95,8 @@ class Setup:
                               capture_output=True, text=True, timeout=timeout)
 
     def in_sync(self) -> bool:
+        """As a client lists it, and as rsync sees it (directory times included)."""
+        assert_same_tree(self.primary.root, self.edge.root)
         return tree_listing(self.primary.root) == tree_listing(self.edge.root)
 
 

@@ -51,6 +51,31 @@ def test_round_trip(tmp_path: Path) -> None:
         assert m.live_files_matching(lambda p: p in (b"gone", b"link", b"dists")) == []
 
 
+def test_the_roots_own_row_is_no_entry_of_the_tree(tmp_path: Path) -> None:
+    # Root's mode and mtime live in the row (b"", b""): read by root_row,
+    # never listed, counted, planned or created as an entry.
+    root = (b"", b"", KIND_DIR, 0, 7, 8, 0o755, 9, None, None, 3, 0)
+    with Manifest.open(tmp_path, "primary") as m:
+        assert m.root_row() is None
+        with m.writer() as w:
+            w.upsert_many(rows() + [root])
+            w.set_generation(3, 6)
+            assert [r[1] for r in w.rows_in(b"")] == [b"dists", b"gone", b"link"]
+            assert w.root_row()[:8] == root[:8]
+        assert m.root_row() == Entry(*root)
+        assert b"" not in [e.path for e in m.entries(include_deleted=True)]
+        assert [r[:2] for r in m.iter_entries()] == sorted((r[0], r[1]) for r in rows())
+        assert [e.path for e in m.changes_since(1)] == [b"gone", b"link", b"dists/\xffodd name\n"]
+        stats = m.stats()
+        assert (stats.dirs, stats.files, stats.symlinks) == (1, 2, 1)
+        reader = m.reader()
+        try:
+            assert reader.live_count() == 4  # dists, link and the two files: not root
+            assert not reader.empty()
+        finally:
+            reader.close()
+
+
 @pytest.mark.parametrize("max_parameters", [None, 999])
 def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path, monkeypatch, max_parameters) -> None:  # noqa: ANN001
     # Rows go to SQLite up to ROWS_PER_INSERT at a time in one statement

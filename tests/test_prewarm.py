@@ -24,7 +24,7 @@ from syncd.fsops import boot_id, verified_this_boot
 from syncd.manifest import Manifest
 from syncd.protocol import FrameReader, FrameType, FrameWriter
 from syncd.transport import LocalSession
-from tests.nodes import SYNCD, tree_listing, wait_agents_ended
+from tests.nodes import SYNCD, assert_same_tree, tree_listing, wait_agents_ended
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -77,6 +77,8 @@ class Site:
                               capture_output=True, text=True, timeout=120)
 
     def in_sync(self, name: str) -> bool:
+        """As a client lists it, and as rsync sees it (directory and symlink times included)."""
+        assert_same_tree(self.primary / "root", self.base / name / "root")
         return tree_listing(self.primary / "root") == tree_listing(self.base / name / "root")
 
     def generation(self, name: str) -> tuple[int, int]:

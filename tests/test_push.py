@@ -17,7 +17,7 @@ from syncd.errors import EXIT_FAILURE, ScanError
 from syncd.manifest import Manifest
 from syncd.push import PushResult, push_tree, push_with_retries
 from syncd.scan import ScanFeed, scan
-from tests.nodes import SYNCD, Node, make_node, tree_listing
+from tests.nodes import SYNCD, Node, assert_same_tree, make_node, tree_listing
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -55,6 +55,9 @@ class Pair:
             self.edge.wait_agent_ended()
 
     def in_sync(self) -> bool:
+        """The edge equals the primary: as a client lists it, and as rsync
+        sees it (directory and symlink times, root's own included)."""
+        assert_same_tree(self.primary.root, self.edge.root)
         return tree_listing(self.primary.root) == tree_listing(self.edge.root)
 
 
@@ -282,6 +285,33 @@ def test_every_kind_of_change(pair: Pair) -> None:
     assert pair.in_sync()
     counts = result.counts()
     assert counts["delete"] >= 2 and counts["dir"] >= 2 and counts["link"] == 1 and counts["meta"] >= 1
+
+
+def test_directory_symlink_and_root_times_follow_the_primary(pair: Pair) -> None:
+    # What a rename or an unlink does to a directory's mtime on the edge is
+    # put back to the primary's, in directories the primary's scan saw no
+    # change in (files rewritten in place), in root itself, and for a
+    # symlink whose only change is its own mtime.
+    populate(pair.primary.root)
+    assert pair.push().ok
+    assert pair.in_sync()
+    r = pair.primary.root
+    (r / "dists/stable/Release").write_text("Origin: test\nSuite: stable\n")  # in place: dists/stable/ keeps its time
+    (r / "README").write_text("edited in place\n")
+    os.utime(r / "current", ns=(10**18, 10**18), follow_symlinks=False)  # the link's own time only
+    result = pair.push()
+    assert result.ok, result.error
+    assert {i.path: i.action for i in result.items}[b"current"] == "meta"
+    assert pair.in_sync()
+    assert os.lstat(pair.edge.root / "current").st_mtime_ns == 10**18
+    # Root's own time alone is a generation, and it reaches the edge.
+    os.utime(r, ns=(2 * 10**18, 2 * 10**18))
+    result = pair.push()
+    assert result.ok and result.generation == 3 and result.files_sent == 0, result.error
+    assert os.stat(pair.edge.root).st_mtime_ns == 2 * 10**18
+    assert pair.in_sync()
+    with Manifest.open(pair.edge.state, "edge", create=False) as m:
+        assert m.root_row().mtime_ns == 2 * 10**18
 
 
 def test_rename_of_big_file_moves_almost_nothing(pair: Pair) -> None:

@@ -171,11 +171,55 @@ def test_non_utf8_and_odd_names_kept_exactly(tree: Tree) -> None:
         assert live[n].sha256 == hashlib.sha256(n).digest()
 
 
+def test_roots_own_mode_and_mtime_are_recorded_and_a_change_is_a_generation(tree: Tree) -> None:
+    (tree.root / "a").write_bytes(b"a")
+    tree.scan()
+    g = tree.manifest.generation
+    st0 = os.stat(tree.root)
+    own = tree.manifest.root_row()
+    assert (own.kind, own.mode, own.mtime_ns) == (KIND_DIR, stat.S_IMODE(st0.st_mode), st0.st_mtime_ns)
+    assert tree.scan() == {} and tree.manifest.generation == g
+    os.utime(tree.root, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    assert tree.scan() == {b"": META}
+    assert tree.manifest.generation == g + 1
+    assert tree.manifest.root_row().mtime_ns == 1_600_000_000_000_000_000
+    assert tree.manifest.root_row().generation == g + 1
+    os.chmod(tree.root, 0o750)
+    assert tree.scan() == {b"": META} and tree.manifest.root_row().mode == 0o750
+    # A partial scan that lists root sees it too.
+    os.utime(tree.root, ns=(1_600_000_001_000_000_000, 1_600_000_001_000_000_000))
+    scan(tree.root, tree.manifest, dirs=[b""])
+    assert tree.manifest.root_row().mtime_ns == 1_600_000_001_000_000_000
+    assert b"" not in [e.path for e in tree.manifest.entries(include_deleted=True)]
+
+
+def test_a_manifest_from_before_the_roots_row_gains_it_without_a_generation(tree: Tree) -> None:
+    (tree.root / "a").write_bytes(b"a")
+    tree.scan()
+    g = tree.manifest.generation
+    with tree.manifest.writer() as w:  # as a manifest written before root had a row
+        w._raw.execute("DELETE FROM entries WHERE parent = x'' AND name = x''")
+    assert tree.manifest.root_row() is None
+    assert tree.scan() == {} and tree.manifest.generation == g
+    assert tree.manifest.root_row().mtime_ns == os.stat(tree.root).st_mtime_ns
+
+
+def test_a_symlinks_own_mtime_is_recorded_and_a_change_is_metadata(tree: Tree) -> None:
+    os.symlink("target", tree.root / "l")
+    tree.scan()
+    g = tree.manifest.generation
+    assert tree.manifest.lookup(b"l").mtime_ns == os.lstat(tree.root / "l").st_mtime_ns
+    os.utime(tree.root / "l", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000), follow_symlinks=False)
+    assert tree.scan() == {b"l": META}
+    assert tree.manifest.lookup(b"l").mtime_ns == 1_500_000_000_000_000_000
+    assert tree.manifest.lookup(b"l").generation == g + 1
+
+
 def test_reappearing_path_revives_tombstone(tree: Tree) -> None:
     (tree.root / "f").write_bytes(b"1")
     tree.scan()
     os.unlink(tree.root / "f")
-    assert tree.scan() == {b"f": DELETED}  # root itself is not a row
+    assert tree.scan() == {b"f": DELETED, b"": META}  # root's mtime changed with its entries
     (tree.root / "f").write_bytes(b"1")
     seen = tree.scan()
     assert seen[b"f"] == ADDED

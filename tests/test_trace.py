@@ -12,7 +12,7 @@ import pytest
 
 from syncd import __version__, config, trace
 from syncd.manifest import Manifest
-from tests.nodes import SYNCD, make_node
+from tests.nodes import SYNCD, assert_same_tree, make_node
 
 pytest_plugins = ["tests.sshd"]
 
@@ -112,6 +112,11 @@ def test_agent_writes_trace_per_node_and_keeps_it_in_a_full_comparison(tmp_path:
     assert not (quiet.root / "project").exists()
     for n in (tier1, tier2):
         assert not [p for p in (n.state / "staging").iterdir() if p.name.startswith("tmp.")]
+    # The trace file is each mirror's own, and so are the directories made
+    # only to hold it (the primary has no project/): rsync compares the rest.
+    assert_same_tree(primary.root, quiet.root)
+    for n in (tier1, tier2):
+        assert_same_tree(primary.root, n.root, exclude=("/project/",))
 
     # A full comparison (the tier-1 forgot which generation it holds) deletes
     # what the primary does not have, but not the tier-1's own trace file.
@@ -133,3 +138,33 @@ def test_agent_writes_trace_per_node_and_keeps_it_in_a_full_comparison(tmp_path:
         gen2 = m.generation
     assert fields((tier1.root / "project" / "trace" / "tier1").read_text())["Generation"] == str(gen2)
     assert fields((tier2.root / "project" / "trace" / "tier2").read_text())["Generation"] == str(gen2)
+    assert_same_tree(primary.root, quiet.root)
+    for n in (tier1, tier2):
+        assert_same_tree(primary.root, n.root, exclude=("/project/",))
+
+
+def test_a_trace_written_into_the_primarys_own_trace_directory_leaves_its_time_alone(
+        tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    # A Debian archive carries project/trace/ itself (the master's trace
+    # files): each mirror's trace goes in beside them, and the directory
+    # gets the primary's mtime back after the write.  Only each node's own
+    # file differs from the primary.
+    primary = make_node(tmp_path, "primary")
+    tier1 = make_node(tmp_path, "tier1", trace="yes")
+    tier2 = make_node(tmp_path, "tier2", trace="yes")
+    primary.mirrors = [(tier1, {})]
+    tier1.mirrors = [(tier2, {})]
+    tier2.write()
+    tier1.write(sshd)
+    primary.write(sshd)
+    (primary.root / "project" / "trace").mkdir(parents=True)
+    (primary.root / "project" / "trace" / "master").write_text("Mon Dec  7 00:00:00 UTC 2026\n")
+    (primary.root / "pool").mkdir()
+    (primary.root / "pool" / "a.deb").write_bytes(os.urandom(20_000))
+    for round_ in range(2):
+        proc = run_once(primary.ini)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (tier1.root / "project" / "trace" / "tier1").exists()
+        assert_same_tree(primary.root, tier1.root, exclude=("/project/trace/tier1",))
+        assert_same_tree(primary.root, tier2.root, exclude=("/project/trace/tier2",))
+        (primary.root / "pool" / f"b{round_}.deb").write_bytes(os.urandom(20_000))

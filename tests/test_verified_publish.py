@@ -23,7 +23,7 @@ from syncd.push import push_with_retries
 from syncd.scan import scan
 from syncd.verify import parse_release
 from tests.gpgkeys import COMPONENT, EXPIRED, OTHER, SUITE, Keys, build_release, keys  # noqa: F401
-from tests.nodes import SYNCD, Node, make_node, tree_listing
+from tests.nodes import SYNCD, Node, assert_same_tree, make_node, tree_listing
 
 pytest_plugins = ["tests.sshd"]
 
@@ -70,6 +70,8 @@ class Pair:
         return json.loads(raw) if raw else None
 
     def in_sync(self) -> bool:
+        """As a client lists it, and as rsync sees it (directory and symlink times included)."""
+        assert_same_tree(self.primary.root, self.edge.root)
         return tree_listing(self.primary.root) == tree_listing(self.edge.root)
 
 
