@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import SYNCD, assert_same_tree, make_node, tree_listing
+from tests.nodes import SYNCD, agents_running, assert_same_tree, make_node, tree_listing
 from tests.relay import Relay
 
 pytest_plugins = ["tests.sshd"]
@@ -186,3 +188,240 @@ def test_kill_9_of_the_agent_mid_push(tmp_path: Path, sshd, relay) -> None:  # n
     problems = reader.stop()
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert s.in_sync() and problems == []
+
+
+# -- kill -9 at random moments, of either end, round after round ---------------------
+
+
+class TreeReader(threading.Thread):
+    """Walks the edge without following anything and records what no client
+    may see: a name the primary never had (a temporary), a regular file whose
+    content is none of the versions ever written at that path on the
+    primary (torn, or unverified), a symlink with a target it never had."""
+
+    def __init__(self, root: Path, files: dict[str, set[str]], links: dict[str, set[str]],
+                 dirs: set[str]) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.files, self.links, self.dirs = files, links, dirs
+        self.problems: list[str] = []
+        self.reads = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.005):
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                for name in dirnames + filenames:
+                    full = os.path.join(dirpath, name)
+                    rel = os.path.relpath(full, self.root)
+                    try:
+                        st = os.lstat(full)
+                        if stat.S_ISLNK(st.st_mode):
+                            if os.readlink(full) not in self.links.get(rel, ()):
+                                self.problems.append(f"unexpected symlink {rel} -> {os.readlink(full)}")
+                        elif stat.S_ISDIR(st.st_mode):
+                            if rel not in self.dirs:
+                                self.problems.append(f"unexpected directory in root: {rel}")
+                        elif rel not in self.files:
+                            self.problems.append(f"unexpected name in root: {rel}")
+                        else:
+                            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+                            try:
+                                digest = hashlib.sha256()
+                                while chunk := os.read(fd, 1 << 20):
+                                    digest.update(chunk)
+                            finally:
+                                os.close(fd)
+                            self.reads += 1
+                            if digest.hexdigest() not in self.files[rel]:
+                                self.problems.append(f"torn or unverified content at {rel}")
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # replaced or removed meanwhile
+
+    def stop(self) -> list[str]:
+        self._halt.set()
+        self.join(30)
+        return self.problems
+
+
+class ChangingPrimary:
+    """A primary whose tree gets a mixed change set each round: new files (some
+    of a few MiB, so that a push takes a while), edits in place (some large
+    enough to go as deltas), deletions (now and then a whole directory), new
+    directories (one left empty), a symlink made, retargeted or only touched,
+    and the index files rewritten in place.  Every version of every path is
+    registered before it is written, for the reader."""
+
+    def __init__(self, root: Path, rng: random.Random) -> None:
+        self.root, self.rng = root, rng
+        self.files: dict[str, set[str]] = {}
+        self.links: dict[str, set[str]] = {}
+        self.dirs: set[str] = set()
+        self.serial = 0
+        for d in ("pool/a", "pool/b", "pool/c", "dists/stable"):
+            self.mkdir(d)
+        for i in range(24):
+            self.write(f"pool/{'abc'[i % 3]}/p{i:02d}.deb", self.rng.choice([2_000, 40_000, 300_000]))
+        self.index()
+        self.link("current", "dists/stable")
+
+    def mkdir(self, rel: str) -> None:
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            self.dirs.add("/".join(parts[:i]))
+        (self.root / rel).mkdir(parents=True, exist_ok=True)
+
+    def write(self, rel: str, size: int) -> None:
+        data = self.rng.randbytes(size)
+        self.files.setdefault(rel, set()).add(hashlib.sha256(data).hexdigest())
+        self.mkdir(rel.rpartition("/")[0]) if "/" in rel else None
+        (self.root / rel).write_bytes(data)  # in place: the directory keeps its time
+
+    def link(self, rel: str, target: str) -> None:
+        self.links.setdefault(rel, set()).add(target)
+        tmp = self.root / f"{rel}.new"
+        os.symlink(target, tmp)
+        os.rename(tmp, self.root / rel)
+
+    def index(self) -> None:
+        listing = sorted(str(p.relative_to(self.root)) for p in (self.root / "pool").rglob("*.deb"))
+        text = "".join(f"Filename: {p}\n" for p in listing).encode()
+        self.files.setdefault("dists/stable/Packages", set()).add(hashlib.sha256(text).hexdigest())
+        (self.root / "dists/stable/Packages").write_bytes(text)
+        release = b"Origin: test\nSHA256:\n %s %d Packages\n" % (hashlib.sha256(text).hexdigest().encode(), len(text))
+        self.files.setdefault("dists/stable/Release", set()).add(hashlib.sha256(release).hexdigest())
+        (self.root / "dists/stable/Release").write_bytes(release)
+
+    def live_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in (self.root / "pool").rglob("*")
+                      if p.is_file() and not p.is_symlink())
+
+    def change(self) -> None:
+        rng = self.rng
+        self.serial += 1
+        n = self.serial
+        new_dir = f"pool/n{n}"
+        self.mkdir(new_dir)
+        self.mkdir(f"pool/empty{n}")
+        for i in range(2):  # large new files, at paths the edge never had: live early
+            self.write(f"{new_dir}/big{i}.iso", rng.randrange(1 << 20, 3 << 20))
+        for i in range(6):
+            self.write(f"pool/{rng.choice('abc')}/s{n}-{i}.deb", rng.randrange(100, 20_000))
+        live = self.live_files()
+        for rel in rng.sample(live, 3):  # edits in place (a large one goes as a delta)
+            self.write(rel, rng.choice([5_000, 200_000, 1 << 20]))
+        for rel in rng.sample([p for p in self.live_files() if "/n" not in p], 2):
+            os.unlink(self.root / rel)
+        if n % 3 == 0:  # a whole directory goes
+            doomed = sorted(p for p in (self.root / "pool").iterdir() if p.name.startswith("n"))[0]
+            shutil.rmtree(doomed)
+        what = rng.choice(["retarget", "touch", "new"])
+        if what == "retarget":
+            self.link("current", rng.choice(["dists/stable", "pool", f"pool/n{n}"]))
+        elif what == "touch":
+            os.utime(self.root / "current", ns=(10**18 + n, 10**18 + n), follow_symlinks=False)
+        else:
+            self.link(f"pool/latest{n}.iso", f"n{n}/big0.iso")
+        self.index()
+
+
+def test_kill_9_at_random_moments_then_a_rerun_converges(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    """Rounds of: a mixed change set on the primary, ``run --once``, and kill -9
+    at a random moment of that push, alternately of the pushing process group
+    and of the edge's agent; then a plain rerun exits 0 and rsync finds the
+    edge equal to the primary.  Eight such kills must land mid-push.  Two
+    more rounds kill the agent the moment its commit has published the new
+    Release, before its deletions and directory times: the rerun finds the
+    index in place and needs nothing there, and still puts dists/stable/'s
+    time back.  A reader on the edge never sees a torn file, an unverified
+    one, or a temporary name.  The seed is printed (SYNCD_KILL_SEED replays
+    one)."""
+    seed = int(os.environ.get("SYNCD_KILL_SEED") or random.randrange(1 << 32))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    primary = make_node(tmp_path, "primary", max_delete="100%")
+    edge = make_node(tmp_path, "edge")
+    primary.mirrors.append((edge, {"retries": "1"}))
+    edge.write()
+    primary.write(sshd)
+    tree = ChangingPrimary(primary.root, rng)
+    release = edge.root / "dists/stable/Release"
+
+    def run_once() -> subprocess.CompletedProcess:
+        return subprocess.run(SYNCD + ["-c", str(primary.ini), "run", "--once"], capture_output=True, text=True,
+                              timeout=120)
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(SYNCD + ["-c", str(primary.ini), "run", "--once"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_agents() -> list[int]:
+        killed = []
+        for pid in agents_running(edge.ini):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        return killed
+
+    first = run_once()
+    assert first.returncode == 0, first.stdout + first.stderr
+    reader = TreeReader(edge.root, tree.files, tree.links, tree.dirs)
+    reader.start()
+    try:
+        # How long a round's push takes here and now, and when its agent is up:
+        # the random kills are drawn within that span.
+        tree.change()
+        began = time.monotonic()
+        proc = start()
+        while not agents_running(edge.ini) and proc.poll() is None:
+            time.sleep(0.002)
+        agent_up = time.monotonic() - began
+        assert proc.wait(120) == 0, proc.stdout.read()
+        span = time.monotonic() - began
+        assert_same_tree(primary.root, edge.root)
+        landed: list[str] = []
+        at_commit = 0
+        rounds = 0
+        while len(landed) < 8 or at_commit < 2:
+            assert rounds < 18, f"seed {seed}: only {len(landed)} random kills of {rounds} rounds landed mid-push"
+            rounds += 1
+            tree.change()
+            if len(landed) >= 8 or (rounds % 5 == 0 and at_commit < 2):
+                target, delay = "agent at its commit", None
+            else:
+                target = "agent" if rounds % 2 else "pusher"
+                delay = rng.uniform(agent_up if target == "agent" else 0.0, 0.9 * span)
+            old_release = release.stat().st_ino
+            proc = start()
+            killed: list[int] = []
+            if delay is None:
+                while proc.poll() is None and release.stat().st_ino == old_release:
+                    time.sleep(0.0005)
+                killed = kill_agents()
+            else:
+                time.sleep(delay)
+                if proc.poll() is None:
+                    if target == "pusher":
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        killed = [proc.pid]
+                    else:
+                        killed = kill_agents()
+            out = proc.communicate(timeout=120)[0].decode(errors="replace")
+            if killed and delay is None:
+                at_commit += 1
+            elif killed:
+                landed.append(f"{target} at {delay:.2f} s")
+            edge.wait_agent_ended()
+            again = run_once()
+            assert again.returncode == 0, f"seed {seed}, round {rounds}: {out}\n{again.stdout}{again.stderr}"
+            assert_same_tree(primary.root, edge.root)
+            assert reader.problems == [], f"seed {seed}, round {rounds}: {reader.problems[:5]}"
+            assert not (edge.state / "touched-dirs").exists()  # every directory has its time back
+        print(f"{rounds} rounds; random kills that landed mid-push: {', '.join(landed)}; "
+              f"{at_commit} at a commit")
+    finally:
+        problems = reader.stop()
+    assert problems == [], f"seed {seed}: {problems[:5]}"
+    assert reader.reads > 0
