@@ -370,16 +370,16 @@ def test_kill_9_at_random_moments_then_a_rerun_converges(tmp_path: Path, sshd) -
     reader = TreeReader(edge.root, tree.files, tree.links, tree.dirs)
     reader.start()
     try:
-        # How long a round's push takes here and now, and when its agent is up:
-        # the random kills are drawn within that span.
+        # How long a round's push takes here and now, and how long of it its
+        # agent lives: the random kills are drawn within those spans.
         tree.change()
         began = time.monotonic()
         proc = start()
         while not agents_running(edge.ini) and proc.poll() is None:
             time.sleep(0.002)
-        agent_up = time.monotonic() - began
+        agent_up = time.monotonic()
         assert proc.wait(120) == 0, proc.stdout.read()
-        span = time.monotonic() - began
+        span, agent_span = time.monotonic() - began, time.monotonic() - agent_up
         assert_same_tree(primary.root, edge.root)
         landed: list[str] = []
         at_commit = 0
@@ -392,7 +392,7 @@ def test_kill_9_at_random_moments_then_a_rerun_converges(tmp_path: Path, sshd) -
                 target, delay = "agent at its commit", None
             else:
                 target = "agent" if rounds % 2 else "pusher"
-                delay = rng.uniform(agent_up if target == "agent" else 0.0, 0.9 * span)
+                delay = rng.uniform(0.0, 0.8 * (agent_span if target == "agent" else span))
             old_release = release.stat().st_ino
             proc = start()
             killed: list[int] = []
@@ -401,6 +401,9 @@ def test_kill_9_at_random_moments_then_a_rerun_converges(tmp_path: Path, sshd) -
                     time.sleep(0.0005)
                 killed = kill_agents()
             else:
+                if target == "agent":  # the delay counts from the agent's start
+                    while not agents_running(edge.ini) and proc.poll() is None:
+                        time.sleep(0.002)
                 time.sleep(delay)
                 if proc.poll() is None:
                     if target == "pusher":
@@ -412,7 +415,7 @@ def test_kill_9_at_random_moments_then_a_rerun_converges(tmp_path: Path, sshd) -
             if killed and delay is None:
                 at_commit += 1
             elif killed:
-                landed.append(f"{target} at {delay:.2f} s")
+                landed.append(f"{target} at {delay:.2f} s" + (" of its life" if target == "agent" else ""))
             edge.wait_agent_ended()
             again = run_once()
             assert again.returncode == 0, f"seed {seed}, round {rounds}: {out}\n{again.stdout}{again.stderr}"
