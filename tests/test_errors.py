@@ -18,7 +18,7 @@ from syncd.lock import StateLock
 from syncd.manifest import Manifest
 from syncd.push import push_with_retries
 from syncd.scan import scan
-from tests.nodes import make_node, tree_listing
+from tests.nodes import assert_same_tree, make_node, tree_listing
 
 pytest_plugins = ["tests.sshd"]
 
@@ -118,6 +118,7 @@ def test_a_retryable_error_from_the_agent_is_retried(tmp_path: Path, sshd) -> No
     assert marker.exists()  # the first session failed, by the agent's word
     assert result.ok and result.attempts == 2, result.error
     assert tree_listing(primary.root) == tree_listing(edge.root)
+    assert_same_tree(primary.root, edge.root)
 
 
 def test_the_agents_lock_timeout_is_final(tmp_path: Path, sshd) -> None:  # noqa: ANN001

@@ -283,13 +283,7 @@ class Pair:
 
 
 def same_tree(primary: Path, mirror: Path) -> None:
-    """The oracle, rsync -rlptHSnci --delete, silent.
-
-    The mirror root's own mtime is the directory-times part of issue #8, on
-    another branch: until it is merged, the root's time is copied here, and
-    only the root's.  (Remove this line once main sets it.)"""
-    st_root = os.stat(primary)
-    os.utime(mirror, ns=(st_root.st_atime_ns, st_root.st_mtime_ns))
+    """The oracle, rsync -rlptHSnci --delete, silent (root's own time included)."""
     assert_same_tree(primary, mirror)
 
 
