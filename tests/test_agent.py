@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd.errors import ProtocolError
 from syncd.manifest import Manifest
@@ -1015,3 +1017,39 @@ def test_a_bad_root_in_commit_is_refused_and_nothing_is_published(edge, bad: lis
     assert answer["type"] == "error" and answer["kind"] == "ProtocolError" and "root" in answer["message"]
     assert peer.finish() != 0
     assert tree_listing(edge.root) == {} and edge.root.stat().st_mtime_ns == before
+
+
+_NAME = st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(st.lists(_NAME, min_size=1, max_size=4).map(b"/".join), max_size=6), max_size=5),
+       cut=st.integers(min_value=0, max_value=400))
+def test_touched_dirs_are_closed_under_parents_and_survive_a_cut_record(batches: list, cut: int) -> None:
+    import tempfile
+
+    from syncd.agent import _TouchedDirs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        touched = _TouchedDirs(Path(tmp))
+        want: set[bytes] = set()
+        for batch in batches:
+            touched.add(batch)
+            for path in batch:
+                parts = path.split(b"/")[:-1]
+                want |= {b"/".join(parts[:i]) for i in range(len(parts) + 1)}
+        assert touched.dirs() == want  # every parent, every ancestor, root (b"") included
+        touched.close()
+        again = _TouchedDirs(Path(tmp))
+        again.load()
+        assert again.dirs() == want
+        record = Path(tmp, _TouchedDirs.NAME)
+        if want:
+            data = record.read_bytes()
+            record.write_bytes(data[:cut])  # a kill in the middle of a write
+            cut_short = _TouchedDirs(Path(tmp))
+            cut_short.load()
+            assert cut_short.dirs() <= want
+            assert {d for d in data[:cut].split(b"\0")[:-1]} <= cut_short.dirs()
+        again.clear()
+        assert not record.exists() and again.dirs() == set()
