@@ -21,6 +21,10 @@ Layout (``state_dir/manifest.db``, WAL mode):
   out, :meth:`Manifest.root_row` reads it, and a push carries it in its
   ``commit`` (docs/protocol.md), never as a row to create or delete.  A
   manifest from before it simply gains it at its next scan.
+  ``dev``, ``ino`` and ``nlink`` are the file's own on this node: the names
+  of one file (hard links) share ``(dev, ino)``, found through
+  ``entries_by_inode``, which holds only the rows with ``nlink > 1`` (see
+  :meth:`Manifest.push_rows`).
 - ``generations``: when each generation was made and how many changes it has.
 - ``downstreams``: what each downstream has acknowledged, and its last result.
 - ``meta``: schema version, node name, current generation.
@@ -30,17 +34,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import sqlite3
 
 from .errors import ManifestError, SchemaError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    import os
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+# Version 1 had no dev and nlink: an ALTER TABLE adds them (defaults: device
+# unknown, a single name; the next scan fills them in without re-hashing).
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE entries ADD COLUMN dev INTEGER DEFAULT 0 NOT NULL",
+        "ALTER TABLE entries ADD COLUMN nlink INTEGER DEFAULT 1 NOT NULL",
+        "CREATE INDEX entries_by_inode ON entries (dev, ino) WHERE nlink > 1",
+    ),
+}
 MANIFEST_NAME = "manifest.db"
 # Meta keys a mirror keeps about verification (values are JSON): why its
 # last generation was held back, and that ``syncd verify --repair`` found
@@ -73,7 +92,7 @@ class _Schema:
     def _build():  # noqa: ANN205
         import types
 
-        from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table
+        from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, text
 
         metadata = MetaData()
 
@@ -99,9 +118,17 @@ class _Schema:
             Column("target", LargeBinary),  # symlinks only
             Column("generation", Integer, nullable=False),
             Column("deleted", Integer, nullable=False),
+            # Last, as ALTER TABLE adds them to a version 1 manifest: both
+            # kinds of manifest then have the same columns in the same order.
+            Column("dev", Integer, nullable=False, server_default=text("0")),
+            Column("nlink", Integer, nullable=False, server_default=text("1")),  # files; 1 for the rest
             sqlite_with_rowid=False,
         )
         Index("entries_by_generation", entries_table.c.generation)
+        # Only the names of files with more than one: a tree without hard
+        # links pays nothing for it.
+        Index("entries_by_inode", entries_table.c.dev, entries_table.c.ino,
+              sqlite_where=entries_table.c.nlink > 1)
         Index("entries_by_sha256", entries_table.c.sha256)
 
         generations_table = Table(
@@ -141,8 +168,10 @@ SCHEMA_DDL = (
     "CREATE TABLE entries (parent BLOB NOT NULL, name BLOB NOT NULL, kind INTEGER NOT NULL, "
     "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, "
     "ino INTEGER NOT NULL, sha256 BLOB, target BLOB, generation INTEGER NOT NULL, deleted INTEGER NOT NULL, "
+    "dev INTEGER DEFAULT 0 NOT NULL, nlink INTEGER DEFAULT 1 NOT NULL, "
     "PRIMARY KEY (parent, name)) WITHOUT ROWID",
     "CREATE INDEX entries_by_generation ON entries (generation)",
+    "CREATE INDEX entries_by_inode ON entries (dev, ino) WHERE nlink > 1",
     "CREATE INDEX entries_by_sha256 ON entries (sha256)",
     "CREATE TABLE generations (generation INTEGER NOT NULL, created_ns INTEGER NOT NULL, "
     "changes INTEGER NOT NULL, PRIMARY KEY (generation))",
@@ -170,10 +199,13 @@ DOWNSTREAM_COLUMNS = frozenset({
 })
 
 ENTRY_COLUMNS = (
-    "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted"
+    "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted, dev, nlink"
 )
 #: The root's own row is (b"", b""); every entry of the tree has a name.
 _NOT_ROOT = "name != x''"
+# A live file with more than one name (the condition of entries_by_inode, spelled
+# so that SQLite sees that the index covers it).
+_LINKED = "e.nlink > 1 AND e.kind = 0 AND e.deleted = 0"
 
 
 class Entry(NamedTuple):
@@ -189,6 +221,8 @@ class Entry(NamedTuple):
     target: bytes | None
     generation: int
     deleted: int
+    dev: int
+    nlink: int  # a file's names on this node (hard links); 1 for directories and symlinks
 
     @property
     def path(self) -> bytes:
@@ -284,12 +318,28 @@ class Manifest:
             version = int(row[0])
         except (TypeError, ValueError):
             raise SchemaError(f"{self.path}: manifest has no valid schema version") from None
+        if version in _MIGRATIONS:
+            self._migrate()
+            return
         if version != SCHEMA_VERSION:
             newer = "a newer" if version > SCHEMA_VERSION else "an older"
             raise SchemaError(
                 f"{self.path}: manifest schema version {version} is from {newer} syncd; "
                 f"this syncd reads version {SCHEMA_VERSION}"
             )
+
+    def _migrate(self) -> None:
+        """Bring an older manifest to SCHEMA_VERSION, step by step, in one
+        transaction: another process that opened it meanwhile finds it done
+        (the version is read again under the write lock)."""
+        with self._raw_write() as raw:
+            version = int(raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            while version in _MIGRATIONS:
+                for sql in _MIGRATIONS[version]:
+                    raw.execute(sql)
+                version += 1
+            raw.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+        log.info("%s: manifest schema upgraded to version %d", self.path, version)
 
     def _create(self, node_name: str) -> None:
         try:
@@ -439,6 +489,85 @@ class Manifest:
             for batch in iter(lambda: cur.fetchmany(4096), []):
                 for row in batch:
                     yield Entry(*row)
+        finally:
+            raw.close()
+
+    def push_rows(self, since: int | None, keep: Callable[[bytes], bool] | None = None, *,
+                  linked_only: bool = False) -> Iterator[tuple[Entry, bytes | None, int]]:
+        """The rows a push sends, in path order, each with its hard-link group.
+
+        ``since`` None: every live row (a full comparison); else the rows
+        stamped after ``since`` (tombstones included), and with them every
+        other live name of each file among them that has more than one
+        name, changed or not: a downstream links a new name to a name it
+        already has, and must be told which.  ``linked_only``: only the live
+        files with more than one name (the last rows of a push fed by a
+        running scan, which sent all the others as they came).
+
+        Each row comes as ``(entry, first, names)``: ``names`` is how many
+        names its file has among the rows ``keep`` accepts (a downstream's
+        filter: the names it excludes are no names of the group there), and
+        ``first`` the name that carries the file's content, or None for a
+        file of one name.  The first name is the least in path order, of the
+        unchanged names where there are some, and comes before the others.
+        Grouping runs inside SQLite (windows over ``(dev, ino)``, through
+        ``entries_by_inode``), so memory does not grow with the tree.
+        """
+        kept = " AND syncd_keep(e.parent, e.name)" if keep is not None else ""
+        if since is None:
+            members = f"SELECT e.parent, e.name, e.dev, e.ino, 0 AS fresh FROM entries e WHERE {_LINKED}{kept}"
+        else:
+            # The changed files first, by generation (left alone, SQLite
+            # would walk every linked row of the tree to find them).
+            members = (
+                "SELECT e.parent, e.name, e.dev, e.ino, e.generation > :since AS fresh FROM (SELECT DISTINCT "
+                f"dev, ino FROM entries e INDEXED BY entries_by_generation WHERE e.generation > :since AND {_LINKED}) "
+                f"t JOIN entries e ON e.dev = t.dev AND e.ino = t.ino WHERE {_LINKED}{kept}"
+            )
+        # The first name: one the downstream has already where there is one
+        # (unchanged since ``since``): a name added before the others in path
+        # order then needs no copy of the file there.  (mp, mn): the group's
+        # least path, where the first name goes in the order of the rows.
+        whole = "PARTITION BY dev, ino ORDER BY {} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING"
+        groups = (
+            "WITH g AS (SELECT parent, name, first_value(parent) OVER w AS fp, first_value(name) OVER w AS fn, "
+            "count(*) OVER w AS n, first_value(parent) OVER p AS mp, first_value(name) OVER p AS mn "
+            f"FROM ({members}) WINDOW w AS ({whole.format('fresh, parent, name')}), "
+            f"p AS ({whole.format('parent, name')})) "
+        )
+        cols = ", ".join("e." + c for c in ENTRY_COLUMNS.split(", ")) + ", g.fp, g.fn, g.n"
+        unchanged = "FROM g JOIN entries e ON e.parent = g.parent AND e.name = g.name"
+        if linked_only:
+            sql = f"{groups}SELECT {cols} {unchanged} ORDER BY e.parent, e.name"
+        elif since is None:
+            sql = (f"{groups}SELECT {cols} FROM entries e LEFT JOIN g ON g.parent = e.parent AND g.name = e.name "
+                   f"WHERE e.deleted = 0 AND e.{_NOT_ROOT} ORDER BY e.parent, e.name")
+        else:
+            # Two disjoint halves: the rows stamped after ``since``, and the
+            # unchanged names of their files.  The first by generation too:
+            # SQLite would otherwise walk the whole table in path order.  A
+            # first name goes just before the least name of its group.
+            first = "g.fp = e.parent AND g.fn = e.name"
+            cols += (f", CASE WHEN {first} THEN g.mp ELSE e.parent END AS kp, "
+                     f"CASE WHEN {first} THEN g.mn ELSE e.name END AS kn, CASE WHEN {first} THEN 0 ELSE 1 END AS kf")
+            sql = (f"{groups}SELECT * FROM (SELECT {cols} FROM entries e INDEXED BY entries_by_generation "
+                   f"LEFT JOIN g ON g.parent = e.parent AND g.name = e.name WHERE e.generation > :since "
+                   f"AND e.{_NOT_ROOT} "
+                   f"UNION ALL SELECT {cols} {unchanged} WHERE e.generation <= :since) ORDER BY kp, kn, kf")
+        raw = self._raw()
+        try:
+            if keep is not None:
+                raw.create_function("syncd_keep", 2, lambda parent, name: 1 if keep(join(parent, name)) else 0,
+                                    deterministic=True)
+            raw.execute("BEGIN")  # one snapshot: a scan may commit meanwhile
+            cur = raw.execute(sql, {"since": since})
+            width = _ENTRY_FIELDS
+            for batch in iter(lambda: cur.fetchmany(4096), []):
+                for row in batch:
+                    names = row[width + 2] or 1
+                    yield Entry(*row[:width]), (join(row[width], row[width + 1]) if names > 1 else None), names
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(f"{self.path}: reading entries: {err}") from err
         finally:
             raw.close()
 
@@ -609,6 +738,14 @@ class ManifestReader:
     def live_count(self) -> int:
         return self._raw.execute(f"SELECT count(*) FROM entries WHERE deleted = 0 AND {_NOT_ROOT}").fetchone()[0]
 
+    def names_of(self, dev: int, ino: int) -> list[bytes]:
+        """The live paths this manifest records as names of file ``(dev, ino)``
+        (only where it recorded more than one name)."""
+        rows = self._raw.execute(
+            f"SELECT e.parent, e.name FROM entries e WHERE e.dev = ? AND e.ino = ? AND {_LINKED}", (dev, ino),
+        ).fetchall()
+        return [join(parent, name) for parent, name in rows]
+
     def close(self) -> None:
         self._raw.close()
 
@@ -621,7 +758,7 @@ class ManifestReader:
 # 0.75 s for 100,000 rows); 1,000 cost the same.  SQLite builds that allow
 # fewer parameters (999 before 3.32) get what fits.
 ROWS_PER_INSERT = 1000
-_ENTRY_FIELDS = ENTRY_COLUMNS.count(",") + 1  # (12)
+_ENTRY_FIELDS = ENTRY_COLUMNS.count(",") + 1  # (14)
 
 
 @functools.lru_cache(maxsize=8)
@@ -690,6 +827,18 @@ class ManifestWriter:
     def delete_meta(self, key: str) -> None:
         self._flush()
         self._raw.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def restat(self, path: bytes, st: "os.stat_result") -> None:
+        """Record a live file's stat data anew, its content and generation
+        unchanged: another name of it came or went (its ctime and link
+        count moved), and a stale row would make it look changed."""
+        self._flush()
+        parent, name = split(path)
+        self._raw.execute(
+            "UPDATE entries SET ctime_ns = ?, ino = ?, dev = ?, nlink = ? WHERE parent = ? AND name = ? "
+            "AND deleted = 0 AND kind = ?",
+            (st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, parent, name, KIND_FILE),
+        )
 
     def upsert_many(self, rows: Iterable[tuple]) -> None:
         for row in rows:

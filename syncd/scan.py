@@ -9,9 +9,17 @@ A file is re-hashed when any of size, mtime_ns, ctime_ns, inode or permission
 bits differ from its row.  ctime is in the list because a rewrite that keeps
 the size and restores the mtime (``touch -d``) cannot restore ctime: rsync's
 default quick check misses that edit, syncd does not.  A change of ctime or
-inode alone, with the same content, size, mode and mtime (a chown, a hard link,
-a copy-then-rename of identical bytes), updates the row without a new
-generation: there is nothing for a mirror to do.
+inode alone, with the same content, size, mode and mtime (a chown, a copy-then-
+rename of identical bytes), updates the row without a new generation: there is
+nothing for a mirror to do.
+
+Hard links: each file row records its device and link count with its inode,
+and the names sharing ``(dev, ino)`` are one file.  A change of which names a
+file has is a change for the mirrors (:func:`link_changed`): the row of a
+name that joins, leaves or changes file is stamped with the new generation,
+though its content is the same.  A link count that only moved (a name came
+or went elsewhere) stamps nothing itself: the name that came or went is the
+change.
 
 The root's own mode and mtime are recorded too, in its row ``(b"", b"")``
 (see syncd.manifest), whenever root itself is listed: a change to them is a
@@ -56,7 +64,7 @@ MAX_BATCHES_IN_FLIGHT = 8
 ADDED, MODIFIED, META, DELETED, RELINKED = "add", "modify", "meta", "delete", "link"
 
 # Row tuple positions (manifest.ENTRY_COLUMNS order).
-_PARENT, _NAME, _KIND, _SIZE, _MTIME, _CTIME, _MODE, _INO, _SHA, _TARGET, _GEN, _DELETED = range(12)
+_PARENT, _NAME, _KIND, _SIZE, _MTIME, _CTIME, _MODE, _INO, _SHA, _TARGET, _GEN, _DELETED, _DEV, _NLINK = range(14)
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
@@ -292,6 +300,20 @@ class ScanFeed:
         self._cond.notify_all()
 
 
+def link_changed(old_dev: int, old_ino: int, old_nlink: int, dev: int, ino: int, nlink: int) -> bool:
+    """Whether a name's place among hard links changed, its content the same.
+
+    It did when the name went from one name of its file to several or back,
+    or when, with several, it now names another file (a rename over it, a
+    new link).  A count that only moved while the name stayed on its file
+    is a name that came or went elsewhere: that name's own row tells.  A row
+    of a version 1 manifest has device 0 and count 1: its first scan stamps
+    the files that turn out to have more names.
+    """
+    was, now = old_nlink > 1, nlink > 1
+    return was != now or (now and (old_dev, old_ino) != (dev, ino))
+
+
 class _Vanished(Exception):
     """The file went away or stopped being a regular file while we looked."""
 
@@ -483,17 +505,21 @@ def scan(
         perm = stat.S_IMODE(st.st_mode)
         row = (parent, name, KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino,
                digest, None)
+        ident = (st.st_dev, st.st_nlink)
         if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
-            row += (gen, 0)
+            row += (gen, 0) + ident
             changed(ADDED, row)
         elif (old[_SHA] if have_sha else writer.sha256_of(parent, name)) != digest:
-            row += (gen, 0)
+            row += (gen, 0) + ident
             changed(MODIFIED, row)
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-            row += (gen, 0)
+            row += (gen, 0) + ident
             changed(META, row)
+        elif link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
+            row += (gen, 0) + ident
+            changed(RELINKED, row)
         else:
-            row += (old[_GEN], 0)  # same content and metadata: no new generation
+            row += (old[_GEN], 0) + ident  # same content, metadata and names: no new generation
         writer.upsert(row)
         if feeding:
             emit(row)
@@ -512,12 +538,12 @@ def scan(
             # the root had a row): no generation of its own.  An empty root
             # stays generation 0, and an existing tree's mirrors get root's
             # times with the next generation (every commit carries them).
-            writer.upsert(new + (prev_gen, 0))
+            writer.upsert(new + (prev_gen, 0, st.st_dev, 1))
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-            writer.upsert(new + (gen, 0))
+            writer.upsert(new + (gen, 0, st.st_dev, 1))
             changed(META, new)
-        elif (old[_CTIME], old[_INO]) != (st.st_ctime_ns, st.st_ino):
-            writer.upsert(new + (old[_GEN], 0))
+        elif (old[_CTIME], old[_INO], old[_DEV]) != (st.st_ctime_ns, st.st_ino, st.st_dev):
+            writer.upsert(new + (old[_GEN], 0, st.st_dev, 1))
 
     def drain(limit: int) -> None:
         while len(in_flight) > limit:
@@ -578,7 +604,7 @@ def scan(
                 mine = None  # and it is never fed
                 if d:
                     parent, name = split(d)
-                    writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, gen, 1))
+                    writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, gen, 1, 0, 1))
                     changed(DELETED, (parent, name))
             except OSError as err:
                 if not d:
@@ -605,7 +631,8 @@ def scan(
                     continue
                 mode = st.st_mode
                 # The common case first, in one comparison: a live file row
-                # whose (kind, size, mtime, ctime, mode, inode) all still hold.
+                # whose (kind, size, mtime, ctime, mode, inode, device, link
+                # count) all still hold.
                 if (
                     old is not None
                     and not old[_DELETED]
@@ -613,8 +640,21 @@ def scan(
                                             mode & 0o7777, st.st_ino)
                     and mode & 0o170000 == stat.S_IFREG
                 ):
+                    if old[_DEV:] == (st.st_dev, st.st_nlink):
+                        if feeding:
+                            emit(old)
+                        continue
+                    # Only the device or the link count differ: a row of a
+                    # version 1 manifest (the file's ctime moves with its
+                    # link count).  No need to read the file again.
+                    sha = old[_SHA] if have_sha else writer.sha256_of(d, name)
+                    fixed = old[:_SHA] + (sha,) + old[_TARGET:_DEV] + (st.st_dev, st.st_nlink)
+                    if link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
+                        fixed = fixed[:_GEN] + (gen,) + fixed[_DELETED:]
+                        changed(RELINKED, fixed)
+                    writer.upsert(fixed)
                     if feeding:
-                        emit(old)
+                        emit(fixed)
                     continue
                 perm = stat.S_IMODE(mode)
                 fresh = old is None or old[_DELETED]
@@ -646,14 +686,16 @@ def scan(
                     if not partial or fresh or old[_KIND] != KIND_DIR:
                         heapq.heappush(heap, rel)
                     final = old
+                    # A directory's link count is its subdirectories, not
+                    # names of it: recorded as 1.
                     if fresh or old[_KIND] != KIND_DIR:
-                        final = new + (gen, 0)
+                        final = new + (gen, 0, st.st_dev, 1)
                         changed(ADDED, new)
                     elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-                        final = new + (gen, 0)
+                        final = new + (gen, 0, st.st_dev, 1)
                         changed(META, new)
-                    elif (old[_CTIME], old[_INO]) != (st.st_ctime_ns, st.st_ino):
-                        final = new + (old[_GEN], 0)
+                    elif (old[_CTIME], old[_INO], old[_DEV]) != (st.st_ctime_ns, st.st_ino, st.st_dev):
+                        final = new + (old[_GEN], 0, st.st_dev, 1)
                     if final is not old:
                         writer.upsert(final)
                     if feeding:
@@ -662,8 +704,8 @@ def scan(
                     if (
                         not fresh
                         and old[_KIND] == KIND_SYMLINK
-                        and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO])
-                        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                        and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO], old[_DEV])
+                        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
                     ):
                         if feeding:
                             emit(old)
@@ -676,17 +718,18 @@ def scan(
                         continue
                     new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
                            st.st_ino, None, target)
+                    # Hard links of a symlink are not kept: one name each (count 1).
                     if fresh or old[_KIND] != KIND_SYMLINK:
-                        new += (gen, 0)
+                        new += (gen, 0, st.st_dev, 1)
                         changed(ADDED, new)
                     elif old[_TARGET] != target:
-                        new += (gen, 0)
+                        new += (gen, 0, st.st_dev, 1)
                         changed(RELINKED, new)
                     elif old[_MTIME] != st.st_mtime_ns:
                         new += (gen, 0)
                         changed(META, new)
                     else:
-                        new += (old[_GEN], 0)
+                        new += (old[_GEN], 0, st.st_dev, 1)
                     writer.upsert(new)
                     if feeding:
                         emit(new)

@@ -18,11 +18,11 @@ from syncd.manifest import (KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, RO
 
 def rows() -> list[tuple]:
     return [
-        (b"", b"dists", KIND_DIR, 0, 1, 2, 0o755, 10, None, None, 1, 0),
-        (b"dists", b"Release", KIND_FILE, 5, 3, 4, 0o644, 11, b"\x01" * 32, None, 1, 0),
-        (b"dists", b"\xffodd name\n", KIND_FILE, 0, 3, 4, 0o600, 12, b"\x02" * 32, None, 2, 0),
-        (b"", b"link", KIND_SYMLINK, 5, 3, 4, 0o777, 13, None, b"dists", 2, 0),
-        (b"", b"gone", KIND_FILE, 9, 3, 4, 0o644, 14, b"\x03" * 32, None, 2, 1),
+        (b"", b"dists", KIND_DIR, 0, 1, 2, 0o755, 10, None, None, 1, 0, 7, 1),
+        (b"dists", b"Release", KIND_FILE, 5, 3, 4, 0o644, 11, b"\x01" * 32, None, 1, 0, 7, 1),
+        (b"dists", b"\xffodd name\n", KIND_FILE, 0, 3, 4, 0o600, 12, b"\x02" * 32, None, 2, 0, 7, 1),
+        (b"", b"link", KIND_SYMLINK, 5, 3, 4, 0o777, 13, None, b"dists", 2, 0, 7, 1),
+        (b"", b"gone", KIND_FILE, 9, 3, 4, 0o644, 14, b"\x03" * 32, None, 2, 1, 7, 1),
     ]
 
 
@@ -90,9 +90,9 @@ def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path, monke
 
         monkeypatch.setattr(_RawConnection, "max_parameters", lowered)
     count = ROWS_PER_INSERT * 3 + 7
-    first = [(b"d", b"f%d" % i, KIND_FILE, i, 1, 2, 0o644, i, bytes([i % 256]) * 32, None, 1, 0)
+    first = [(b"d", b"f%d" % i, KIND_FILE, i, 1, 2, 0o644, i, bytes([i % 256]) * 32, None, 1, 0, 3, 1)
              for i in range(count)]
-    again = [(b"d", b"f%d" % i, KIND_FILE, i + 1, 1, 2, 0o600, i, None, None, 2, 0)
+    again = [(b"d", b"f%d" % i, KIND_FILE, i + 1, 1, 2, 0o600, i, None, None, 2, 0, 3, 1 + i % 2)
              for i in range(0, count, 5)]
     given = first[:40] + again[:3] + first[40:] + again[3:]
     with Manifest.open(tmp_path, "primary") as m:
@@ -102,7 +102,7 @@ def test_many_rows_in_one_flush_keep_the_last_of_each_path(tmp_path: Path, monke
     expected = {}
     for row in given:
         expected[row[:2]] = row
-    assert sum(row[-2] == 2 for row in expected.values()) == len(again)
+    assert sum(row[10] == 2 for row in expected.values()) == len(again)
     with Manifest.open(tmp_path, "primary") as m:
         assert list(m.iter_entries()) == sorted(expected.values(), key=lambda r: (r[0], r[1]))
 
