@@ -154,6 +154,10 @@ class _Row:  # slots: a full comparison holds one per path until commit
     # Whether the path is an index file (Agent._is_index): asked up to three
     # times a row at commit, so classified once.
     index: bool | None = None
+    # Hard links (a push that names them): the first name of this file's
+    # group (this row's own path for the first), and how many names it has.
+    link: bytes | None = None
+    names: int = 1
 
     @classmethod
     def from_wire(cls, raw: Any) -> "_Row":
@@ -185,13 +189,30 @@ class _Row:  # slots: a full comparison holds one per path until commit
         return cls(b"", KIND_DIR, 0, mtime_ns, mode & 0o7777, None, None, 0, gen)
 
     def manifest_row(self, st: os.stat_result | None) -> tuple:
+        """The row this node records: the upstream's content and times, this
+        node's own stat data (its inodes and link counts, as a scan here would)."""
         parent, name = split(self.path)
         ctime = st.st_ctime_ns if st else 0
         ino = st.st_ino if st else 0
         size = self.size if self.kind == KIND_FILE else (st.st_size if st and self.kind == KIND_SYMLINK else 0)
         return (parent, name, self.kind, size, self.mtime_ns, ctime, self.mode, ino,
                 self.sha256 if self.kind == KIND_FILE else None,
-                self.target if self.kind == KIND_SYMLINK else None, self.generation, self.deleted)
+                self.target if self.kind == KIND_SYMLINK else None, self.generation, self.deleted,
+                st.st_dev if st else 0, st.st_nlink if st and self.kind == KIND_FILE else 1)
+
+
+@dataclass(slots=True)
+class _LinkGroup:
+    """One file of several names in a push, as this edge will publish it."""
+
+    first: _Row
+    # Where the first name's content comes from: "staged" (received or
+    # copied into staging), "have" (the file in place), "meta" (in place,
+    # its mode or mtime to set).
+    state: str
+    inode: tuple[int, int] | None  # (dev, ino) of the first name's file here, when it stays in place
+    exact: bool  # the edge has it already: one file with exactly these names
+    members: list[_Row] = field(default_factory=list)
 
 
 def _check_numbers(where: str, size: Any, mtime_ns: Any, mode: Any, gen: Any) -> None:
@@ -234,6 +255,14 @@ class _Plan:
     basis_sigs: dict[bytes, Any] = field(default_factory=dict)  # basis -> its signature's Future, the last few
     defer: bool = False  # the pusher keeps a file answered "later" until "planned" (begin: fuzzy)
     basis_tries: int = 0  # new files that looked for a basis (BASIS_MAX_FILES)
+    # Hard links: the pusher names the groups (rows not named are files of one name).
+    hardlinks: bool = False
+    linkcheck: planmod.LinkChecker = field(default_factory=planmod.LinkChecker)
+    groups: list[_LinkGroup] = field(default_factory=list)  # complete, and not as they are here yet
+    breaks: list[_Row] = field(default_factory=list)  # files of one name in place, which have more here
+    # Files here (dev, ino) whose names this push changes: the manifest rows
+    # of their other names get their new link count and ctime.
+    touched: set[tuple[int, int]] = field(default_factory=set)
 
 
 class _PathSet:
@@ -1020,6 +1049,7 @@ class Agent:
         self._wanted_meta: dict[bytes, tuple[int, int]] = {}
         self._applied: dict[str, tuple[int, int]] = {}
         self._known_path: bytes | None = None  # the last lookup of _manifest_row
+        self._going: tuple[set[bytes], set[bytes]] | None = None  # what the push deletes, what it replaces
         self._known: Any = None
         self.state_dir = cfg.node.state_dir
         self.staging = self.state_dir / "staging"
@@ -1378,6 +1408,7 @@ class Agent:
         self.staged_this_push = set()
         self._known_path = None  # the manifest may have changed since the last push
         self._missing = set()  # directories this plan found absent
+        self._going = None  # see _goes_away
         self._wanted_meta = {}
         self._applied = {}
         self._stop_early_publish()
@@ -1403,6 +1434,7 @@ class Agent:
             max_delete=max_delete,
             seen=_PathSet(where=self.staging),
             defer=bool(msg.get("fuzzy")) and self.version >= (1, 3),
+            hardlinks=msg.get("hardlinks") is True,
         )
         self.force_deletes = bool(msg.get("force_deletes"))
         if not self.plan.dry_run and self._importer is None and not self._began_empty:
@@ -1422,11 +1454,14 @@ class Agent:
             raise ProtocolError("entries after entries_end")
         batch = _field(msg, "batch", int)
         raw_rows = _field(msg, "rows", list)
+        links = self._links(msg, len(raw_rows))
         items: list[list] = []
         streamed = self.version >= (1, 3)
         try:
-            for raw in raw_rows:
+            for i, raw in enumerate(raw_rows):
                 row = _Row.from_wire(raw)
+                if i in links:
+                    row.link, row.names = links[i]
                 item = self._decide(row)
                 if item is not None:
                     items.append(item)
@@ -1451,6 +1486,24 @@ class Agent:
             self._hand_to_stager(copy)
             copy.worker.put((copy, _END))
 
+    def _links(self, msg: dict, count: int) -> dict[int, tuple[bytes, int]]:
+        """The batch's hard-link groups (``links``): row index -> (first name, names)."""
+        raw = msg.get("links")
+        if raw is None:
+            return {}
+        if not self.plan.hardlinks or not isinstance(raw, list):
+            raise ProtocolError("entries: links without a begin that announced them, or not a list")
+        links: dict[int, tuple[bytes, int]] = {}
+        for entry in raw:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise ProtocolError("entries: a links entry is not a list of 3 fields")
+            i, first, names = entry
+            if (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count or i in links
+                    or not isinstance(names, int) or isinstance(names, bool) or not isinstance(first, bytes)):
+                raise ProtocolError(f"entries: bad links entry {entry!r:.80}")
+            links[i] = (validate_name(first), names)
+        return links
+
     def _decide(self, row: _Row) -> list | None:
         """What to do with one row; returns the wire item, or None for nothing.
 
@@ -1467,7 +1520,10 @@ class Agent:
             st = self.root.lstat(row.path)
         if st is None and row.kind == KIND_DIR:
             self._missing.add(row.path)
-        item = self._decide_row(row, st)
+        if row.link is not None:
+            item = self._decide_linked(row, st)
+        else:
+            item = self._decide_row(row, st)
         if item is _ASK_BASIS:
             plan.rows.append(row)
             return None  # answered at the end of its batch, or in "planned"
@@ -1498,6 +1554,8 @@ class Agent:
         plan = self.plan
         if row.deleted:
             if st is not None:
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    plan.touched.add((st.st_dev, st.st_ino))  # its other names' link count moves
                 plan.deletes.append(row.path)
                 self._basis_candidate(row.path, st)
                 return [planmod.DELETE, row.path, None, None, None]
@@ -1523,6 +1581,44 @@ class Agent:
         return self._decide_file(row, st)
 
 
+    def _decide_linked(self, row: _Row, st: os.stat_result | None) -> list | None:
+        """A row the pusher names as one of several names of a file.
+
+        The first name is decided as any file (its bytes are the group's, sent
+        once if at all); every other name needs no bytes: at commit it
+        becomes a hard link of the first name's file.  A group that already
+        is one file here with exactly these names needs nothing.
+        """
+        plan = self.plan
+        if row.deleted or row.kind != KIND_FILE:
+            raise ProtocolError(f"entries: {fspath(row.path)}: a hard link named on a row that is no live file")
+        regular = st is not None and stat.S_ISREG(st.st_mode)
+        if regular and st.st_nlink > 1:
+            plan.touched.add((st.st_dev, st.st_ino))
+        if row.link == row.path:
+            item = self._decide_file(row, st)
+            if item is None:
+                state = "have"
+            elif item is not _ASK_BASIS and item[0] == planmod.META:
+                state = "meta"
+            else:
+                state = "staged"  # whole, as a delta (against a basis too), or a local copy
+            in_place = state != "staged"
+            group = _LinkGroup(row, state, (st.st_dev, st.st_ino) if in_place else None,
+                               exact=in_place and st.st_nlink == row.names)
+            plan.linkcheck.first(row.path, row.names, row.sha256, group)
+            return item
+        group, last = plan.linkcheck.member(row.path, row.link, row.names, row.sha256)
+        on_file = regular and (st.st_dev, st.st_ino) == group.inode
+        group.exact = group.exact and on_file and st.st_nlink == row.names
+        group.members.append(row)
+        if last:
+            if not group.exact:
+                plan.groups.append(group)
+                if group.inode is not None:
+                    plan.touched.add(group.inode)
+        return None if on_file else [planmod.HLINK, row.path, None, row.link, None]
+
     def _decide_file(self, row: _Row, st: os.stat_result | None) -> list | None:
         plan = self.plan
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == row.size:
@@ -1539,10 +1635,20 @@ class Agent:
                 # a local re-hash is far cheaper than the bytes on the wire.
                 have = self._local_sha256(row.path) == row.sha256
             if have:
+                item = None
                 if stat.S_IMODE(st.st_mode) != row.mode or st.st_mtime_ns != row.mtime_ns:
                     plan.metas.append(row)
-                    return [planmod.META, row.path, None, None, None]
-                return None
+                    item = [planmod.META, row.path, None, None, None]
+                if plan.hardlinks and row.link is None and st.st_nlink > 1:
+                    # A file of one name upstream, of several here: it gets
+                    # a file of its own at commit (a copy of itself), unless
+                    # its other names go in this push anyway.
+                    plan.breaks.append(row)
+                    plan.touched.add((st.st_dev, st.st_ino))
+                    item = item or [planmod.COPY, row.path, None, row.path, None]
+                return item
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            plan.touched.add((st.st_dev, st.st_ino))  # replaced: its other names' link count moves
         plan.files.append(row)
         if st is None:
             plan.fresh.add(row.path)
@@ -1805,6 +1911,7 @@ class Agent:
         """Full comparison: what this edge has that the upstream did not list goes."""
         if self.plan.ended:
             raise ProtocolError("entries_end twice")
+        self.plan.linkcheck.end()  # before anything can go live early
         self.plan.ended = True
         items = []
         # Deferred new files look for their basis among the unlisted files of their directory too.
@@ -1821,6 +1928,9 @@ class Agent:
                 items.append([planmod.DELETE, path, None, None, None])
                 if not is_dir and split(path)[0] in basis_dirs and (st := self.root.lstat(path)) is not None:
                     self._basis_candidate(path, st)
+                known = None if is_dir else self._manifest_row(path)
+                if known is not None and known.nlink > 1:
+                    self.plan.touched.add((known.dev, known.ino))
         self.plan.seen.clear()
         items += self._basis_items(final=True)
         streamed = self.version >= (1, 3)
@@ -1847,7 +1957,7 @@ class Agent:
         for row in plan.files:
             obj = row.sha256.hex()
             if (uses[obj] == 1 and row.path in plan.fresh and row.path in self._wanted_meta
-                    and not self._is_index(row)):
+                    and row.link is None and not self._is_index(row)):
                 eligible[obj] = row
         if not eligible:
             return
@@ -2019,13 +2129,20 @@ class Agent:
         for row in sorted(plan.dirs, key=lambda r: (planmod.depth(r.path), r.path)):
             if row.path not in plan.made_dirs:
                 root.ensure_dir(row.path, row.mode)
-        # 2. Data files and links, then 3. the index group, together.
+        # 2. Data files and links, then 3. the index group, together.  A
+        # file of several names goes as one unit, with the index group if
+        # any of its names is an index file.
         uses = _object_uses(plan.files)
-        data: list[_Row] = []
-        index: list[_Row] = []
-        for r in plan.files + plan.links + plan.metas:
-            (index if self._is_index(r) else data).append(r)
-        index.sort(key=lambda r: _index_order(r.path))
+        data: list[Any] = []
+        index: list[Any] = []
+        # Breaks first: a metadata change of the same row (below) then goes
+        # to the file it is given.
+        units: list[Any] = [_Break(r) for r in plan.breaks] + plan.groups
+        firsts = {id(g.first) for g in plan.groups}  # published with their group
+        units += [r for r in plan.files + plan.links + plan.metas if id(r) not in firsts]
+        for unit in units:
+            (index if self._unit_is_index(unit) else data).append(unit)
+        index.sort(key=lambda unit: min(_index_order(r.path) for r in _unit_rows(unit)))
         meta_only = {id(r) for r in plan.metas}  # by identity: a set, not a scan per row
         published = 0
         # Each entry's stat once it is final, taken where it was just
@@ -2033,6 +2150,12 @@ class Agent:
         stats: dict[bytes, os.stat_result | None] = {}
         for group in (data, index):
             for row in group:
+                if isinstance(row, _LinkGroup):
+                    published += self._publish_group(row, uses)
+                    continue
+                if isinstance(row, _Break):
+                    self._break_link(row.row)
+                    continue
                 if row.path in plan.early and id(row) not in meta_only and row.kind == KIND_FILE:
                     stats[row.path] = plan.early[row.path]  # live already (_EarlyPublisher)
                     uses[row.sha256.hex()] -= 1
@@ -2108,6 +2231,130 @@ class Agent:
         if own is not None:
             stats[b""] = root.set_meta(b"", mode=own.mode, mtime_ns=own.mtime_ns)
 
+    def _unit_is_index(self, unit: Any) -> bool:
+        return any(self._is_index(r) for r in _unit_rows(unit))
+
+    # -- hard links ----------------------------------------------------------------------
+
+    def _publish_group(self, group: _LinkGroup, uses: dict[str, int]) -> int:
+        """Publish one file of several names; how many names were published.
+
+        The file's content is the staged object (verified at the gate, like
+        every staged object), or the first name's file in place.  The other
+        names are linked to it in staging (``link(2)``, from the object
+        before it is renamed, or from the first name's file through the
+        dir-fd walk, never following a symlink), then each reaches its name
+        by ``rename(2)``, as any file does.  A file in place that has names
+        outside the group which this push does not remove is not reused:
+        the group gets a copy of it, checked against its SHA-256.
+        """
+        first = group.first
+        root = self.root
+        src = None  # the staging name that becomes the first name (None: the file in place stays)
+        if group.state == "staged":
+            src = self._staged_source(first, uses)
+            inode = None
+        else:
+            if group.state == "meta":
+                root.set_meta(first.path, mode=first.mode, mtime_ns=first.mtime_ns)
+            st = root.lstat(first.path)
+            if st is None or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != group.inode:
+                raise SyncdError(f"{fspath(first.path)}: changed on {self.cfg.node.name} during the push; "
+                                 "push again")
+            inode = group.inode
+            if not self._only_names(st, [first.path] + [m.path for m in group.members]):
+                src, inode = self._copy_own(first), None
+        linked: list[tuple[str, _Row]] = []
+        try:
+            for member in group.members:
+                if inode is not None:
+                    mst = root.lstat(member.path)
+                    if mst is not None and (mst.st_dev, mst.st_ino) == inode:
+                        continue  # a name of that file already
+                tmp = self._new_tmp()
+                if src is not None:
+                    os.link(src, tmp, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd,
+                            follow_symlinks=False)
+                else:
+                    root.link_out(first.path, self.staging_fd, tmp, inode)
+                linked.append((tmp, member))
+            published = 0
+            if src is not None:
+                st = root.publish(self.staging_fd, src.encode(), first.path, park=self._park_replaced)
+                published += 1
+            self.plan.touched.add((st.st_dev, st.st_ino))
+            while linked:
+                tmp, member = linked.pop()
+                root.publish(self.staging_fd, tmp.encode(), member.path, park=self._park_replaced)
+                published += 1
+        finally:
+            unlink_at(self.staging_fd, *(tmp for tmp, _ in linked))  # (after an error only)
+        return published
+
+    def _break_link(self, row: _Row) -> None:
+        """A file of one name upstream that has more names here: give it a
+        file of its own, unless its other names go in this push anyway."""
+        st = self.root.lstat(row.path)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1 or self._only_names(st, [row.path]):
+            return
+        self.root.publish(self.staging_fd, self._copy_own(row).encode(), row.path)
+
+    def _only_names(self, st: os.stat_result, names: list[bytes]) -> bool:
+        """Whether the file at ``st`` will have no name but ``names`` once this
+        push is published: each other name of it (as this node's manifest
+        records them, checked by lstat) is deleted or replaced by the push."""
+        inode = (st.st_dev, st.st_ino)
+        root = self.root
+
+        def on_file(path: bytes) -> bool:
+            got = root.lstat(path)
+            return got is not None and (got.st_dev, got.st_ino) == inode
+
+        others = st.st_nlink - sum(1 for path in names if on_file(path))
+        if others <= 0:
+            return True
+        keep = set(names)
+        going = sum(1 for path in self.lookup.names_of(*inode)
+                    if path not in keep and self._goes_away(path) and on_file(path))
+        return going >= others
+
+    def _goes_away(self, path: bytes) -> bool:
+        """Whether this push deletes ``path`` (or a directory above it), or
+        puts a new file, symlink or directory in its place."""
+        going = self._going
+        if going is None:
+            plan = self.plan
+            going = self._going = (set(plan.deletes),
+                                   {r.path for r in plan.files + plan.links + plan.dirs})
+        deleted, replaced = going
+        if path in replaced:
+            return True
+        while path:
+            if path in deleted:
+                return True
+            path = split(path)[0]
+        return False
+
+    def _copy_own(self, row: _Row) -> str:
+        """A copy of ``row``'s file in place, in staging, checked against the
+        row's SHA-256 and given its mode and mtime: the staging name."""
+        tmp = self._new_tmp()
+        try:
+            _, digest = self.root.copy_into(row.path, self.staging_fd, tmp.encode(), self.buffers)
+            if digest != row.sha256:
+                raise SyncdError(f"{fspath(row.path)}: changed on {self.cfg.node.name} during the push; "
+                                 "push again")
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.staging_fd)
+            try:
+                os.fchmod(fd, row.mode)
+                os.utime(fd, ns=(row.mtime_ns, row.mtime_ns))
+            finally:
+                os.close(fd)
+        except BaseException:
+            unlink_at(self.staging_fd, tmp)
+            raise
+        return tmp
+
     def _publish_link(self, row: _Row) -> os.stat_result:
         """A symlink, made in staging and renamed into place like a file,
         with its own mtime (the rename keeps it)."""
@@ -2117,6 +2364,11 @@ class Agent:
         return self.root.publish(self.staging_fd, tmp.encode(), row.path)
 
     def _publish_file(self, row: _Row, uses: dict[str, int]) -> os.stat_result:
+        return self.root.publish(self.staging_fd, self._staged_source(row, uses).encode(), row.path,
+                                 park=self._park_replaced)
+
+    def _staged_source(self, row: _Row, uses: dict[str, int]) -> str:
+        """The staging name that becomes ``row``'s file, with its mode and mtime."""
         obj = row.sha256.hex()
         uses[obj] -= 1
         if uses[obj] > 0:
@@ -2133,7 +2385,7 @@ class Agent:
                 os.utime(fd, ns=(row.mtime_ns, row.mtime_ns))
             finally:
                 os.close(fd)
-        return self.root.publish(self.staging_fd, src.encode(), row.path, park=self._park_replaced)
+        return src
 
     # A large file replaced or deleted at publish is moved aside into staging
     # (a link, or a rename), and unlinked once "committed" is out: freeing
@@ -2196,9 +2448,13 @@ class Agent:
                     st = None
                 else:
                     st = stats.get(row.path)
-                    if st is None:
-                        st = self.root.lstat(row.path)  # listed, in place already
+                    # Listed and in place already, or a file of several names,
+                    # whose link count and ctime moved with each name after it.
+                    if st is None or st.st_nlink > 1 or row.link is not None:
+                        st = self.root.lstat(row.path)
                 w.upsert(row.manifest_row(st))
+            if plan.touched:
+                self._restat_names(w, plan)
             deleted_listed = {r.path for r in plan.rows if r.deleted}
             for path in plan.deletes:
                 if path not in deleted_listed:
@@ -2206,13 +2462,26 @@ class Agent:
                     parent, name = split(path)
                     kind = known.kind if known else KIND_FILE
                     w.upsert((parent, name, kind, 0, 0, 0, 0, 0,
-                              known.sha256 if known else None, None, plan.generation, 1))
+                              known.sha256 if known else None, None, plan.generation, 1, 0, 1))
             w.set_meta("upstream_generation", str(plan.generation))
             w.set_meta("upstream", getattr(self, "client", "?"))
             w.set_generation(plan.generation, len(plan.rows))
             w.delete_meta(META_HELD_BACK)
             if plan.full:
                 w.delete_meta(META_REPAIR)
+
+    def _restat_names(self, w: Any, plan: _Plan) -> None:
+        """The names that this push did not list, of files whose names it
+        changed: their rows get the link count and ctime the files have now
+        (a stale row would make them look changed to the next push)."""
+        listed = {r.path for r in plan.rows}
+        for dev, ino in plan.touched:
+            for path in self.lookup.names_of(dev, ino):
+                if path in listed:
+                    continue
+                st = self.root.lstat(path)
+                if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in plan.touched:
+                    w.restat(path, st)
 
     # -- verification ----------------------------------------------------------------
 
@@ -2458,6 +2727,22 @@ def _staged_objects(staging_fd: int) -> set[str]:
             if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
                 names.add(entry.name)
     return names
+
+
+@dataclass(slots=True)
+class _Break:
+    """A publish unit: a file in place that gets a file of its own (Agent._break_link)."""
+
+    row: _Row
+
+
+def _unit_rows(unit: Any) -> list[_Row]:
+    """The rows a publish unit publishes: a row, a group's names, a break's row."""
+    if isinstance(unit, _LinkGroup):
+        return [unit.first, *unit.members]
+    if isinstance(unit, _Break):
+        return [unit.row]
+    return [unit]
 
 
 def _object_uses(files: list[_Row]) -> dict[str, int]:

@@ -10,6 +10,12 @@ answers come, several batches in flight.  At the end one round trip commits.
 
 A reader thread drains the agent's answers so that neither side can block
 the other on a full channel.
+
+Hard links: the rows come from the manifest with their file's group (its
+names, the first of them in path order), and an ``entries`` batch names the
+rows that are one of several names of a file (``links``); the first name
+comes first in the push, and carries the bytes, if any go.  The agent links
+the other names to it.
 """
 
 from __future__ import annotations
@@ -391,6 +397,8 @@ class Pusher:
         self.root = os.fsencode(os.path.abspath(cfg.node.root))
         self.on_item = on_item
         self._open_session = open_session  # None: Link's default
+        # path -> (first name, names) of the rows read but not yet sent: one batch's worth
+        self._links: dict[bytes, tuple[bytes, int]] = {}
 
     def run(self, result: PushResult, link: "Link | None" = None) -> None:
         """One push; over ``link`` when given (kept open afterwards), else over
@@ -470,7 +478,7 @@ class Pusher:
         # plans: its first "needs" may ask for a delta.
         importer = None if self.dry_run else import_in_background("syncd.delta")
         try:
-            rows = self.manifest.entries(include_deleted=False) if full else self.manifest.changes_since(held)
+            rows = self._grouped(self.manifest.push_rows(None if full else held, self._keep()))
             self._plan_and_send(ch, result, rows, target, full)
         finally:
             if importer is not None:
@@ -512,10 +520,31 @@ class Pusher:
                     yield _CUT
                 continue
             if not rows:
-                return
+                break
             pending = True
             for row in rows:
-                yield Entry(*row)
+                entry = Entry(*row)
+                if entry.nlink > 1 and entry.kind == KIND_FILE and not entry.deleted:
+                    continue  # its group is known once the scan is over: sent last, below
+                yield entry
+        # The scan has committed: the files of several names go now, grouped
+        # by the manifest, each group's first name first.
+        yield _CUT
+        yield from self._grouped(self.manifest.push_rows(None, self._keep(), linked_only=True))
+
+    def _keep(self) -> Callable[[bytes], bool] | None:
+        """Which names count in a hard-link group: those the mirror's filter lets through."""
+        if not self.filter:
+            return None
+        return lambda path: not self.filter.excluded_path(path, False)
+
+    def _grouped(self, rows: Iterable[tuple[Entry, bytes | None, int]]) -> Iterator[Entry]:
+        """The entries of ``rows``, their groups kept aside for the batch that sends them."""
+        links = self._links
+        for entry, first, names in rows:
+            if first is not None:
+                links[entry.path] = (first, names)
+            yield entry
 
     def _plan_and_send(self, ch: _Channel, result: PushResult, rows: Iterable[Entry], target: int | None,
                        full: bool) -> None:
@@ -529,6 +558,9 @@ class Pusher:
             # A new file may be answered need "later" (its basis is looked for
             # in the rest of the plan) and named again in "planned".
             begin["fuzzy"] = True
+        # Each batch names its rows of several names ("links"): the others
+        # are files of one name.
+        begin["hardlinks"] = True
         w.message(begin)
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.
@@ -550,10 +582,14 @@ class Pusher:
         self.awaiting = 0
         self._outstanding = 0  # entries batches not yet answered
         batch_no = 0
+        links = self._links
         for batch in _batches(self._filtered(rows), BATCH_ROWS):
             self._check_stop()
             batch_no += 1
-            w.message({"type": "entries", "batch": batch_no, "rows": [_wire(e) for e in batch]})
+            msg = {"type": "entries", "batch": batch_no, "rows": [_wire(e) for e in batch]}
+            if links:
+                msg["links"] = [[i, *links.pop(e.path)] for i, e in enumerate(batch) if e.path in links]
+            w.message(msg)
             for e in batch:
                 self._by_path[e.path] = e
             self._batch_paths[batch_no] = [e.path for e in batch]
