@@ -2542,7 +2542,7 @@ class Agent:
                 findings.append(verifymod.Finding(rel, verifymod.FindingKind.HASH_MISMATCH,
                                                   f"{rel}: staged object differs from its SHA-256 {name}"))
         unlink_at(self.staging_fd, *corrupt)  # so that the next push sends them again
-        changed = plan.files + plan.metas + plan.links
+        changed = plan.files + plan.metas + plan.links + [m for g in plan.groups for m in g.members]
         if any(self._is_index(r) for r in changed) or any(self.index(p) for p in plan.deletes):
             group, expected = self._index_group()
             keyring = self._keyring_or_none()
@@ -2574,6 +2574,8 @@ class Agent:
             return root / os.fsdecode(path) if st is not None and stat.S_ISREG(st.st_mode) else None
 
         staged = {r.path: r for r in plan.files}
+        # A name to be linked has its group's content: staged, or the first name's file.
+        linked = {m.path: g for g in plan.groups for m in g.members}
         group: dict[str, Path] = {}
         expected: dict[str, bytes] = {}
         listed: set[bytes] = set()
@@ -2582,10 +2584,11 @@ class Agent:
             if row.deleted or row.kind != KIND_FILE or not self._is_index(row) or gone(row.path):
                 continue
             rel = os.fsdecode(row.path)
-            if row.path in staged:
+            source = linked[row.path].first.path if row.path in linked else row.path
+            if source in staged:
                 group[rel] = self.staging / row.sha256.hex()
                 expected[rel] = row.sha256
-            elif (where := on_edge(row.path)) is not None:
+            elif (where := on_edge(source)) is not None:
                 group[rel] = where
         # O(tree) inside SQLite, but only for a generation that changes the index group.
         for path in self.manifest.live_files_matching(self.index):

@@ -634,3 +634,31 @@ def test_push_rows_groups_as_a_plain_walk_does(tmp_path_factory, raw, since, exc
         entries = list(m.entries(include_deleted=True))
     assert got == reference(entries, since, keep or (lambda p: True))
     assert all(join(e.parent, e.name) == e.path for e in entries)
+
+
+def test_index_files_of_one_file_are_checked_as_what_they_will_be(pair: Pair) -> None:
+    # Two architectures' Packages, one file (same bytes), listed by Release:
+    # the gate checks the name to be linked against the staged content, not
+    # against the old file still at that name.
+    from syncd.verify import IndexEntry, render_release
+
+    suite = pair.primary.root / "dists/stable"
+
+    def release(version: int) -> None:
+        for arch in ("amd64", "i386"):
+            (suite / f"main/binary-{arch}").mkdir(parents=True, exist_ok=True)
+        data = b"Package: hello\nVersion: %d\n" % version
+        replace(suite / "main/binary-amd64/Packages", data)
+        os.unlink(suite / "main/binary-i386/Packages") if version > 1 else None
+        os.link(suite / "main/binary-amd64/Packages", suite / "main/binary-i386/Packages")
+        entries = [IndexEntry(f"main/binary-{arch}/Packages", len(data), hashlib.sha256(data).digest())
+                   for arch in ("amd64", "i386")]
+        replace(suite / "Release", render_release({"Origin": "Test", "Version": str(version)}, entries).encode())
+
+    release(1)
+    pushed(pair)
+    release(2)
+    result = pushed(pair)
+    assert result.counts()["hlink"] == 1
+    one_file(pair.edge.root, "dists/stable/main/binary-amd64/Packages", "dists/stable/main/binary-i386/Packages")
+    same_tree(pair.primary.root, pair.edge.root)
