@@ -198,17 +198,21 @@ class _Row:  # slots: a full comparison holds one per path until commit
         return (parent, name, self.kind, size, self.mtime_ns, ctime, self.mode, ino,
                 self.sha256 if self.kind == KIND_FILE else None,
                 self.target if self.kind == KIND_SYMLINK else None, self.generation, self.deleted,
-                st.st_dev if st else 0, st.st_nlink if st and self.kind == KIND_FILE else 1)
+                st.st_dev if st else 0, st.st_nlink if st and self.kind != KIND_DIR else 1)
+
+    def content(self) -> bytes:
+        """What every name of one file (or symlink) has in common."""
+        return b"f" + self.sha256 if self.kind == KIND_FILE else b"l" + self.target
 
 
 @dataclass(slots=True)
 class _LinkGroup:
-    """One file of several names in a push, as this edge will publish it."""
+    """One file (or symlink) of several names in a push, as this edge will publish it."""
 
     first: _Row
     # Where the first name's content comes from: "staged" (received or
-    # copied into staging), "have" (the file in place), "meta" (in place,
-    # its mode or mtime to set).
+    # copied into staging; for a symlink, made anew), "have" (the file in
+    # place), "meta" (in place, its mode or mtime to set).
     state: str
     inode: tuple[int, int] | None  # (dev, ino) of the first name's file here, when it stays in place
     exact: bool  # the edge has it already: one file with exactly these names
@@ -1554,7 +1558,7 @@ class Agent:
         plan = self.plan
         if row.deleted:
             if st is not None:
-                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                     plan.touched.add((st.st_dev, st.st_ino))  # its other names' link count moves
                 plan.deletes.append(row.path)
                 self._basis_candidate(row.path, st)
@@ -1572,10 +1576,17 @@ class Agent:
             return [planmod.DIR, row.path, None, None, None]
         if row.kind == KIND_SYMLINK:
             if st is not None and stat.S_ISLNK(st.st_mode) and self.root.readlink(row.path) == row.target:
+                item = None
                 if st.st_mtime_ns != row.mtime_ns:  # its own time, as rsync -a keeps it
                     plan.metas.append(row)
-                    return [planmod.META, row.path, None, None, None]
-                return None
+                    item = [planmod.META, row.path, None, None, None]
+                if plan.hardlinks and row.link is None and st.st_nlink > 1:
+                    plan.breaks.append(row)  # one name upstream, several here (see _decide_file)
+                    plan.touched.add((st.st_dev, st.st_ino))
+                    item = item or [planmod.LINK, row.path, None, None, None]
+                return item
+            if st is not None and stat.S_ISLNK(st.st_mode) and st.st_nlink > 1:
+                plan.touched.add((st.st_dev, st.st_ino))
             plan.links.append(row)
             return [planmod.LINK, row.path, None, None, None]
         return self._decide_file(row, st)
@@ -1590,13 +1601,14 @@ class Agent:
         is one file here with exactly these names needs nothing.
         """
         plan = self.plan
-        if row.deleted or row.kind != KIND_FILE:
-            raise ProtocolError(f"entries: {fspath(row.path)}: a hard link named on a row that is no live file")
-        regular = st is not None and stat.S_ISREG(st.st_mode)
-        if regular and st.st_nlink > 1:
+        if row.deleted or row.kind == KIND_DIR:
+            raise ProtocolError(f"entries: {fspath(row.path)}: a hard link named on a row that is no live file "
+                                "or symlink")
+        same_kind = st is not None and _same_kind(row, st)
+        if same_kind and st.st_nlink > 1:
             plan.touched.add((st.st_dev, st.st_ino))
         if row.link == row.path:
-            item = self._decide_file(row, st)
+            item = self._decide_file(row, st) if row.kind == KIND_FILE else self._decide_row(row, st)
             if item is None:
                 state = "have"
             elif item is not _ASK_BASIS and item[0] == planmod.META:
@@ -1606,10 +1618,10 @@ class Agent:
             in_place = state != "staged"
             group = _LinkGroup(row, state, (st.st_dev, st.st_ino) if in_place else None,
                                exact=in_place and st.st_nlink == row.names)
-            plan.linkcheck.first(row.path, row.names, row.sha256, group)
+            plan.linkcheck.first(row.path, row.names, row.content(), group)
             return item
-        group, last = plan.linkcheck.member(row.path, row.link, row.names, row.sha256)
-        on_file = regular and (st.st_dev, st.st_ino) == group.inode
+        group, last = plan.linkcheck.member(row.path, row.link, row.names, row.content())
+        on_file = same_kind and (st.st_dev, st.st_ino) == group.inode
         group.exact = group.exact and on_file and st.st_nlink == row.names
         group.members.append(row)
         if last:
@@ -2246,24 +2258,25 @@ class Agent:
         dir-fd walk, never following a symlink), then each reaches its name
         by ``rename(2)``, as any file does.  A file in place that has names
         outside the group which this push does not remove is not reused:
-        the group gets a copy of it, checked against its SHA-256.
+        the group gets a copy of it, checked against its SHA-256.  A symlink
+        of several names is made anew in staging, or reused, the same way.
         """
         first = group.first
         root = self.root
         src = None  # the staging name that becomes the first name (None: the file in place stays)
         if group.state == "staged":
-            src = self._staged_source(first, uses)
+            src = self._staged_source(first, uses) if first.kind == KIND_FILE else self._fresh_copy(first)
             inode = None
         else:
             if group.state == "meta":
                 root.set_meta(first.path, mode=first.mode, mtime_ns=first.mtime_ns)
             st = root.lstat(first.path)
-            if st is None or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != group.inode:
+            if st is None or not _same_kind(first, st) or (st.st_dev, st.st_ino) != group.inode:
                 raise SyncdError(f"{fspath(first.path)}: changed on {self.cfg.node.name} during the push; "
                                  "push again")
             inode = group.inode
             if not self._only_names(st, [first.path] + [m.path for m in group.members]):
-                src, inode = self._copy_own(first), None
+                src, inode = self._fresh_copy(first), None
         linked: list[tuple[str, _Row]] = []
         try:
             for member in group.members:
@@ -2295,9 +2308,9 @@ class Agent:
         """A file of one name upstream that has more names here: give it a
         file of its own, unless its other names go in this push anyway."""
         st = self.root.lstat(row.path)
-        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1 or self._only_names(st, [row.path]):
+        if st is None or not _same_kind(row, st) or st.st_nlink <= 1 or self._only_names(st, [row.path]):
             return
-        self.root.publish(self.staging_fd, self._copy_own(row).encode(), row.path)
+        self.root.publish(self.staging_fd, self._fresh_copy(row).encode(), row.path)
 
     def _only_names(self, st: os.stat_result, names: list[bytes]) -> bool:
         """Whether the file at ``st`` will have no name but ``names`` once this
@@ -2335,10 +2348,16 @@ class Agent:
             path = split(path)[0]
         return False
 
-    def _copy_own(self, row: _Row) -> str:
-        """A copy of ``row``'s file in place, in staging, checked against the
-        row's SHA-256 and given its mode and mtime: the staging name."""
+    def _fresh_copy(self, row: _Row) -> str:
+        """A new file (or symlink) in staging with ``row``'s content and
+        mtime, not linked to anything: the staging name.  A file is copied
+        from its name in place, checked against the row's SHA-256, and given
+        its mode too."""
         tmp = self._new_tmp()
+        if row.kind == KIND_SYMLINK:
+            os.symlink(row.target, tmp, dir_fd=self.staging_fd)
+            os.utime(tmp, ns=(row.mtime_ns, row.mtime_ns), dir_fd=self.staging_fd, follow_symlinks=False)
+            return tmp
         try:
             _, digest = self.root.copy_into(row.path, self.staging_fd, tmp.encode(), self.buffers)
             if digest != row.sha256:
@@ -2480,7 +2499,7 @@ class Agent:
                 if path in listed:
                     continue
                 st = self.root.lstat(path)
-                if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in plan.touched:
+                if st is not None and not stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in plan.touched:
                     w.restat(path, st)
 
     # -- verification ----------------------------------------------------------------
@@ -2737,6 +2756,10 @@ class _Break:
     """A publish unit: a file in place that gets a file of its own (Agent._break_link)."""
 
     row: _Row
+
+
+def _same_kind(row: _Row, st: os.stat_result) -> bool:
+    return stat.S_IFMT(st.st_mode) == (stat.S_IFREG if row.kind == KIND_FILE else stat.S_IFLNK)
 
 
 def _unit_rows(unit: Any) -> list[_Row]:

@@ -364,12 +364,13 @@ class SafeRoot:
 
     def link_out(self, rel: bytes, dst_dir_fd: int, dst_name: str | bytes, expect: tuple[int, int]) -> None:
         """Make ``dst_name`` (new, in ``dst_dir_fd``: staging) one more name of
-        the regular file ``rel``, by ``link(2)``.
+        the file ``rel``, by ``link(2)``.
 
         The link is made from ``rel``'s parent fd (the walk there follows no
-        symlink) without following ``rel`` itself.  ``expect`` is the file's
-        ``(dev, ino)`` as the caller found it: whatever stands at ``rel`` now
-        that is not that file (a symlink planted meanwhile, another file) is
+        symlink) without following ``rel`` itself: a symlink at ``rel`` gets
+        the new name itself, its target is never reached.  ``expect`` is the
+        ``(dev, ino)`` the caller found there: whatever stands at ``rel`` now
+        that is not that (a symlink planted meanwhile, another file) is
         refused with an UnsafePathError, and the new name removed again.
         """
         pfd, leaf, owned = self._lent_parent(rel, create=False)
@@ -379,7 +380,7 @@ class SafeRoot:
             if owned:
                 os.close(pfd)
         st = os.stat(dst_name, dir_fd=dst_dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(expect):
+        if (st.st_dev, st.st_ino) != tuple(expect):
             os.unlink(dst_name, dir_fd=dst_dir_fd)
             raise UnsafePathError(f"unsafe path {show(rel)!r}: no longer the file it was on this host")
 

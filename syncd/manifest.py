@@ -121,7 +121,7 @@ class _Schema:
             # Last, as ALTER TABLE adds them to a version 1 manifest: both
             # kinds of manifest then have the same columns in the same order.
             Column("dev", Integer, nullable=False, server_default=text("0")),
-            Column("nlink", Integer, nullable=False, server_default=text("1")),  # files; 1 for the rest
+            Column("nlink", Integer, nullable=False, server_default=text("1")),  # 1 for directories
             sqlite_with_rowid=False,
         )
         Index("entries_by_generation", entries_table.c.generation)
@@ -203,9 +203,9 @@ ENTRY_COLUMNS = (
 )
 #: The root's own row is (b"", b""); every entry of the tree has a name.
 _NOT_ROOT = "name != x''"
-# A live file with more than one name (the condition of entries_by_inode, spelled
-# so that SQLite sees that the index covers it).
-_LINKED = "e.nlink > 1 AND e.kind = 0 AND e.deleted = 0"
+# A live file or symlink with more than one name (the condition of
+# entries_by_inode first, spelled so that SQLite sees that the index covers it).
+_LINKED = f"e.nlink > 1 AND e.kind IN ({KIND_FILE}, {KIND_SYMLINK}) AND e.deleted = 0"
 
 
 class Entry(NamedTuple):
@@ -222,7 +222,7 @@ class Entry(NamedTuple):
     generation: int
     deleted: int
     dev: int
-    nlink: int  # a file's names on this node (hard links); 1 for directories and symlinks
+    nlink: int  # a file's (or symlink's) names on this node: hard links; 1 for directories
 
     @property
     def path(self) -> bytes:
@@ -501,7 +501,7 @@ class Manifest:
         other live name of each file among them that has more than one
         name, changed or not: a downstream links a new name to a name it
         already has, and must be told which.  ``linked_only``: only the live
-        files with more than one name (the last rows of a push fed by a
+        files (and symlinks) with more than one name (the last rows of a push fed by a
         running scan, which sent all the others as they came).
 
         Each row comes as ``(entry, first, names)``: ``names`` is how many
@@ -739,7 +739,7 @@ class ManifestReader:
         return self._raw.execute(f"SELECT count(*) FROM entries WHERE deleted = 0 AND {_NOT_ROOT}").fetchone()[0]
 
     def names_of(self, dev: int, ino: int) -> list[bytes]:
-        """The live paths this manifest records as names of file ``(dev, ino)``
+        """The live paths this manifest records as names of file (or symlink) ``(dev, ino)``
         (only where it recorded more than one name)."""
         rows = self._raw.execute(
             f"SELECT e.parent, e.name FROM entries e WHERE e.dev = ? AND e.ino = ? AND {_LINKED}", (dev, ino),
@@ -829,15 +829,15 @@ class ManifestWriter:
         self._raw.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def restat(self, path: bytes, st: "os.stat_result") -> None:
-        """Record a live file's stat data anew, its content and generation
+        """Record a live file's (or symlink's) stat data anew, its content and generation
         unchanged: another name of it came or went (its ctime and link
         count moved), and a stale row would make it look changed."""
         self._flush()
         parent, name = split(path)
         self._raw.execute(
             "UPDATE entries SET ctime_ns = ?, ino = ?, dev = ?, nlink = ? WHERE parent = ? AND name = ? "
-            "AND deleted = 0 AND kind = ?",
-            (st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, parent, name, KIND_FILE),
+            "AND deleted = 0 AND kind != ?",
+            (st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, parent, name, KIND_DIR),
         )
 
     def upsert_many(self, rows: Iterable[tuple]) -> None:

@@ -43,7 +43,7 @@ from .errors import (
     error_from_wire,
 )
 from .filters import Filter
-from .manifest import KIND_FILE, Entry, Manifest, fspath
+from .manifest import KIND_DIR, KIND_FILE, Entry, Manifest, fspath
 from .plan import COMPRESSED_SUFFIXES
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
@@ -524,7 +524,7 @@ class Pusher:
             pending = True
             for row in rows:
                 entry = Entry(*row)
-                if entry.nlink > 1 and entry.kind == KIND_FILE and not entry.deleted:
+                if entry.nlink > 1 and entry.kind != KIND_DIR and not entry.deleted:
                     continue  # its group is known once the scan is over: sent last, below
                 yield entry
         # The scan has committed: the files of several names go now, grouped

@@ -13,8 +13,8 @@ inode alone, with the same content, size, mode and mtime (a chown, a copy-then-
 rename of identical bytes), updates the row without a new generation: there is
 nothing for a mirror to do.
 
-Hard links: each file row records its device and link count with its inode,
-and the names sharing ``(dev, ino)`` are one file.  A change of which names a
+Hard links: each file and symlink row records its device and link count with
+its inode, and the names sharing ``(dev, ino)`` are one file (or symlink).  A change of which names a
 file has is a change for the mirrors (:func:`link_changed`): the row of a
 name that joins, leaves or changes file is stamped with the new generation,
 though its content is the same.  A link count that only moved (a name came
@@ -718,18 +718,21 @@ def scan(
                         continue
                     new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
                            st.st_ino, None, target)
-                    # Hard links of a symlink are not kept: one name each (count 1).
+                    # A symlink may have several names too (link(2) of the
+                    # symlink itself): rsync -H keeps them.
+                    ident = (st.st_dev, st.st_nlink)
                     if fresh or old[_KIND] != KIND_SYMLINK:
-                        new += (gen, 0, st.st_dev, 1)
+                        new += (gen, 0) + ident
                         changed(ADDED, new)
-                    elif old[_TARGET] != target:
-                        new += (gen, 0, st.st_dev, 1)
+                    elif old[_TARGET] != target or link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev,
+                                                                st.st_ino, st.st_nlink):
+                        new += (gen, 0) + ident
                         changed(RELINKED, new)
                     elif old[_MTIME] != st.st_mtime_ns:
                         new += (gen, 0)
                         changed(META, new)
                     else:
-                        new += (old[_GEN], 0, st.st_dev, 1)
+                        new += (old[_GEN], 0) + ident
                     writer.upsert(new)
                     if feeding:
                         emit(new)

@@ -43,6 +43,18 @@ def differences(primary: Path, mirror: Path, exclude: tuple[str, ...] = ()) -> l
     return [line for line in rsync_differences(primary, mirror, exclude) if line != _ROOT_TIME]
 
 
+def symlink_times(primary: Path, mirror: Path) -> None:
+    """Give the mirror's symlinks the primary's times, as the directory-times
+    branch of issue #8 will: the oracle then tells the links' structure."""
+    for dirpath, dirnames, filenames in os.walk(primary):
+        for name in dirnames + filenames:
+            src = Path(dirpath) / name
+            if src.is_symlink():
+                st = os.lstat(src)
+                os.utime(mirror / src.relative_to(primary), ns=(st.st_atime_ns, st.st_mtime_ns),
+                         follow_symlinks=False)
+
+
 def same_tree(primary: Path, mirror: Path) -> None:
     diff = differences(primary, mirror)
     assert not diff, "rsync -rlptHSnci --delete would change:\n" + "\n".join(diff)
@@ -334,6 +346,29 @@ def test_a_symlink_planted_at_a_first_name_is_not_followed(pair: Pair, tmp_path:
     same_tree(pair.primary.root, pair.edge.root)
 
 
+def test_a_symlink_of_several_names(pair: Pair) -> None:
+    root = pair.primary.root
+    (root / "iso").mkdir()
+    (root / "iso/image-1.iso").write_bytes(b"image")
+    os.symlink("image-1.iso", root / "iso/latest.iso")
+    os.link(root / "iso/latest.iso", root / "iso/current.iso", follow_symlinks=False)
+    os.link(root / "iso/latest.iso", root / "latest.iso", follow_symlinks=False)
+    pushed(pair)
+    one_file(pair.edge.root, "iso/latest.iso", "iso/current.iso", "latest.iso")
+    assert os.readlink(pair.edge.root / "latest.iso") == "image-1.iso"
+    symlink_times(pair.primary.root, pair.edge.root)
+    same_tree(pair.primary.root, pair.edge.root)
+    # One name made a symlink of its own (same target), another added.
+    os.unlink(root / "iso/current.iso")
+    os.symlink("image-1.iso", root / "iso/current.iso")
+    os.link(root / "iso/latest.iso", root / "iso/newest.iso", follow_symlinks=False)
+    pushed(pair)
+    one_file(pair.edge.root, "iso/latest.iso", "latest.iso", "iso/newest.iso")
+    one_file(pair.edge.root, "iso/current.iso")
+    symlink_times(pair.primary.root, pair.edge.root)
+    same_tree(pair.primary.root, pair.edge.root)
+
+
 def test_groups_cascade_through_two_tiers(tmp_path: Path, sshd) -> None:  # noqa: ANN001
     primary = make_node(tmp_path, "primary", max_delete="100%")
     tier1 = make_node(tmp_path, "tier1", max_delete="100%")
@@ -409,7 +444,11 @@ HOSTILE = {
     "to a symlink": ([symlink_row(b"s", b"../outside/canary"), row(b"b", b"x")], [[1, b"s", 2]],
                      "not the first name of a group"),
     "on a symlink": ([row(b"a", b"x"), symlink_row(b"s", b"a")], [[0, b"a", 2], [1, b"a", 2]],
-                     "no live file"),
+                     "whose content differs"),
+    "symlinks of other targets": ([symlink_row(b"s", b"a"), symlink_row(b"t", b"b")], [[0, b"s", 2], [1, b"s", 2]],
+                                  "whose content differs"),
+    "on a tombstone": ([row(b"a", b"x"), row(b"b", b"x")[:7] + [1, 1]], [[0, b"a", 2], [1, b"a", 2]],
+                       "no live file"),
     "on a directory": ([row(b"a", b"x"), dir_row(b"d")], [[0, b"a", 2], [1, b"a", 2]], "no live file"),
     # a link to a name that is not in the push, or comes after
     "not in the push": ([row(b"b", b"x")], [[0, b"a", 2]], "not the first name of a group"),
