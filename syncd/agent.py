@@ -1605,8 +1605,6 @@ class Agent:
             raise ProtocolError(f"entries: {fspath(row.path)}: a hard link named on a row that is no live file "
                                 "or symlink")
         same_kind = st is not None and _same_kind(row, st)
-        if same_kind and st.st_nlink > 1:
-            plan.touched.add((st.st_dev, st.st_ino))
         if row.link == row.path:
             item = self._decide_file(row, st) if row.kind == KIND_FILE else self._decide_row(row, st)
             if item is None:
@@ -1622,6 +1620,8 @@ class Agent:
             return item
         group, last = plan.linkcheck.member(row.path, row.link, row.names, row.content())
         on_file = same_kind and (st.st_dev, st.st_ino) == group.inode
+        if not on_file and same_kind and st.st_nlink > 1:
+            plan.touched.add((st.st_dev, st.st_ino))  # linked anew: its old file loses a name
         group.exact = group.exact and on_file and st.st_nlink == row.names
         group.members.append(row)
         if last:
@@ -2268,15 +2268,15 @@ class Agent:
             src = self._staged_source(first, uses) if first.kind == KIND_FILE else self._fresh_copy(first)
             inode = None
         else:
-            if group.state == "meta":
-                root.set_meta(first.path, mode=first.mode, mtime_ns=first.mtime_ns)
             st = root.lstat(first.path)
             if st is None or not _same_kind(first, st) or (st.st_dev, st.st_ino) != group.inode:
                 raise SyncdError(f"{fspath(first.path)}: changed on {self.cfg.node.name} during the push; "
                                  "push again")
             inode = group.inode
             if not self._only_names(st, [first.path] + [m.path for m in group.members]):
-                src, inode = self._fresh_copy(first), None
+                src, inode = self._fresh_copy(first), None  # with the row's mode and mtime
+            elif group.state == "meta":
+                root.set_meta(first.path, mode=first.mode, mtime_ns=first.mtime_ns)
         linked: list[tuple[str, _Row]] = []
         try:
             for member in group.members:
@@ -2297,8 +2297,9 @@ class Agent:
                 published += 1
             self.plan.touched.add((st.st_dev, st.st_ino))
             while linked:
-                tmp, member = linked.pop()
+                tmp, member = linked[-1]
                 root.publish(self.staging_fd, tmp.encode(), member.path, park=self._park_replaced)
+                linked.pop()
                 published += 1
         finally:
             unlink_at(self.staging_fd, *(tmp for tmp, _ in linked))  # (after an error only)
@@ -2459,6 +2460,11 @@ class Agent:
         self._freers.append(freer)
 
     def _record(self, plan: _Plan, stats: dict[bytes, os.stat_result | None]) -> None:
+        if plan.groups:
+            # Every name of a group published (a full comparison kept only
+            # those with something to do): each one's link count moved.
+            listed = {id(r) for r in plan.rows}
+            plan.rows += [r for g in plan.groups for r in (g.first, *g.members) if id(r) not in listed]
         with self.manifest.writer() as w:
             if plan.root is not None:
                 w.upsert(plan.root.manifest_row(stats.get(b"")))

@@ -234,12 +234,41 @@ def test_the_mirrors_manifest_records_its_own_inodes(pair: Pair) -> None:
         assert recorded(name) == actual(name), name
         assert recorded(name)[2] == 2
     # So a full comparison finds nothing to do, nor to record again.
+    assert not full_comparison(pair).items
+    # One name made a file of its own by hand: a full comparison links it
+    # again, and records every name anew (the first name's too, though a
+    # full comparison keeps no row that is as recorded).
+    replace(pair.edge.root / "pool/b.iso", like=pair.edge.root / "pool/a.iso")
+    assert [i.line() for i in full_comparison(pair).items] == ["hlink  pool/b.iso => pool/a.iso"]
+    for name in ("pool/a.iso", "pool/b.iso"):
+        assert recorded(name) == actual(name), name
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_a_full_comparison_records_a_first_name_it_did_not_list_again(pair: Pair) -> None:
+    # A full comparison keeps no row that is recorded as it is; the first
+    # name was a file of one name, recorded so: once a name is linked to it,
+    # its row is recorded anew all the same.
+    root = pair.primary.root
+    (root / "a").write_bytes(b"a" * 10_000)
+    pushed(pair)
+    os.link(root / "a", root / "b")
+    assert [i.line() for i in full_comparison(pair).items] == ["hlink  b => a"]
+    with Manifest.open(pair.edge.state, "edge", create=False) as m:
+        e = m.lookup(b"a")
+    st = os.lstat(pair.edge.root / "a")
+    assert (e.ino, e.nlink, e.ctime_ns) == (st.st_ino, 2, st.st_ctime_ns)
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+def full_comparison(pair: Pair):  # noqa: ANN201
     cfg = configmod.load(pair.primary.ini)
     with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
+        scan(cfg.node.root, m)
         result = push_with_retries(cfg, cfg.mirrors[0], m, force_full=True)
     pair.edge.wait_agent_ended()
-    assert result.ok and result.full and not result.items, [i.line() for i in result.items]
-    same_tree(pair.primary.root, pair.edge.root)
+    assert result.ok and result.full, result.error
+    return result
 
 
 def test_a_full_comparison_repairs_groups(pair: Pair) -> None:
