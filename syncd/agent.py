@@ -2793,7 +2793,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process, alive
-    return True
+    # A killed agent stays a zombie until sshd reaps it, which the next
+    # session may start before: it writes nothing any more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _index_order(path: bytes) -> tuple:

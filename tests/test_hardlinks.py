@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -729,4 +730,50 @@ def test_index_files_of_one_file_are_checked_as_what_they_will_be(pair: Pair) ->
     result = pushed(pair)
     assert result.counts()["hlink"] == 1
     one_file(pair.edge.root, "dists/stable/main/binary-amd64/Packages", "dists/stable/main/binary-i386/Packages")
+    same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_kill_9_of_the_agent_in_the_middle_of_a_group_then_a_rerun_converges(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    # The agent dies (SIGKILL) as it is about to rename one name of a group
+    # into place: some names have the new file, some the old one.  Every
+    # name is a whole file at every moment, and a plain rerun converges.
+    marker = tmp_path / "kill-at"
+    dying = tmp_path / "dying_agent.py"
+    dying.write_text(
+        "import os, signal, sys\n"
+        "from syncd import fsops\n"
+        "publish = fsops.SafeRoot.publish\n"
+        "def dying(self, src_dir_fd, src_name, rel, park=None):\n"
+        f"    marker = {str(marker)!r}\n"
+        "    if os.path.exists(marker) and rel == open(marker, 'rb').read():\n"
+        "        os.unlink(marker)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return publish(self, src_dir_fd, src_name, rel, park)\n"
+        "fsops.SafeRoot.publish = dying\n"
+        "from syncd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    edge_ini = tmp_path / "edge" / "sync.ini"
+    pair = Pair(tmp_path, sshd, remote_command=f"{sys.executable} {dying} agent --config {edge_ini}", retries="1")
+    root = pair.primary.root
+    old = group_of_three(root, 2 * MiB)
+    pushed(pair)
+    new = os.urandom(2 * MiB)
+    replace(root / "pool/a.iso", new)
+    for name in ("b.iso", "c.iso", "d.iso"):
+        if (root / "pool" / name).exists():
+            os.unlink(root / "pool" / name)
+        os.link(root / "pool/a.iso", root / "pool" / name)
+    marker.write_bytes(b"pool/c.iso")
+    killed = pair.push()
+    assert not killed.ok and not marker.exists()
+    contents = {n: hashlib.sha256((pair.edge.root / "pool" / n).read_bytes()).digest()
+                for n in ("a.iso", "b.iso", "c.iso")}
+    assert set(contents.values()) <= {hashlib.sha256(old).digest(), hashlib.sha256(new).digest()}
+    assert contents["a.iso"] == hashlib.sha256(new).digest()  # the first name went first
+    assert contents["c.iso"] == hashlib.sha256(old).digest()  # killed before it
+    assert not [p for p in pair.edge.root.rglob("*") if p.name.startswith("tmp.")]
+    result = pushed(pair)
+    assert result.files_sent == 0  # the new bytes are on the edge already
+    one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso", "pool/d.iso")
+    assert not [p for p in (pair.edge.state / "staging").iterdir() if p.name.startswith("tmp.")]
     same_tree(pair.primary.root, pair.edge.root)
