@@ -114,9 +114,11 @@ ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, gen
 #: What this agent takes beyond the negotiated minor (its welcome's
 #: ``features``, docs/protocol.md section 4): ``sparse`` payloads and holes
 #: in a delta's result, ``resume`` offers in ``needs`` with the
-#: ``file`` message's ``offset``, and ``fuzzy``: begin's ``fuzzy``, with
-#: new files put off to ``planned`` while their basis is looked for.
-FEATURES = ("sparse", "resume", "fuzzy")
+#: ``file`` message's ``offset``, ``fuzzy``: begin's ``fuzzy``, with
+#: new files put off to ``planned`` while their basis is looked for, and
+#: ``hardlinks``: the groups a ``begin`` with ``hardlinks`` names in its
+#: ``entries`` (``links``).
+FEATURES = ("sparse", "resume", "fuzzy", "hardlinks")
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
 # New data files published while the push still arrives: in batches of at

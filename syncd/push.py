@@ -449,7 +449,7 @@ class Pusher:
         downstreams = welcome.get("downstreams") or []
         features = welcome.get("features")
         # Optional keys the agent takes (docs/protocol.md section 4): sparse
-        # payloads, and resuming a file from the offset it offers.
+        # payloads, resuming a file from the offset it offers, hard-link groups.
         self.features = {f for f in features if isinstance(f, str)} if isinstance(features, list) else set()
         if self.feed is not None:
             sub = None
@@ -524,13 +524,14 @@ class Pusher:
             pending = True
             for row in rows:
                 entry = Entry(*row)
-                if entry.nlink > 1 and entry.kind != KIND_DIR and not entry.deleted:
+                if self._hardlinks and entry.nlink > 1 and entry.kind != KIND_DIR and not entry.deleted:
                     continue  # its group is known once the scan is over: sent last, below
                 yield entry
-        # The scan has committed: the files of several names go now, grouped
-        # by the manifest, each group's first name first.
-        yield _CUT
-        yield from self._grouped(self.manifest.push_rows(None, self._keep(), linked_only=True))
+        if self._hardlinks:
+            # The scan has committed: the files of several names go now,
+            # grouped by the manifest, each group's first name first.
+            yield _CUT
+            yield from self._grouped(self.manifest.push_rows(None, self._keep(), linked_only=True))
 
     def _keep(self) -> Callable[[bytes], bool] | None:
         """Which names count in a hard-link group: those the mirror's filter lets through."""
@@ -538,11 +539,17 @@ class Pusher:
             return None
         return lambda path: not self.filter.excluded_path(path, False)
 
+    @property
+    def _hardlinks(self) -> bool:
+        """Whether this push names hard-link groups: the agent takes them."""
+        return "hardlinks" in self.features
+
     def _grouped(self, rows: Iterable[tuple[Entry, bytes | None, int]]) -> Iterator[Entry]:
-        """The entries of ``rows``, their groups kept aside for the batch that sends them."""
+        """The entries of ``rows``, their groups kept aside for the batch that sends them
+        (for an agent that takes no groups, every name goes as a file of its own)."""
         links = self._links
         for entry, first, names in rows:
-            if first is not None:
+            if first is not None and self._hardlinks:
                 links[entry.path] = (first, names)
             yield entry
 
@@ -558,9 +565,10 @@ class Pusher:
             # A new file may be answered need "later" (its basis is looked for
             # in the rest of the plan) and named again in "planned".
             begin["fuzzy"] = True
-        # Each batch names its rows of several names ("links"): the others
-        # are files of one name.
-        begin["hardlinks"] = True
+        if self._hardlinks:
+            # Each batch names its rows of several names ("links"): the
+            # others are files of one name.
+            begin["hardlinks"] = True
         w.message(begin)
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.

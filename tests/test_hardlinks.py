@@ -777,3 +777,28 @@ def test_kill_9_of_the_agent_in_the_middle_of_a_group_then_a_rerun_converges(tmp
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso", "pool/d.iso")
     assert not [p for p in (pair.edge.state / "staging").iterdir() if p.name.startswith("tmp.")]
     same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_an_agent_without_the_feature_gets_each_name_as_a_file_of_its_own(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    # An agent from before hard links lists no "hardlinks" in its welcome:
+    # the pusher names no groups (it would refuse them), and every name is
+    # published with its content, as before.
+    old_agent = tmp_path / "agent_without_links.py"
+    old_agent.write_text(
+        "import sys\n"
+        "from syncd import agent\n"
+        "agent.FEATURES = tuple(f for f in agent.FEATURES if f != 'hardlinks')\n"
+        "from syncd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    edge_ini = tmp_path / "edge" / "sync.ini"
+    pair = Pair(tmp_path, sshd, remote_command=f"{sys.executable} {old_agent} agent --config {edge_ini}")
+    data = group_of_three(pair.primary.root)
+    result = fed_push(pair)  # the feed defers no rows either
+    assert result.ok, result.error
+    assert result.counts()["hlink"] == 0 and result.files_sent == 2
+    for name in ("a.iso", "b.iso", "c.iso"):
+        one_file(pair.edge.root, f"pool/{name}")
+        assert (pair.edge.root / "pool" / name).read_bytes() == data
+    os.link(pair.primary.root / "pool/a.iso", pair.primary.root / "pool/d.iso")
+    assert pushed(pair).files_sent == 0  # its content is there: a local copy
+    assert (pair.edge.root / "pool/d.iso").read_bytes() == data
