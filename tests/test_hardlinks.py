@@ -802,3 +802,24 @@ def test_an_agent_without_the_feature_gets_each_name_as_a_file_of_its_own(tmp_pa
     os.link(pair.primary.root / "pool/a.iso", pair.primary.root / "pool/d.iso")
     assert pushed(pair).files_sent == 0  # its content is there: a local copy
     assert (pair.edge.root / "pool/d.iso").read_bytes() == data
+
+
+def test_a_new_group_whose_first_name_goes_as_a_delta_against_a_basis(pair: Pair) -> None:
+    # A respun image under a new version number, with a second name: its
+    # first name goes as a delta against the image the push deletes (a
+    # basis), the other name is linked to it.
+    root = pair.primary.root
+    (root / "iso").mkdir()
+    data = bytearray(os.urandom(4 * MiB))
+    (root / "iso/image-1.iso").write_bytes(data)
+    pushed(pair)
+    for at in (100_000, 2_000_000, 3_900_000):
+        data[at:at + 4096] = os.urandom(4096)
+    os.unlink(root / "iso/image-1.iso")
+    (root / "iso/image-2.iso").write_bytes(data)
+    os.link(root / "iso/image-2.iso", root / "iso/latest.iso")
+    result = pushed(pair)
+    assert result.counts()["delta"] == 1 and result.counts()["hlink"] == 1
+    assert result.bytes_sent < 0.1 * len(data)
+    one_file(pair.edge.root, "iso/image-2.iso", "iso/latest.iso")
+    same_tree(pair.primary.root, pair.edge.root)
