@@ -500,9 +500,9 @@ class Manifest:
         stamped after ``since`` (tombstones included), and with them every
         other live name of each file among them that has more than one
         name, changed or not: a downstream links a new name to a name it
-        already has, and must be told which.  ``linked_only``: only the live
-        files (and symlinks) with more than one name (the last rows of a push fed by a
-        running scan, which sent all the others as they came).
+        already has, and must be told which.  ``linked_only``: only the
+        live files (and symlinks) with more than one name (the last rows of
+        a push fed by a running scan, which sent all the others as they came).
 
         Each row comes as ``(entry, first, names)``: ``names`` is how many
         names its file has among the rows ``keep`` accepts (a downstream's

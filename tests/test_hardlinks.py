@@ -823,3 +823,29 @@ def test_a_new_group_whose_first_name_goes_as_a_delta_against_a_basis(pair: Pair
     assert result.bytes_sent < 0.1 * len(data)
     one_file(pair.edge.root, "iso/image-2.iso", "iso/latest.iso")
     same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_a_partial_scan_groups_a_new_name_at_once_or_at_the_next_full_scan(tmp_path: Path) -> None:
+    # The daemon's partial scans list only the directories a watch saw
+    # change: a new name elsewhere does not tell the old name's directory.
+    root = tmp_path / "root"
+    for d in ("d1", "d2", "d3"):
+        (root / d).mkdir(parents=True)
+    (root / "d1/a").write_bytes(b"a" * 100)
+    (root / "d1/x").write_bytes(b"x" * 100)
+    os.link(root / "d1/x", root / "d1/y")
+    with Manifest.open(tmp_path / "state", "primary") as m:
+        scan(root, m)
+        held = m.generation
+        os.link(root / "d1/x", root / "d2/z")  # a third name of a file of two: grouped at once
+        os.link(root / "d1/a", root / "d3/b")  # a second name of a file of one
+        scan(root, m, dirs=[b"d2", b"d3"])
+        groups = {e.path: (first, n) for e, first, n in m.push_rows(held)}
+        assert groups[b"d2/z"] == (b"d1/x", 3)
+        assert groups[b"d3/b"] == (None, 1)  # d1/a's row does not know yet
+        held = m.generation
+        scan(root, m)  # the full scan: d1/a is one of two names now
+        rows = [(e.path, first, n) for e, first, n in m.push_rows(held) if e.kind == KIND_FILE]
+        # The first name is the one the mirror has as it is (unchanged since
+        # the generation it holds), sent before the other.
+        assert rows == [(b"d3/b", b"d3/b", 2), (b"d1/a", b"d3/b", 2)]
