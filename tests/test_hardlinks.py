@@ -849,3 +849,33 @@ def test_a_partial_scan_groups_a_new_name_at_once_or_at_the_next_full_scan(tmp_p
         # The first name is the one the mirror has as it is (unchanged since
         # the generation it holds), sent before the other.
         assert rows == [(b"d3/b", b"d3/b", 2), (b"d1/a", b"d3/b", 2)]
+
+
+def test_a_generation_held_back_publishes_no_link_and_the_next_one_links(pair: Pair) -> None:
+    # Release lists a Packages it does not match: the generation is held
+    # back.  New data files at new paths go live as they always do (the
+    # group's first name, as a file); its other names wait for a good one.
+    from syncd.verify import IndexEntry, render_release
+
+    suite = pair.primary.root / "dists/stable"
+    (suite / "main").mkdir(parents=True)
+    (pair.primary.root / "pool").mkdir()
+
+    def release(packages: bytes, listed: bytes) -> None:
+        replace(suite / "main/Packages", packages)
+        entries = [IndexEntry("main/Packages", len(listed), hashlib.sha256(listed).digest())]
+        replace(suite / "Release", render_release({"Origin": "Test"}, entries).encode())
+
+    release(b"Package: a\n", b"Package: a\n")
+    pushed(pair)
+    (pair.primary.root / "pool/x.deb").write_bytes(os.urandom(100_000))
+    os.link(pair.primary.root / "pool/x.deb", pair.primary.root / "pool/y.deb")
+    release(b"Package: x\n", b"Package: something else\n")
+    held = pair.push()
+    assert not held.ok and "held back" in held.error, held.error
+    assert (pair.edge.root / "pool/x.deb").exists() and not (pair.edge.root / "pool/y.deb").exists()
+    release(b"Package: x\n", b"Package: x\n")
+    result = pushed(pair)
+    assert result.files_sent <= 2  # the index files; the group's bytes are there
+    one_file(pair.edge.root, "pool/x.deb", "pool/y.deb")
+    same_tree(pair.primary.root, pair.edge.root)
