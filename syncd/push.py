@@ -50,6 +50,10 @@ from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, neg
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
+# ... or fewer, so that an entries message stays well inside the 4 MiB frame
+# limit with long names (4,096 bytes each: a row's path and symlink target,
+# and the first name of its hard-link group).
+BATCH_BYTES = 2 << 20
 BATCHES_IN_FLIGHT = 4
 OPEN_IMPORT_WAIT = 1.0  # s: Link.open_in_background waits at most this for its thread's import
 # While a scan feeds the rows, the pusher looks at the agent's answers this
@@ -533,6 +537,11 @@ class Pusher:
             yield _CUT
             yield from self._grouped(self.manifest.push_rows(None, self._keep(), linked_only=True))
 
+    def _wire_size(self, entry: Entry) -> int:
+        """About what ``entry`` adds to its entries message, at most."""
+        link = self._links.get(entry.path)
+        return 128 + len(entry.path) + len(entry.target or b"") + (len(link[0]) if link else 0)
+
     def _keep(self) -> Callable[[bytes], bool] | None:
         """Which names count in a hard-link group: those the mirror's filter lets through."""
         if not self.filter:
@@ -591,7 +600,7 @@ class Pusher:
         self._outstanding = 0  # entries batches not yet answered
         batch_no = 0
         links = self._links
-        for batch in _batches(self._filtered(rows), BATCH_ROWS):
+        for batch in _batches(self._filtered(rows), BATCH_ROWS, self._wire_size):
             self._check_stop()
             batch_no += 1
             msg = {"type": "entries", "batch": batch_no, "rows": [_wire(e) for e in batch]}
@@ -960,18 +969,27 @@ def _wire(e: Entry) -> list:
 _CUT = object()  # among fed rows: send the batch so far, the next rows are a while away
 
 
-def _batches(rows: Iterable[Any], n: int) -> Iterator[list[Entry]]:
+def _batches(rows: Iterable[Any], n: int, size: Callable[[Any], int] | None = None,
+             budget: int = BATCH_BYTES) -> Iterator[list[Entry]]:
+    """Batches of at most ``n`` rows, and of at most ``budget`` bytes as
+    ``size`` counts them; a _CUT among the rows ends a batch early."""
     batch: list[Entry] = []
+    used = 0
     for row in rows:
         if row is _CUT:
             if batch:
                 yield batch
-                batch = []
+                batch, used = [], 0
             continue
+        if size is not None:
+            used += size(row)
+            if batch and used > budget:
+                yield batch
+                batch, used = [], size(row)
         batch.append(row)
         if len(batch) >= n:
             yield batch
-            batch = []
+            batch, used = [], 0
     if batch:
         yield batch
 

@@ -879,3 +879,18 @@ def test_a_generation_held_back_publishes_no_link_and_the_next_one_links(pair: P
     assert result.files_sent <= 2  # the index files; the group's bytes are there
     one_file(pair.edge.root, "pool/x.deb", "pool/y.deb")
     same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_long_names_of_one_file_fit_the_frames(pair: Pair) -> None:
+    # 1,200 names of about 3,000 bytes, all of one file: a batch of 1,000
+    # rows with their first names would be twice the 4 MiB frame limit.
+    deep = pair.primary.root.joinpath(*[c * 250 for c in "abcdefghijk"])
+    deep.mkdir(parents=True)
+    first = deep / ("f" * 200 + "0000")
+    first.write_bytes(b"one file")
+    for i in range(1, 1200):
+        os.link(first, deep / ("f" * 200 + f"{i:04d}"))
+    result = pushed(pair)
+    assert result.counts()["hlink"] == 1199
+    assert os.lstat(pair.edge.root / first.relative_to(pair.primary.root)).st_nlink == 1200
+    same_tree(pair.primary.root, pair.edge.root)

@@ -551,6 +551,15 @@ def test_fed_rows_are_cut_into_a_batch_when_the_scan_pauses() -> None:
     assert list(_batches(rows, 2)) == [[1, 2], [3], [4, 5], [6]]
 
 
+def test_batches_stay_inside_their_byte_budget() -> None:
+    # Long names (and hard links' first names) cut a batch before its count.
+    from syncd.push import _batches
+
+    sizes = [3, 3, 3, 9, 1, 1, 1, 1]
+    got = list(_batches(range(len(sizes)), 5, size=lambda i: sizes[i], budget=7))
+    assert got == [[0, 1], [2], [3], [4, 5, 6, 7]]
+
+
 def test_open_in_background_waits_for_the_import_not_the_connection(tmp_path: Path) -> None:
     """run --once overlaps a mirror's handshake with its scan: the opener
     thread imports the transport first (the caller waits for that alone, so
