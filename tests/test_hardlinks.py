@@ -25,7 +25,7 @@ from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, MANIFEST_NAME, Man
 from syncd.plan import LinkChecker
 from syncd.push import push_with_retries
 from syncd.scan import RELINKED, link_changed, scan
-from tests.nodes import SYNCD, make_node, rsync_differences
+from tests.nodes import SYNCD, assert_same_tree, make_node, rsync_differences
 from tests.relay import Relay
 from tests.test_agent import Peer, assert_outside_untouched, row
 from tests.test_push import Pair, fed_push
@@ -33,32 +33,6 @@ from tests.test_push import Pair, fed_push
 pytest_plugins = ["tests.sshd"]
 
 MiB = 1 << 20
-
-
-# Until directory times are kept (issue #8's directory-times branch), the
-# mirror root's own mtime differs: the one line tolerated here meanwhile.
-_ROOT_TIME = ".d..t...... ./"
-
-
-def differences(primary: Path, mirror: Path, exclude: tuple[str, ...] = ()) -> list[str]:
-    return [line for line in rsync_differences(primary, mirror, exclude) if line != _ROOT_TIME]
-
-
-def symlink_times(primary: Path, mirror: Path) -> None:
-    """Give the mirror's symlinks the primary's times, as the directory-times
-    branch of issue #8 will: the oracle then tells the links' structure."""
-    for dirpath, dirnames, filenames in os.walk(primary):
-        for name in dirnames + filenames:
-            src = Path(dirpath) / name
-            if src.is_symlink():
-                st = os.lstat(src)
-                os.utime(mirror / src.relative_to(primary), ns=(st.st_atime_ns, st.st_mtime_ns),
-                         follow_symlinks=False)
-
-
-def same_tree(primary: Path, mirror: Path) -> None:
-    diff = differences(primary, mirror)
-    assert not diff, "rsync -rlptHSnci --delete would change:\n" + "\n".join(diff)
 
 
 def one_file(root: Path, *names: str) -> None:
@@ -116,7 +90,7 @@ def test_a_group_of_three_names_is_one_file_and_its_bytes_go_once(tmp_path: Path
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso")
     one_file(pair.edge.root, "pool/single")
     assert again.files_sent == 0 and not again.items
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_name_added_to_a_group_is_linked_without_bytes(pair: Pair) -> None:
@@ -130,7 +104,7 @@ def test_a_name_added_to_a_group_is_linked_without_bytes(pair: Pair) -> None:
     assert [i.line() for i in result.items if i.action == "hlink"] == ["hlink  mirror/d.iso => pool/a.iso"]
     assert result.bytes_sent < 64 * 1024
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso", "mirror/d.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 @pytest.mark.parametrize("how", ["new content", "same content and times"])
@@ -147,7 +121,7 @@ def test_a_link_broken_by_rewriting_one_name(pair: Pair, how: str) -> None:
     assert not result.full
     one_file(pair.edge.root, "pool/a.iso", "pool/c.iso")
     one_file(pair.edge.root, "pool/b.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_group_across_directories(pair: Pair) -> None:
@@ -159,12 +133,12 @@ def test_a_group_across_directories(pair: Pair) -> None:
     os.link(root / "pool/main/h/hello.deb", root / "dists/stable/hello.deb")
     pushed(pair)
     one_file(pair.edge.root, "pool/main/h/hello.deb", "by-name/hello.deb", "dists/stable/hello.deb")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
     # The first name (in path order) goes; the others stay one file.
     os.unlink(root / "by-name/hello.deb")
     pushed(pair)
     one_file(pair.edge.root, "pool/main/h/hello.deb", "dists/stable/hello.deb")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_rename_of_one_name(pair: Pair) -> None:
@@ -177,7 +151,7 @@ def test_a_rename_of_one_name(pair: Pair) -> None:
     assert result.files_sent == 0 and result.bytes_sent < 64 * 1024
     one_file(pair.edge.root, "pool/a.iso", "moved/b.iso", "pool/c.iso")
     assert not (pair.edge.root / "pool/b.iso").exists()
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_removing_names_one_by_one(pair: Pair) -> None:
@@ -187,11 +161,11 @@ def test_removing_names_one_by_one(pair: Pair) -> None:
     os.unlink(root / "pool/c.iso")
     pushed(pair)
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
     os.unlink(root / "pool/a.iso")  # the group's first name
     pushed(pair)
     one_file(pair.edge.root, "pool/b.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_two_single_files_become_one_file(pair: Pair) -> None:
@@ -208,7 +182,7 @@ def test_two_single_files_become_one_file(pair: Pair) -> None:
     result = pushed(pair)
     assert result.files_sent == 0
     one_file(pair.edge.root, "a", "b", "c")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_the_mirrors_manifest_records_its_own_inodes(pair: Pair) -> None:
@@ -243,7 +217,7 @@ def test_the_mirrors_manifest_records_its_own_inodes(pair: Pair) -> None:
     assert [i.line() for i in full_comparison(pair).items] == ["hlink  pool/b.iso => pool/a.iso"]
     for name in ("pool/a.iso", "pool/b.iso"):
         assert recorded(name) == actual(name), name
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_full_comparison_records_a_first_name_it_did_not_list_again(pair: Pair) -> None:
@@ -259,7 +233,7 @@ def test_a_full_comparison_records_a_first_name_it_did_not_list_again(pair: Pair
         e = m.lookup(b"a")
     st = os.lstat(pair.edge.root / "a")
     assert (e.ino, e.nlink, e.ctime_ns) == (st.st_ino, 2, st.st_ctime_ns)
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def full_comparison(pair: Pair):  # noqa: ANN201
@@ -285,7 +259,7 @@ def test_a_full_comparison_repairs_groups(pair: Pair) -> None:
     result = pushed(pair)
     assert result.full and result.files_sent == 0
     one_file(edge, "pool/a.iso", "pool/b.iso", "pool/c.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_group_whose_file_keeps_a_name_outside_it_gets_a_file_of_its_own(pair: Pair) -> None:
@@ -300,7 +274,7 @@ def test_a_group_whose_file_keeps_a_name_outside_it_gets_a_file_of_its_own(pair:
     pushed(pair)
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso", "pool/d.iso")
     one_file(pair.edge.root, "pool/hand-made")
-    assert differences(pair.primary.root, pair.edge.root) == ["*deleting   pool/hand-made"]
+    assert rsync_differences(pair.primary.root, pair.edge.root) == ["*deleting   pool/hand-made"]
 
 
 def test_a_new_mirror_fed_by_the_scan_gets_the_groups(pair: Pair) -> None:
@@ -313,7 +287,7 @@ def test_a_new_mirror_fed_by_the_scan_gets_the_groups(pair: Pair) -> None:
     assert result.ok and result.fed, result.error
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso")
     one_file(pair.edge.root, "f7", "pool/f7-again")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
     assert pushed(pair).files_sent == 0
 
 
@@ -329,7 +303,7 @@ def test_a_name_the_mirror_excludes_is_no_name_there(tmp_path: Path, sshd) -> No
     one_file(pair.edge.root, "a", "b")
     one_file(pair.edge.root, "d")
     assert not (pair.edge.root / "c.tmp").exists()
-    assert differences(pair.primary.root, pair.edge.root, exclude=("*.tmp",)) == []
+    assert rsync_differences(pair.primary.root, pair.edge.root, exclude=("*.tmp",)) == []
 
 
 def test_dry_run_itemizes_hard_links(pair: Pair) -> None:
@@ -359,7 +333,7 @@ def test_the_deletion_guard_counts_each_name(pair: Pair) -> None:
     assert (pair.edge.root / "pool/c.iso").exists()
     pair.rewrite(max_delete="100%")
     assert pair.cli("run", "--once").returncode == 0
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_symlink_planted_at_a_first_name_is_not_followed(pair: Pair, tmp_path: Path) -> None:
@@ -373,7 +347,7 @@ def test_a_symlink_planted_at_a_first_name_is_not_followed(pair: Pair, tmp_path:
     pushed(pair)
     assert (outside / "victim").read_text() == "untouched" and os.listdir(outside) == ["victim"]
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_symlink_of_several_names(pair: Pair) -> None:
@@ -386,8 +360,7 @@ def test_a_symlink_of_several_names(pair: Pair) -> None:
     pushed(pair)
     one_file(pair.edge.root, "iso/latest.iso", "iso/current.iso", "latest.iso")
     assert os.readlink(pair.edge.root / "latest.iso") == "image-1.iso"
-    symlink_times(pair.primary.root, pair.edge.root)
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
     # One name made a symlink of its own (same target), another added.
     os.unlink(root / "iso/current.iso")
     os.symlink("image-1.iso", root / "iso/current.iso")
@@ -395,8 +368,7 @@ def test_a_symlink_of_several_names(pair: Pair) -> None:
     pushed(pair)
     one_file(pair.edge.root, "iso/latest.iso", "latest.iso", "iso/newest.iso")
     one_file(pair.edge.root, "iso/current.iso")
-    symlink_times(pair.primary.root, pair.edge.root)
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_groups_cascade_through_two_tiers(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -413,7 +385,7 @@ def test_groups_cascade_through_two_tiers(tmp_path: Path, sshd) -> None:  # noqa
         proc = subprocess_run(primary)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for node in (tier1, edge):
-            same_tree(primary.root, node.root)
+            assert_same_tree(primary.root, node.root)
 
     root = primary.root
     group_of_three(root)
@@ -730,7 +702,7 @@ def test_index_files_of_one_file_are_checked_as_what_they_will_be(pair: Pair) ->
     result = pushed(pair)
     assert result.counts()["hlink"] == 1
     one_file(pair.edge.root, "dists/stable/main/binary-amd64/Packages", "dists/stable/main/binary-i386/Packages")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_kill_9_of_the_agent_in_the_middle_of_a_group_then_a_rerun_converges(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -776,7 +748,7 @@ def test_kill_9_of_the_agent_in_the_middle_of_a_group_then_a_rerun_converges(tmp
     assert result.files_sent == 0  # the new bytes are on the edge already
     one_file(pair.edge.root, "pool/a.iso", "pool/b.iso", "pool/c.iso", "pool/d.iso")
     assert not [p for p in (pair.edge.state / "staging").iterdir() if p.name.startswith("tmp.")]
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_an_agent_without_the_feature_gets_each_name_as_a_file_of_its_own(tmp_path: Path, sshd) -> None:  # noqa: ANN001
@@ -822,7 +794,7 @@ def test_a_new_group_whose_first_name_goes_as_a_delta_against_a_basis(pair: Pair
     assert result.counts()["delta"] == 1 and result.counts()["hlink"] == 1
     assert result.bytes_sent < 0.1 * len(data)
     one_file(pair.edge.root, "iso/image-2.iso", "iso/latest.iso")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_a_partial_scan_groups_a_new_name_at_once_or_at_the_next_full_scan(tmp_path: Path) -> None:
@@ -878,7 +850,7 @@ def test_a_generation_held_back_publishes_no_link_and_the_next_one_links(pair: P
     result = pushed(pair)
     assert result.files_sent <= 2  # the index files; the group's bytes are there
     one_file(pair.edge.root, "pool/x.deb", "pool/y.deb")
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
 
 
 def test_long_names_of_one_file_fit_the_frames(pair: Pair) -> None:
@@ -893,4 +865,4 @@ def test_long_names_of_one_file_fit_the_frames(pair: Pair) -> None:
     result = pushed(pair)
     assert result.counts()["hlink"] == 1199
     assert os.lstat(pair.edge.root / first.relative_to(pair.primary.root)).st_nlink == 1200
-    same_tree(pair.primary.root, pair.edge.root)
+    assert_same_tree(pair.primary.root, pair.edge.root)
