@@ -2135,6 +2135,8 @@ class Agent:
         # first (see _TouchedDirs); the syncfs below makes the record durable.
         self.touched.add(itertools.chain(
             (r.path for r in plan.dirs), (r.path for r in plan.files), (r.path for r in plan.links),
+            # Names linked or given a file of their own are renamed in too.
+            (r.path for g in plan.groups for r in (g.first, *g.members)), (r.path for r in plan.breaks),
             plan.deletes, [trace.trace_path(self.cfg)] if trace else ()))
         # What was staged reaches the disk before anything references it.
         self._join_early_sync()

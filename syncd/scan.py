@@ -729,7 +729,7 @@ def scan(
                         new += (gen, 0) + ident
                         changed(RELINKED, new)
                     elif old[_MTIME] != st.st_mtime_ns:
-                        new += (gen, 0)
+                        new += (gen, 0) + ident
                         changed(META, new)
                     else:
                         new += (old[_GEN], 0) + ident

@@ -866,3 +866,25 @@ def test_long_names_of_one_file_fit_the_frames(pair: Pair) -> None:
     assert result.counts()["hlink"] == 1199
     assert os.lstat(pair.edge.root / first.relative_to(pair.primary.root)).st_nlink == 1200
     assert_same_tree(pair.primary.root, pair.edge.root)
+
+
+def test_a_group_rewritten_in_place_keeps_every_directory_time(pair: Pair) -> None:
+    # One file of names in three directories is rewritten in place: no
+    # directory changes on the primary, so the push lists none; the edge
+    # renames a new file in under every name, and puts each directory's
+    # time back all the same.
+    root = pair.primary.root
+    for d in ("a", "b", "c"):
+        (root / d).mkdir()
+    (root / "a/f").write_bytes(os.urandom(100_000))
+    os.link(root / "a/f", root / "b/f")
+    os.link(root / "a/f", root / "c/f")
+    (root / "b/plain").write_bytes(b"x" * 10)
+    pushed(pair)
+    with open(root / "a/f", "r+b") as fh:
+        fh.write(os.urandom(4096))
+    result = pushed(pair)
+    assert not [i for i in result.items if i.action == "dir"]
+    one_file(pair.edge.root, "a/f", "b/f", "c/f")
+    one_file(pair.edge.root, "b/plain")
+    assert_same_tree(pair.primary.root, pair.edge.root)
