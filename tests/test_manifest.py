@@ -54,7 +54,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_the_roots_own_row_is_no_entry_of_the_tree(tmp_path: Path) -> None:
     # Root's mode and mtime live in the row (b"", b""): read by root_row,
     # never listed, counted, planned or created as an entry.
-    root = (b"", b"", KIND_DIR, 0, 7, 8, 0o755, 9, None, None, 3, 0)
+    root = (b"", b"", KIND_DIR, 0, 7, 8, 0o755, 9, None, None, 3, 0, 7, 1)
     with Manifest.open(tmp_path, "primary") as m:
         assert m.root_row() is None
         with m.writer() as w:
@@ -66,6 +66,9 @@ def test_the_roots_own_row_is_no_entry_of_the_tree(tmp_path: Path) -> None:
         assert b"" not in [e.path for e in m.entries(include_deleted=True)]
         assert [r[:2] for r in m.iter_entries()] == sorted((r[0], r[1]) for r in rows())
         assert [e.path for e in m.changes_since(1)] == [b"gone", b"link", b"dists/\xffodd name\n"]
+        # Nor is it a row of a push, incremental or full.
+        assert [e.path for e, _, _ in m.push_rows(1)] == [b"gone", b"link", b"dists/\xffodd name\n"]
+        assert b"" not in [e.path for e, _, _ in m.push_rows(None)]
         stats = m.stats()
         assert (stats.dirs, stats.files, stats.symlinks) == (1, 2, 1)
         reader = m.reader()
