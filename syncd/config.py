@@ -3,9 +3,10 @@
 Every key syncd reads is declared once in the ``*_KEYS`` tables below, with its
 type, default and whether it is required; the example ``sync.ini`` at the
 repository root documents the same keys.  A problem is one line naming the
-file, section and key (``ConfigError``, exit status 2).  An unknown key or
-section is only a warning, naming the closest known one: configs written for a
-newer syncd still load.
+file, section and key (``ConfigError``, exit status 2).  So is an unknown key
+or section, with the closest known name as a hint: a misspelt optional key
+(``shedule``, ``exlude``) would otherwise fall back to its default without a
+word, and publish what was meant to stay out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import configparser
 import difflib
 import getpass
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
-from .filters import compile_pattern
-
-log = logging.getLogger(__name__)
+from .filters import compile_pattern, parse_rule, read_rule_file
 
 DEFAULT_PATHS = ("/etc/syncd/sync.ini",)
 MIRROR_PREFIX = "mirror:"
@@ -32,6 +30,7 @@ MIRROR_PREFIX = "mirror:"
 PROBE_TIMEOUT = 15.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_TRACE_DIR = "project/trace"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Files whose publication makes a new release visible to clients: they go
 # live after every data file they may reference, and before any deletion.
@@ -54,6 +53,15 @@ DEFAULT_INDEX_PATTERNS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class RuleFile:
+    """An ``include_from``/``exclude_from`` file, read when the config is
+    loaded (and again at a reload): its rules as ``"+ PATTERN"``/``"- PATTERN"``."""
+
+    path: Path
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     root: Path
@@ -61,6 +69,10 @@ class NodeConfig:
     hash_workers: int = 2
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    include_from: tuple[RuleFile, ...] = ()
+    exclude_from: tuple[RuleFile, ...] = ()
+    filter: tuple[str, ...] = ()
+    log_level: str = "info"
     max_delete: float = 0.10
     index_patterns: tuple[str, ...] = ()
     parallel_pushes: int = 4
@@ -86,6 +98,9 @@ class MirrorConfig:
     keepalive: int
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    include_from: tuple[RuleFile, ...] = ()
+    exclude_from: tuple[RuleFile, ...] = ()
+    filter: tuple[str, ...] = ()
     retries: int = 3
     retry_delay: float = 1.0
     io_timeout: float = 300.0
@@ -119,6 +134,25 @@ class Config:
 
     def mirror(self, name: str) -> MirrorConfig | None:
         return next((m for m in self.mirrors if m.name == name), None)
+
+    def filter_rules(self, mirror: MirrorConfig) -> list[str]:
+        """The rules of a push to ``mirror``, in rsync's order (first match wins).
+
+        ``include`` and ``include_from`` come first, as rsync reads an
+        ``--include`` listed ahead of a broader ``--exclude`` (what these
+        keys have always meant); then the ordered ``filter`` rules; then
+        ``exclude`` and ``exclude_from``.  At each step the mirror's rules
+        come before the node's, so that they refine them.
+        """
+        levels = (mirror, self.node)
+        rules: list[str] = []
+        for level in levels:
+            rules += [f"+ {p}" for p in level.include] + [r for f in level.include_from for r in f.rules]
+        for level in levels:
+            rules += level.filter
+        for level in levels:
+            rules += [f"- {p}" for p in level.exclude] + [r for f in level.exclude_from for r in f.rules]
+        return rules
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +219,38 @@ def _patterns(raw: str) -> tuple[str, ...]:
     for pat in patterns:
         compile_pattern(pat)  # ValueError names the pattern
     return patterns
+
+
+def _filter(raw: str) -> tuple[str, ...]:
+    """rsync filter rules, one a line (an INI value continued on indented lines)."""
+    rules = []
+    for line in raw.splitlines():
+        if line.strip():
+            include, pattern = parse_rule(line.strip())  # ValueError names the rule
+            rules.append(f"{'+' if include else '-'} {pattern}")
+    return tuple(rules)
+
+
+def _rule_files(include: bool) -> Callable[[str], tuple[RuleFile, ...]]:
+    """Files of rsync patterns, one path a line: read now, so that a missing
+    file or a bad pattern is a config error, not a surprise at the first push."""
+
+    def parse(raw: str) -> tuple[RuleFile, ...]:
+        files = []
+        for line in raw.splitlines():
+            if line.strip():
+                path = _path(line.strip())
+                files.append(RuleFile(path, read_rule_file(path, include=include)))
+        return tuple(files)
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _globs(raw: str) -> tuple[str, ...]:
@@ -261,6 +327,10 @@ NODE_KEYS: dict[str, Key] = {
     "hash_workers": Key(_int_range(1, 64), default=None),  # None: min(4, cores)
     "include": Key(_patterns, default=()),
     "exclude": Key(_patterns, default=()),
+    "include_from": Key(_rule_files(include=True), default=()),
+    "exclude_from": Key(_rule_files(include=False), default=()),
+    "filter": Key(_filter, default=()),
+    "log_level": Key(_log_level, default="info"),
     "max_delete": Key(_share, default=0.10),
     "index_patterns": Key(_globs, default=None),  # None: DEFAULT_INDEX_PATTERNS
     "parallel_pushes": Key(_int_range(1, 64), default=4),
@@ -284,6 +354,9 @@ MIRROR_KEYS: dict[str, Key] = {
     "keepalive": Key(_int_range(0, 3600), default=15),
     "include": Key(_patterns, default=()),
     "exclude": Key(_patterns, default=()),
+    "include_from": Key(_rule_files(include=True), default=()),
+    "exclude_from": Key(_rule_files(include=False), default=()),
+    "filter": Key(_filter, default=()),
     "retries": Key(_int_range(1, 100), default=3),
     "retry_delay": Key(_seconds, default=1.0),
     "io_timeout": Key(_seconds, default=300.0),
@@ -348,15 +421,12 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def _build(cfg_path: Path, parser: configparser.ConfigParser) -> Config:
-    known_sections = ["node", "verify", MIRROR_PREFIX + "NAME"]
     for section in parser.sections():
         if section in ("node", "verify") or section.startswith(MIRROR_PREFIX):
             continue
-        hint = difflib.get_close_matches(section, known_sections, n=1)
-        log.warning(
-            "%s: unknown section [%s] ignored%s",
-            cfg_path, section, f" (did you mean [{hint[0]}]?)" if hint else "",
-        )
+        hint = _section_hint(section)
+        raise ConfigError(f"{cfg_path}: [{section}]: unknown section"
+                          + (f" (did you mean [{hint}]?)" if hint else ""))
 
     if not parser.has_section("node"):
         raise ConfigError(f"{cfg_path}: missing section [node]")
@@ -419,10 +489,8 @@ def _section(cfg_path: Path, parser: configparser.ConfigParser, section: str, ke
     for key in raw:
         if key not in keys:
             hint = difflib.get_close_matches(key, list(keys), n=1)
-            log.warning(
-                "%s: [%s] %s: unknown key ignored%s",
-                cfg_path, section, key, f" (did you mean {hint[0]}?)" if hint else "",
-            )
+            raise ConfigError(f"{cfg_path}: [{section}] {key}: unknown key"
+                              + (f" (did you mean {hint[0]}?)" if hint else ""))
     values: dict[str, Any] = {}
     for key, spec in keys.items():
         if key not in raw:
@@ -435,6 +503,18 @@ def _section(cfg_path: Path, parser: configparser.ConfigParser, section: str, ke
         except ValueError as err:
             raise ConfigError(f"{cfg_path}: [{section}] {key}: {err}, got {raw[key]!r}") from None
     return values
+
+
+def _section_hint(section: str) -> str | None:
+    """The section an unknown one was probably meant to be: ``[mirror tier1]``
+    (a space for the colon) or ``[mirors:m2]`` is ``[mirror:NAME]``."""
+    word = re.match(r"\s*([A-Za-z]*)", section)
+    head = word.group(1) if word else ""
+    rest = section[word.end() if word else 0:].strip(" \t:;,._=-")
+    if rest and _NAME_RE.match(rest) and difflib.get_close_matches(head.lower(), ["mirror"], cutoff=0.6):
+        return MIRROR_PREFIX + rest
+    hint = difflib.get_close_matches(section.strip().lower(), ["node", "verify"], n=1, cutoff=0.6)
+    return hint[0] if hint else None
 
 
 def _check_dirs(cfg_path: Path, node: NodeConfig) -> None:

@@ -221,11 +221,57 @@ def compile_pattern(pattern: str | bytes) -> tuple[bytes | None, bytes]:
     return (None if dir_only else file_rx), dir_rx
 
 
-def _parse_rule(text: str) -> tuple[bool, str]:
+def parse_rule(text: str) -> tuple[bool, str]:
+    """``"+ PATTERN"`` / ``"- PATTERN"`` (or ``include``/``exclude`` spelt
+    out, as rsync allows) into (include, pattern), the pattern checked.
+    rsync's other rule kinds and modifiers (merge files, ``!``, ``-/``,
+    protect, risk ...) are not taken: ValueError names the rule."""
+    include, pattern = _split_rule(text)
+    compile_pattern(pattern)
+    return include, pattern
+
+
+def _split_rule(text: str) -> tuple[bool, str]:
     for prefix, include in (("+ ", True), ("- ", False), ("include ", True), ("exclude ", False)):
         if text.startswith(prefix):
             return include, text[len(prefix) :]
     raise ValueError(f"filter rule {text!r}: expected '+ PATTERN' or '- PATTERN'")
+
+
+def read_rule_file(path: str | os.PathLike[str], *, include: bool) -> tuple[str, ...]:
+    """The rules of an ``--include-from``/``--exclude-from`` style file.
+
+    As rsync reads those: one pattern a line, blank lines and lines starting
+    with ``;`` or ``#`` skipped, the rest of a line taken as it is (spaces
+    included); a line starting with ``+ `` or ``- `` is a rule of that kind,
+    any other line one of the file's kind (``include``).  Returns the rules
+    as ``"+ PATTERN"``/``"- PATTERN"``; ValueError names the file and line.
+    """
+    shown = os.fsdecode(os.fspath(path))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ValueError(f"{shown}: no such file") from None
+    except OSError as err:
+        raise ValueError(f"{shown}: cannot read: {err.strerror or err}") from None
+    rules = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        line = os.fsdecode(raw.rstrip(b"\r"))
+        if not line.strip() or line[0] in "#;":
+            continue
+        try:
+            if line.startswith(("+ ", "- ")):
+                rule_include, pattern = parse_rule(line)
+            elif line == "!":
+                raise ValueError("'!' (clear the list) is not supported here")
+            else:
+                rule_include, pattern = include, line
+                compile_pattern(pattern)
+        except ValueError as err:
+            raise ValueError(f"{shown} line {n}: {err}") from None
+        rules.append(f"{'+' if rule_include else '-'} {pattern}")
+    return tuple(rules)
 
 
 class Filter:
@@ -253,7 +299,7 @@ class Filter:
         """Rules written as rsync filter rules: ``"- *.iso"``, ``"+ */binary-amd64/**"``."""
         parsed = []
         for text in rules:
-            include, pattern = _parse_rule(text)
+            include, pattern = _split_rule(text)
             file_rx, dir_rx = compile_pattern(pattern)
             parsed.append(Rule(include, pattern, file_rx, dir_rx))
         return cls(parsed)
@@ -320,4 +366,4 @@ class Filter:
         return known
 
 
-__all__ = ["Filter", "Rule", "compile_pattern"]
+__all__ = ["Filter", "Rule", "compile_pattern", "parse_rule", "read_rule_file"]

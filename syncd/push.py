@@ -155,12 +155,8 @@ class PushResult:
 
 
 def filter_rules(cfg: Config, mirror: MirrorConfig) -> list[str]:
-    """rsync-style rules, first match wins: includes before excludes, as with
-    rsync's ``--include`` listed ahead of ``--exclude``; the mirror's own rules
-    ahead of the node's, so they refine them."""
-    includes = tuple(mirror.include) + tuple(cfg.node.include)
-    excludes = tuple(mirror.exclude) + tuple(cfg.node.exclude)
-    return [f"+ {p}" for p in includes] + [f"- {p}" for p in excludes]
+    """The rules a push to ``mirror`` sends in ``begin`` (their order: Config.filter_rules)."""
+    return cfg.filter_rules(mirror)
 
 
 class _TokenBucket:

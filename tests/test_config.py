@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import subprocess
 import sys
@@ -168,14 +167,91 @@ def test_state_dir_on_another_filesystem(dirs: dict[str, Path]) -> None:
         config.load(path)
 
 
-def test_unknown_key_warns_with_closest_name(dirs, caplog) -> None:  # noqa: ANN001
-    path = write(dirs, NODE + "[mirror:m1]\nhost = h\nidentiy_file = /x\n[mirors:m2]\nhost = h\n")
-    with caplog.at_level(logging.WARNING, logger="syncd.config"):
-        cfg = config.load(path)
-    assert cfg.mirrors[0].identity_file is None
-    text = caplog.text
-    assert "[mirror:m1] identiy_file: unknown key ignored (did you mean identity_file?)" in text
-    assert "unknown section [mirors:m2]" in text
+# An unknown key or section used to be a warning, its default silently used
+# (issue 28: "shedule" fell back to hourly, "exlude" published what was meant
+# to stay out, "[mirror tier1]" was dropped).  It is now an error, with a hint.
+UNKNOWN = [
+    ("key", NODE + "[mirror:m1]\nhost = h\nidentiy_file = /x\n",
+     "[mirror:m1] identiy_file: unknown key (did you mean identity_file?)"),
+    ("schedule", NODE + "[mirror:m1]\nhost = h\nshedule = */5 * * * *\n",
+     "[mirror:m1] shedule: unknown key (did you mean schedule?)"),
+    ("node-key", NODE + "exlude = *.iso\n", "[node] exlude: unknown key (did you mean exclude?)"),
+    ("no-hint", NODE + "colour = blue\n", "[node] colour: unknown key"),
+    ("space-for-colon", NODE + "[mirror tier1]\nhost = h\n",
+     "[mirror tier1]: unknown section (did you mean [mirror:tier1]?)"),
+    ("misspelt-section", NODE + "[mirors:m2]\nhost = h\n",
+     "[mirors:m2]: unknown section (did you mean [mirror:m2]?)"),
+    ("verify", NODE + "[verfy]\nkeyring = /x\n", "[verfy]: unknown section (did you mean [verify]?)"),
+    ("unrelated", NODE + "[printer]\nhost = h\n", "[printer]: unknown section"),
+]
+
+
+@pytest.mark.parametrize("case,text,fragment", UNKNOWN, ids=[u[0] for u in UNKNOWN])
+def test_unknown_key_or_section_is_an_error_with_a_hint(dirs, case, text, fragment, capsys) -> None:  # noqa: ANN001
+    path = write(dirs, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: {fragment}"
+    assert main(["-c", str(path), "status"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"{path}: {fragment}"), err
+    if "did you mean" not in fragment:
+        assert "did you mean" not in err[0]
+
+
+def test_log_level(dirs: dict[str, Path]) -> None:
+    assert config.load(write(dirs, NODE)).node.log_level == "info"
+    assert config.load(write(dirs, NODE + "log_level = DEBUG\n")).node.log_level == "debug"
+    with pytest.raises(ConfigError, match=r"\[node\] log_level: expected one of debug, info, warning, error"):
+        config.load(write(dirs, NODE + "log_level = loud\n"))
+
+
+def test_filter_keys_and_their_order(dirs: dict[str, Path]) -> None:
+    inc = dirs["tmp"] / "include.txt"
+    inc.write_text("# comment\n; another\n\n*/binary-amd64/\n- *.old\nname with space\r\n")
+    exc = dirs["tmp"] / "exclude.txt"
+    exc.write_text("*.iso\n+ keep.iso\n")
+    mexc = dirs["tmp"] / "mirror-exclude.txt"
+    mexc.write_text("/private/\n")
+    text = NODE + (
+        "include = a b\n"
+        f"include_from = {inc}\n"
+        "filter =\n    - *.tmp   ; inline comment\n    include /keep/\n    - /*\n"
+        "exclude = c\n"
+        f"exclude_from = {exc}\n"
+        "[mirror:m1]\nhost = h\ninclude = m\nfilter = + /m/\nexclude = x\n"
+        f"exclude_from =\n    {mexc}\n"
+    )
+    cfg = config.load(write(dirs, text))
+    assert cfg.node.filter == ("- *.tmp", "+ /keep/", "- /*")
+    assert cfg.node.include_from[0].path == inc
+    assert cfg.node.include_from[0].rules == ("+ */binary-amd64/", "- *.old", "+ name with space")
+    assert cfg.node.exclude_from[0].rules == ("- *.iso", "+ keep.iso")
+    assert cfg.filter_rules(cfg.mirrors[0]) == [
+        "+ m", "+ a", "+ b", "+ */binary-amd64/", "- *.old", "+ name with space",  # includes
+        "+ /m/", "- *.tmp", "+ /keep/", "- /*",  # the ordered rules
+        "- x", "- /private/", "- c", "- *.iso", "+ keep.iso",  # excludes
+    ]
+    # Without the new keys, the order is what it always was: includes, then excludes.
+    old = config.load(write(dirs, NODE + "include = a\nexclude = b\n[mirror:m1]\nhost = h\ninclude = c\n"))
+    assert old.filter_rules(old.mirrors[0]) == ["+ c", "+ a", "- b"]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("filter = * x\n", "[node] filter: filter rule '* x': expected '+ PATTERN' or '- PATTERN'"),
+    ("filter =\n    - ok\n    - [abc\n", "[node] filter: filter pattern '[abc': unterminated '['"),
+    ("filter = : .rsync-filter\n", "expected '+ PATTERN' or '- PATTERN'"),
+    ("exclude_from = {root}/none.txt\n", "[node] exclude_from: {root}/none.txt: no such file"),
+    ("include_from = {root}/bad.txt\n", "[node] include_from: {root}/bad.txt line 2: filter pattern '[x'"),
+    ("include_from = {root}/clear.txt\n", "line 1: '!' (clear the list) is not supported"),
+])
+def test_bad_filter_keys(dirs: dict[str, Path], text: str, fragment: str) -> None:
+    (dirs["root"] / "bad.txt").write_text("ok\n[x\n")
+    (dirs["root"] / "clear.txt").write_text("!\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(write(dirs, NODE + text))
+    assert fragment.format(root=dirs["root"]) in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_every_key_is_documented_in_the_example_sync_ini() -> None:
