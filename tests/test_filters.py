@@ -255,3 +255,104 @@ def test_random_rules_match_rsync(rsync_tree: Tree, tmp_path: Path, include: lis
 def test_compile_pattern_dir_only() -> None:
     assert compile_pattern("x/")[0] is None
     assert compile_pattern("x")[0] is not None
+
+
+# -- ordered rules (the `filter` key) against rsync's --filter ----------------------
+
+_NAMES = st.sampled_from(["a", "b", "ab", "x.iso", "main", "pool", "c.d", "keep"])
+_TREES = st.lists(st.lists(_NAMES, min_size=1, max_size=4), min_size=1, max_size=14)
+
+
+def _make_tree(base: Path, paths: list[list[str]]) -> set[tuple[bytes, bool]]:
+    """Files at ``paths`` (a path that would need a file as a directory, or
+    that is a directory already, is left out); the (path, is_dir) entries."""
+    files: set[tuple[str, ...]] = set()
+    dirs: set[tuple[str, ...]] = set()
+    for parts in paths:
+        p = tuple(parts)
+        if p in dirs or p in files or any(p[:i] in files for i in range(1, len(p))):
+            continue
+        files.add(p)
+        dirs.update(p[:i] for i in range(1, len(p)))
+    for p in sorted(dirs, key=len):
+        (base / "/".join(p)).mkdir(exist_ok=True)
+    for p in files:
+        (base / "/".join(p)).write_text("/".join(p))
+    return {("/".join(p).encode(), False) for p in files} | {("/".join(p).encode(), True) for p in dirs}
+
+
+def _rsync_keeps(src: Path, dst: Path, args: list[str]) -> set[bytes]:
+    return _rsync_transfers(src, dst, args)
+
+
+@pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_TREES, st.lists(st.tuples(st.sampled_from("+-"), _PATTERNS).map(" ".join), min_size=1, max_size=5))
+def test_ordered_rules_match_rsync_filter(tmp_path_factory: pytest.TempPathFactory, paths: list[list[str]],
+                                          rules: list[str]) -> None:
+    """Random trees and random ordered rule lists (interleaved '+' and '-'):
+    the paths a Filter keeps are the ones rsync copies with the same
+    ``--filter`` rules, in the same order."""
+    base = tmp_path_factory.mktemp("ordered")
+    src, dst = base / "src", base / "dst"
+    src.mkdir()
+    dst.mkdir()
+    entries = _make_tree(src, paths)
+    expected = _rsync_keeps(src, dst, [f"--filter={r}" for r in rules])
+    assert _ours(Filter.parse(rules), entries) == expected, rules
+    shutil.rmtree(base)
+
+
+@pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
+@pytest.mark.parametrize("rules", [
+    ["+ a/", "- *"],  # the directory is kept, its contents are not (they match '- *')
+    ["+ a/", "+ a/**", "- *"],
+    ["+ /pool/", "+ /pool/main/***", "- /pool/*", "- x.iso"],
+    ["- *.iso", "+ /main/***", "- /*"],
+    ["+ */", "+ *.iso", "- *"],  # every directory, only the ISOs
+    ["- b/", "+ b", "- *"],
+    ["+ keep.txt", "- a/b/*", "+ a/", "- a"],
+    ["- /a/b/", "+ /a/***", "- *"],
+])
+def test_ordered_rule_examples_match_rsync(rsync_tree: Tree, tmp_path: Path, rules: list[str]) -> None:
+    src, entries = rsync_tree
+    (tmp_path / "dst").mkdir()
+    expected = _rsync_keeps(src, tmp_path / "dst", [f"--filter={r}" for r in rules])
+    assert _ours(Filter.parse(rules), entries) == expected
+
+
+@pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
+def test_config_rules_match_rsync_with_the_same_options(rsync_tree: Tree, tmp_path: Path) -> None:
+    """include, include_from, filter, exclude, exclude_from of a [node] and a
+    [mirror:NAME] give the rules rsync applies with the options in the
+    order sync.ini documents: includes (mirror's, node's), filters, excludes."""
+    from syncd import config
+
+    src, entries = rsync_tree
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "inc.txt").write_text("# which to keep\nkeep.txt\n; and\n\n- pool/main/\n")
+    (tmp_path / "exc.txt").write_text("*.iso\n+ a/x.iso\nc.d/\n")
+    (tmp_path / "mexc.txt").write_text("/b/\n")
+    ini = tmp_path / "sync.ini"
+    ini.write_text(
+        f"[node]\nname = p\nroot = {root}\nstate_dir = {tmp_path / 'state'}\n"
+        f"include = ab\ninclude_from = {tmp_path / 'inc.txt'}\n"
+        "filter =\n    - main/a/\n    + main/\n    + main/***\n"
+        f"exclude = /main/x.iso/\nexclude_from = {tmp_path / 'exc.txt'}\n"
+        "[mirror:m]\nhost = h\ninclude = b/a/ab\nfilter = - /pool/b\n"
+        f"exclude_from = {tmp_path / 'mexc.txt'}\n"
+    )
+    cfg = config.load(ini)
+    rules = cfg.filter_rules(cfg.mirrors[0])
+    args = [
+        "--include=b/a/ab",  # the mirror's includes, then the node's
+        "--include=ab", f"--include-from={tmp_path / 'inc.txt'}",
+        "--filter=- /pool/b",  # the mirror's filter, then the node's
+        "--filter=- main/a/", "--filter=+ main/", "--filter=+ main/***",
+        f"--exclude-from={tmp_path / 'mexc.txt'}",  # the mirror's excludes, then the node's
+        "--exclude=/main/x.iso/", f"--exclude-from={tmp_path / 'exc.txt'}",
+    ]
+    (tmp_path / "dst").mkdir()
+    expected = _rsync_keeps(src, tmp_path / "dst", args)
+    assert _ours(Filter.parse(rules), entries) == expected, rules
