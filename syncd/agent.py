@@ -70,6 +70,7 @@ from .lock import StateLock
 from .manifest import (
     KIND_DIR,
     KIND_FILE,
+    KIND_LETTERS,
     KIND_SYMLINK,
     META_HELD_BACK,
     META_REPAIR,
@@ -117,8 +118,8 @@ ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, gen
 #: ``file`` message's ``offset``, ``fuzzy``: begin's ``fuzzy``, with
 #: new files put off to ``planned`` while their basis is looked for, and
 #: ``hardlinks``: the groups a ``begin`` with ``hardlinks`` names in its
-#: ``entries`` (``links``).
-FEATURES = ("sparse", "resume", "fuzzy", "hardlinks")
+#: ``entries`` (``links``), and ``itemize``: rsync's %i in each item.
+FEATURES = ("sparse", "resume", "fuzzy", "hardlinks", "itemize")
 # How many findings a held-back generation's error message and meta quote.
 FINDINGS_QUOTED = 5
 # New data files published while the push still arrives: in batches of at
@@ -260,6 +261,7 @@ class _Plan:
     basis_of: dict[bytes, bytes] = field(default_factory=dict)  # path -> the file its delta is against
     basis_sigs: dict[bytes, Any] = field(default_factory=dict)  # basis -> its signature's Future, the last few
     defer: bool = False  # the pusher keeps a file answered "later" until "planned" (begin: fuzzy)
+    itemize: bool = False  # each item carries rsync's %i (begin: itemize)
     basis_tries: int = 0  # new files that looked for a basis (BASIS_MAX_FILES)
     # Hard links: the pusher names the groups (rows not named are files of one name).
     hardlinks: bool = False
@@ -1441,6 +1443,7 @@ class Agent:
             seen=_PathSet(where=self.staging),
             defer=bool(msg.get("fuzzy")) and self.version >= (1, 3),
             hardlinks=msg.get("hardlinks") is True,
+            itemize=bool(msg.get("itemize")),
         )
         self.force_deletes = bool(msg.get("force_deletes"))
         if not self.plan.dry_run and self._importer is None and not self._began_empty:
@@ -1530,6 +1533,8 @@ class Agent:
             item = self._decide_linked(row, st)
         else:
             item = self._decide_row(row, st)
+        if plan.itemize and item is not _ASK_BASIS:
+            item = self._itemized(row, st, item)
         if item is _ASK_BASIS:
             plan.rows.append(row)
             return None  # answered at the end of its batch, or in "planned"
@@ -1540,6 +1545,30 @@ class Agent:
             return None
         plan.rows.append(row)
         return item
+
+    def _itemized(self, row: _Row, st: os.stat_result | None, item: list | None) -> list | None:
+        """``item`` with rsync's %i added (begin's ``itemize``).  A directory
+        whose only change is its time gets an item of its own (the commit
+        sets that time without one): rsync lists it too."""
+        if item is None:
+            if row.kind != KIND_DIR or row.deleted or st is None or st.st_mtime_ns == row.mtime_ns:
+                return None
+            item = [planmod.META, row.path, None, None, None]
+        item.append(self._flags(row, st, item[0]))
+        return item
+
+    def _flags(self, row: _Row, st: os.stat_result | None, action: str) -> str:
+        """rsync's %i of one item, '/' after it when the path is a directory."""
+        if action == planmod.DELETE:
+            return planmod.DELETING + ("/" if st is not None and stat.S_ISDIR(st.st_mode) else "")
+        kind = KIND_LETTERS[row.kind]
+        retarget = action == planmod.LINK and st is not None and stat.S_ISLNK(st.st_mode)
+        flags = planmod.itemize(kind, st, size=row.size, mtime_ns=row.mtime_ns, mode=row.mode,
+                                transfer=action in (planmod.NEW, planmod.DELTA, planmod.COPY),
+                                target_changed=retarget)
+        if action == planmod.HLINK:
+            flags = planmod.hard_link_flags(flags)
+        return flags + ("/" if kind == "d" else "")
 
     def _recorded(self, row: _Row, st: os.stat_result | None) -> bool:
         known = self._manifest_row(row.path)
@@ -1772,7 +1801,10 @@ class Agent:
             if item is None and not final and plan.defer:
                 plan.deferred.append(row)
                 item = [planmod.NEW, row.path, "later", None, None]
-            items.append(item or [planmod.NEW, row.path, "whole", None, None])
+            item = item or [planmod.NEW, row.path, "whole", None, None]
+            if plan.itemize and item[2] != "later":
+                item.append(self._flags(row, self.root.lstat(row.path), item[0]))
+            items.append(item)
         return items
 
     def _delta_from(self, row: _Row, basis: bytes) -> list | None:
@@ -1939,7 +1971,8 @@ class Agent:
                 if protects(self.cfg, path):
                     continue
                 self.plan.deletes.append(path)
-                items.append([planmod.DELETE, path, None, None, None])
+                items.append([planmod.DELETE, path, None, None, None]
+                             + ([planmod.DELETING + ("/" if is_dir else "")] if self.plan.itemize else []))
                 if not is_dir and split(path)[0] in basis_dirs and (st := self.root.lstat(path)) is not None:
                     self._basis_candidate(path, st)
                 known = None if is_dir else self._manifest_row(path)

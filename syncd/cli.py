@@ -21,50 +21,11 @@ from .errors import EXIT_FAILURE, ManifestError, SyncdError, UsageError
 
 log = logging.getLogger("syncd")
 
-# syslog priorities, for journald's "<N>" line prefix.
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class _JournalFormatter(logging.Formatter):
-    """Under systemd, stderr goes to the journal: prefix the priority, no timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = _PRIORITY.get(record.levelno, 6)
-        return f"<{prio}>{record.name}: {record.getMessage()}" + (
-            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
-        )
-
-
-def _stderr_is_journal() -> bool:
-    stream = os.environ.get("JOURNAL_STREAM")
-    if not stream:
-        return False
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-def setup_logging(verbosity: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if _stderr_is_journal():
-        handler.setFormatter(_JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("syncd").setLevel(
-        logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity >= 1 else logging.WARNING
-    )
-
 
 def _load_config(args: argparse.Namespace):  # noqa: ANN202
     from . import config
 
-    return config.load(getattr(args, "agent_config", None) or args.config)
+    return config.load(args.config)
 
 
 # -- commands ----------------------------------------------------------------
@@ -86,7 +47,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 cfg.node.root,
                 manifest,
                 workers=cfg.node.hash_workers,
-                on_change=None if args.quiet else show,
+                on_change=None if args.quiet else show,  # -q: the summary line only
             )
     out.write(result.summary() + "\n")
     return 0
@@ -105,11 +66,11 @@ def _state_lock(cfg, purpose: str):  # noqa: ANN001, ANN202
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.once:
-        if args.dry_run or args.force_deletes or args.mirror:
-            raise UsageError("--dry-run, --force-deletes and --mirror go with --once")
+        if args.dry_run or args.force_deletes or args.mirror or args.full or args.itemize:
+            raise UsageError("--dry-run, --force-deletes, --full, --mirror and -i go with --once")
         from .daemon import run_daemon
 
-        return run_daemon(getattr(args, "config", None))
+        return run_daemon(args.config, verbosity=args.verbosity)
     from .push import Link
 
     cfg = _load_config(args)
@@ -127,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def show(mirror: str, item) -> None:  # noqa: ANN001 - a plan.Item
         with printing:
-            out.write(f"{mirror}: {item.line()}\n")
+            out.write(f"{mirror}: {item.itemized() if args.itemize else item.line()}\n")
 
     with _state_lock(cfg, "run --once"):
         # The SSH handshakes and the remote agents' start (docs/performance.md,
@@ -143,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             results = run_once(
                 cfg, mirrors, links=links, dry_run=args.dry_run, force_deletes=args.force_deletes,
-                cascade=not args.no_cascade, verify=not args.no_verify,
+                cascade=not args.no_cascade, verify=not args.no_verify, full=args.full,
                 on_item=show if (args.dry_run or args.itemize) else None,
             )
         finally:
@@ -278,9 +239,18 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f", first: {first[0]}" if first else "") + "; serving the last good generation")
     pw = report.prewarm
     if pw is not None:
-        done = pw.get("phase") in ("done", "failed")
-        fields = ", ".join(f"{k} {v}" for k, v in sorted(pw.items()) if not isinstance(v, (dict, list)))
-        print(f"  {'last prewarm' if done else 'prewarm in progress'}: {fields}")
+        from .status import iso
+
+        shown = {k: (iso(v * 1e9) if k in ("started", "updated") and isinstance(v, (int, float)) else v)
+                 for k, v in pw.items() if k != "running" and not isinstance(v, (dict, list))}
+        fields = ", ".join(f"{k} {v}" for k, v in sorted(shown.items()))
+        if "error" in pw or pw.get("phase") in ("done", "failed"):
+            print(f"  last prewarm: {fields}")
+        elif pw.get("running"):
+            print(f"  prewarm in progress: {fields}")
+        else:
+            print(f"  prewarm interrupted (process {pw.get('pid', '?')} is gone): {fields}; "
+                  f"'syncd prewarm {pw.get('mirror', 'NAME')}' resumes it")
     for m in report.mirrors:
         _show_mirror(m, "  ")
     return 0
@@ -315,6 +285,56 @@ def _show_mirror(m, indent: str) -> None:  # noqa: ANN001 - a status.MirrorStatu
 # -- parser ------------------------------------------------------------------
 
 
+ITEMIZE_LEGEND = """\
+-i prints one line per change, as rsync's -i (its %i), with the mirror's name:
+  MIRROR: YXcstpoguax PATH
+
+  Y  >  a file is received: sent whole, as a delta, or copied from a file the
+        mirror has with the same content (rsync says > for its own local
+        basis too)
+     c  a directory or symlink is made or changed
+     .  nothing but attributes change
+     *  a message: *deleting
+  X  f file, d directory (PATH ends in '/'), L symlink (PATH -> TARGET)
+  then, for each attribute: + new, . unchanged, or its letter when it changes:
+     c  a symlink's target    s  a file's size    t  the modification time
+     p  the permissions       (o g u a x: owner, group, atime, ACLs and
+                              xattrs, which syncd does not copy: always .)
+
+  >f+++++++++ new file      >f.st...... changed file   .f...p..... mode only
+  cd+++++++++ new directory .d..t...... directory time cL+++++++++ new symlink
+  cLc.t...... symlink retargeted                       *deleting   removed
+
+Where it differs from rsync -rlptHi --delete (as rsync prints a local copy;
+pushing to a remote host, rsync says < where this says >):
+  syncd compares contents (SHA-256), as rsync does only with --checksum: a
+  file whose content is the same but whose time differs is .f..t......
+  (rsync: >f..t......); times are compared to the nanosecond (rsync: to the
+  second); the root's own time (rsync's ./ line) is not listed.
+"""
+
+
+def _common_options(parser: argparse.ArgumentParser, *, after: bool) -> None:
+    """-c, -v and -q, before the command (``after`` False) and after it.
+
+    After it they must not overwrite what was given before when absent
+    (SUPPRESS), and -v/-q count into their own names, added up by main():
+    ``syncd -v run -v`` is -vv.
+    """
+    suffix = "_after" if after else ""
+    parser.add_argument(
+        "-c", "--config", type=Path, default=argparse.SUPPRESS if after else None,
+        help="config file (default: $SYNCD_CONFIG, then /etc/syncd/sync.ini)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", dest="verbose" + suffix,
+                        default=argparse.SUPPRESS if after else 0,
+                        help="more log output; -vv: debug (the daemon starts from [node] log_level, "
+                             "other commands from warnings)")
+    parser.add_argument("-q", "--quiet", action="count", dest="quiet" + suffix,
+                        default=argparse.SUPPRESS if after else 0,
+                        help="less log output (errors are always shown)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PROBE_TIMEOUT
 
@@ -323,43 +343,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Incremental mirror synchronization daemon.",
     )
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
-    parser.add_argument(
-        "-c", "--config", type=Path, default=None,
-        help="config file (default: $SYNCD_CONFIG, then /etc/syncd/sync.ini)",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    _common_options(parser, after=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, after=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("scan", help="walk root, update the manifest, print what changed")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    def command(name: str, **kw: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = command("scan", help="walk root, update the manifest, print what changed",
+                description="Walk root, update the manifest, print what changed (-q: only the summary line).")
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("run", help="push changes to every downstream (--once: one push, then exit)")
+    p = command("run", help="push changes to every downstream (--once: one push, then exit)",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ITEMIZE_LEGEND)
     p.add_argument("--once", action="store_true", help="scan, push to each mirror once, exit 0 only if all succeeded")
+    p.add_argument("--full", action="store_true",
+                   help="with --once: a full comparison (every path listed, what the mirror has beyond "
+                        "the primary deleted), as the scheduled reconciles do, instead of the changes since "
+                        "the generation each mirror holds")
     p.add_argument("--dry-run", action="store_true", help="print the plan per file and change nothing on the mirrors")
     p.add_argument("--force-deletes", action="store_true", help="allow a plan that deletes more than max_delete")
     p.add_argument("--mirror", metavar="NAME[,NAME]", help="push only to these mirrors")
-    p.add_argument("-i", "--itemize", action="store_true", help="print each change, like rsync -i")
+    p.add_argument("-i", "--itemize", action="store_true",
+                   help="print each change as rsync -i does (the legend is below)")
     p.add_argument("--no-cascade", action="store_true",
                    help="push to the direct downstreams only; do not ask them to push on")
     p.add_argument("--no-verify", action="store_true",
                    help="push even if this node's own signatures or Release/repomd checksums fail")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("verify", help="re-hash the tree against the manifest and check signatures")
+    p = command("verify", help="re-hash the tree against the manifest and check signatures")
     p.add_argument("--repair", action="store_true",
                    help="on a mirror: have its upstream repair the findings on its next push")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("agent", help="the remote end of a push, speaking the protocol on stdin/stdout")
-    p.add_argument("--config", dest="agent_config", type=Path, default=None,
-                   help="config file (the same as -c)")
+    p = command("agent", help="the remote end of a push, speaking the protocol on stdin/stdout")
     p.add_argument("--stage", action="store_true",
                    help="stage-only mode for prewarm's parallel streams: writes only state_dir/staging")
     p.set_defaults(func=cmd_agent)
 
-    p = sub.add_parser("prewarm", help="fill a new or stale downstream, in parallel and resumably")
+    p = command("prewarm", help="fill a new or stale downstream, in parallel and resumably")
     p.add_argument("name", metavar="NAME", help="the [mirror:NAME] to fill")
     p.add_argument("--from", dest="sources", metavar="MIRROR,...",
                    help="sources to consider: other [mirror:X] sections holding this node's generation, "
@@ -374,16 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSH client for the parallel streams (default: OpenSSH's ssh when installed)")
     p.set_defaults(func=cmd_prewarm)
 
-    p = sub.add_parser("status", help="generation, size and per-downstream state")
+    p = command("status", help="generation, size and per-downstream state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import logs
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args.quiet = args.quiet + getattr(args, "quiet_after", 0)
+    args.verbosity = args.verbose + getattr(args, "verbose_after", 0) - args.quiet
+    daemon = args.func is cmd_run and not args.once
+    # The daemon's level is [node] log_level once its config is read: until
+    # then (a config error) that key's default.
+    logs.setup(logs.level_for("info" if daemon else "warning", args.verbosity), agent=args.func is cmd_agent)
     try:
         return args.func(args)
     except SyncdError as err:

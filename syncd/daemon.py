@@ -44,7 +44,7 @@ from apscheduler.triggers.cron import CronTrigger
 from watchdog.observers import Observer
 
 from . import config as configmod
-from . import notify
+from . import logs, notify
 from .config import Config, MirrorConfig
 from .errors import ConfigError, LockedError, SyncdError
 from .lock import StateLock
@@ -124,9 +124,11 @@ class MirrorWorker(threading.Thread):
 
 
 class Daemon:
-    def __init__(self, config_path: Path | None) -> None:
+    def __init__(self, config_path: Path | None, verbosity: int = 0) -> None:
         self.config_path = config_path
+        self.verbosity = verbosity  # -v's count minus -q's, on top of [node] log_level
         self.cfg: Config = configmod.load(config_path)
+        logs.set_level(logs.level_for(self.cfg.node.log_level, verbosity))
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload_wanted = False
@@ -252,8 +254,9 @@ class Daemon:
         self.scans += 1
         if self.metrics is not None:
             self.metrics.scanned(self.manifest.generation)
-        if result.changes:
-            log.info("%s: %s", node.name, result.summary())
+        # One line per scan, changes or none: the log shows the daemon at work.
+        what = "full scan" if dirs is None else f"scan of {len(dirs)} dir(s)"
+        log.info("%s: %s: %s", node.name, what, result.summary())
         if self.manifest.generation != before:
             notify.status(f"generation {self.manifest.generation}")
             self._request_all()
@@ -327,6 +330,9 @@ class Daemon:
         notify.status(f"generation {generation} not pushed: its own checks failed")
 
     def pushed(self, worker: MirrorWorker, result: PushResult) -> None:
+        # One line per push.  (run --once prints its results instead: a
+        # failed push was said twice when push_with_retries logged it too.)
+        (log.info if result.ok else log.error)("%s", result.summary())
         if self.metrics is not None:
             self.metrics.pushed(result, self.manifest.generation)
         # A failed tier-1 hands its edges (mirrors with via = it) to us.
@@ -384,6 +390,7 @@ class Daemon:
         for w in self.workers.values():
             w.join(STOP_GRACE)
         self.cfg = new
+        logs.set_level(logs.level_for(new.node.log_level, self.verbosity))
         self.slots = threading.BoundedSemaphore(new.node.parallel_pushes)
         self._start_workers()
         self._start_scheduler()
@@ -419,5 +426,5 @@ class _Handler:
             self.d.mark_dirty(dirs)
 
 
-def run_daemon(config_path: Path | None) -> int:
-    return Daemon(config_path).run()
+def run_daemon(config_path: Path | None, verbosity: int = 0) -> int:
+    return Daemon(config_path, verbosity).run()

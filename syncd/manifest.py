@@ -71,6 +71,7 @@ KIND_FILE = 0
 KIND_DIR = 1
 KIND_SYMLINK = 2
 KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink"}
+KIND_LETTERS = {KIND_FILE: "f", KIND_DIR: "d", KIND_SYMLINK: "L"}  # rsync's, in its %i
 
 class _Schema:
     """The tables, declared with SQLAlchemy Core, built on first use.

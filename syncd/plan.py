@@ -9,7 +9,9 @@ of its arguments, so property tests can drive it directly.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -179,6 +181,11 @@ class Item:
     path: bytes
     size: int = 0
     source: bytes | None = None  # COPY: the edge's existing file with the same content; HLINK: the name linked to
+    #: rsync's ``%i`` of this change as the agent saw it (``itemize``), or
+    #: None from an agent that does not itemize.
+    flags: str | None = None
+    is_dir: bool = False
+    target: bytes | None = None  # a symlink's target, shown as rsync shows it
 
     def line(self) -> str:
         text = f"{self.action:<7}{self.path.decode('utf-8', 'backslashreplace')}"
@@ -186,6 +193,84 @@ class Item:
             source = self.source.decode('utf-8', 'backslashreplace')
             text += f" => {source}" if self.action == HLINK else f"  (from {source})"
         return text
+
+    def itemized(self) -> str:
+        """``FLAGS PATH`` as ``rsync -i`` prints it: '/' after a directory,
+        `` -> TARGET`` after a symlink."""
+        flags = self.flags or _GUESS.get(self.action, "?") + "?" * 10
+        text = f"{flags:<11} {self.path.decode('utf-8', 'backslashreplace')}"
+        if self.is_dir:
+            text += "/"
+        if self.target is not None:
+            text += " -> " + self.target.decode("utf-8", "backslashreplace")
+        if self.action == HLINK and self.source is not None:
+            text += " => " + self.source.decode("utf-8", "backslashreplace")
+        return text
+
+    @classmethod
+    def from_wire(cls, raw: list, size: int, kind: str | None, target: bytes | None) -> "Item":
+        """An item of ``needs``/``planned`` (already checked but for its
+        optional sixth field, ``itemize``); ``kind`` ("f", "d", "L") and
+        ``target`` as this node's manifest has the path, None if it lacks it."""
+        action, path, _need, source = raw[:4]
+        flags = raw[5] if len(raw) > 5 else None
+        is_dir = kind == "d"
+        if flags is not None:
+            if not isinstance(flags, str) or not _FLAGS_RE.fullmatch(flags):
+                raise ValueError(f"itemize {flags!r:.40} is not rsync's %i")
+            is_dir = flags.endswith("/")
+            flags = flags.rstrip("/")
+        elif action == DELETE:  # an agent that does not itemize: what is known
+            flags = DELETING
+        elif kind is not None:
+            flags = _GUESS.get(action, "?") + kind + "?" * 9
+        return cls(action, path, size, source if isinstance(source, bytes) else None, flags, is_dir,
+                   target if kind == "L" and action != DELETE else None)
+
+
+# rsync's %i: update type, file type, nine attributes; or the deletion message.
+# On the wire a '/' follows when the path is a directory.
+DELETING = "*deleting  "
+_FLAGS_RE = re.compile(r"(?:[<>ch.][fdLDS][.+ ?cstTpoguax]{9}|\*deleting  )/?")
+_GUESS = {NEW: ">", DELTA: ">", COPY: ">", META: ".", LINK: "c", DIR: "c", DELETE: "*", HLINK: "h"}
+
+
+def itemize(kind: str, st: os.stat_result | None, *, size: int, mtime_ns: int, mode: int,
+            transfer: bool = False, target_changed: bool = False) -> str:
+    """rsync's ``%i`` for one path a push changes on an edge (what ``rsync
+    -rlptHi`` prints for it), from the edge's lstat ``st`` (None: absent) and
+    what the path becomes: ``kind`` "f", "d" or "L", its ``size`` (files),
+    ``mtime_ns`` and ``mode``; ``transfer``: a file's content is written
+    (sent, patched or copied from a file of the same content);
+    ``target_changed``: a symlink that exists points elsewhere.
+
+    Owner, group, atimes, ACLs and xattrs are not what syncd copies: their
+    letters stay '.'.  Without rsync's --checksum, rsync never says 'c' of a
+    regular file: neither does this.
+    """
+    is_type = {"f": stat.S_ISREG, "d": stat.S_ISDIR, "L": stat.S_ISLNK}[kind]
+    if st is None or not is_type(st.st_mode):
+        return (">" if kind == "f" else "c") + kind + "+" * 9
+    if kind == "f":
+        update = ">" if transfer else "."
+    else:
+        update = "c" if target_changed else "."
+    return "".join((
+        update, kind,
+        "c" if target_changed else ".",
+        "s" if kind == "f" and st.st_size != size else ".",
+        "t" if st.st_mtime_ns != mtime_ns else ".",
+        "p" if kind != "L" and stat.S_IMODE(st.st_mode) != mode else ".",
+        ".....",
+    ))
+
+
+def hard_link_flags(flags: str) -> str:
+    """``flags`` (of the file a name becomes) for a name made one more link
+    of another name's file: rsync -H says ``h``, and spaces for attributes
+    when none changes (``hf          b => a``)."""
+    attrs = flags[2:]
+    return "h" + flags[1] + (" " * len(attrs) if attrs == "." * len(attrs) else attrs)
 
 
 def summarize(items: Iterable[Item]) -> dict[str, int]:

@@ -43,7 +43,7 @@ from .errors import (
     error_from_wire,
 )
 from .filters import Filter
-from .manifest import KIND_DIR, KIND_FILE, Entry, Manifest, fspath
+from .manifest import KIND_DIR, KIND_FILE, KIND_LETTERS, Entry, Manifest, fspath
 from .plan import COMPRESSED_SUFFIXES
 from .protocol import PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 
@@ -157,6 +157,16 @@ class PushResult:
 def filter_rules(cfg: Config, mirror: MirrorConfig) -> list[str]:
     """The rules a push to ``mirror`` sends in ``begin`` (their order: Config.filter_rules)."""
     return cfg.filter_rules(mirror)
+
+
+def _quoting(err: SyncdError, tail: str) -> SyncdError:
+    """``err`` with the agent's last stderr line quoted, unless that line
+    says what ``err`` says already (the agent logs the error it sends)."""
+    last = tail.splitlines()[-1]
+    said = last.partition(": ")[2]
+    if said and said in str(err):
+        return type(err)(str(err))
+    return type(err)(f"{err} (agent stderr: {last})")
 
 
 class _TokenBucket:
@@ -331,7 +341,7 @@ class Link:
                     self.stderr_tail = ""  # quoted here; run() must not quote it again
                     # An agent that could not start says why (a broken config
                     # on the mirror, a missing root): quote its last line.
-                    raise type(err)(f"{err} (agent stderr: {tail.splitlines()[-1]})") from err
+                    raise _quoting(err, tail) from err
                 raise
             self._session, self._ch = session, ch
         return self._ch
@@ -422,7 +432,7 @@ class Pusher:
             link.drop()  # a push that did not end cleanly leaves the link unusable
             if isinstance(err, (ProtocolError, ConnectionLostError)) and link.stderr_tail:
                 # An agent that died says why on its stderr: quote its last line.
-                raise type(err)(f"{err} (agent stderr: {link.stderr_tail.splitlines()[-1]})") from err
+                raise _quoting(err, link.stderr_tail) from err
             raise
         finally:
             if own:
@@ -574,6 +584,8 @@ class Pusher:
             # Each batch names its rows of several names ("links"): the
             # others are files of one name.
             begin["hardlinks"] = True
+        if "itemize" in self.features and self.on_item is not None:
+            begin["itemize"] = True  # each item then carries rsync's %i
         w.message(begin)
         # Entries are kept only while their batch is in flight or their file
         # is unacknowledged: memory follows the window, not the tree.
@@ -738,9 +750,9 @@ class Pusher:
             self._resume[offer[0]] = offer[1]
 
     def _item(self, ch: _Channel, result: PushResult, raw: Any) -> None:
-        if not isinstance(raw, list) or len(raw) != 5:
-            raise ProtocolError("needs: an item is not a list of 5 fields")
-        action, path, need, source, sig_stream = raw
+        if not isinstance(raw, list) or len(raw) not in (5, 6):
+            raise ProtocolError("needs: an item is not a list of 5 or 6 fields")
+        action, path, need, source, sig_stream = raw[:5]
         if action not in planmod.ACTIONS or not isinstance(path, bytes):
             raise ProtocolError(f"needs: bad item {raw!r:.80}")
         entry = self._by_path.get(path)
@@ -752,7 +764,12 @@ class Pusher:
             self._later.add(path)
             return
         self._later.discard(path)
-        item = planmod.Item(action, path, entry.size if entry else 0, source if isinstance(source, bytes) else None)
+        known = entry is not None and not entry.deleted
+        try:
+            item = planmod.Item.from_wire(raw, entry.size if entry else 0, KIND_LETTERS[entry.kind] if known else None,
+                                          entry.target if known else None)
+        except ValueError as err:
+            raise ProtocolError(f"needs: {fspath(path)}: {err}") from None
         result.items.append(item)
         if self.on_item is not None:
             self.on_item(self.mirror.name, item)
@@ -1026,6 +1043,7 @@ def push_tree(
     cascade: bool = True,
     links: dict[str, Link] | None = None,
     feed: Any = None,
+    force_full: bool = False,
 ) -> list[PushResult]:
     """Push to every direct downstream at once (each cascading to its subtree).
 
@@ -1052,7 +1070,7 @@ def push_tree(
                     link.close()  # the mirror's settings changed: a new session
                 link = links[m.name] = Link(m)
         return push_with_retries(cfg, m, manifest, dry_run=dry_run, force_deletes=force_deletes,
-                                 on_item=on_item, cascade=cascade, link=link, feed=feed)
+                                 on_item=on_item, cascade=cascade, link=link, feed=feed, force_full=force_full)
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.node.parallel_pushes), thread_name_prefix="push") as pool:
         results = list(pool.map(one, direct))
@@ -1146,9 +1164,6 @@ def push_with_retries(
             manifest.record_downstream(mirror.name, last_error=result.error, last_error_ns=now)
     if result.ok:
         result.error = None
-        log.info("%s", result.summary())
-    else:
-        log.error("%s", result.summary())
     return result
 
 

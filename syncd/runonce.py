@@ -80,6 +80,7 @@ def run_once(
     force_deletes: bool = False,
     cascade: bool = True,
     verify: bool = True,
+    full: bool = False,
     on_item: Callable[[str, Item], None] | None = None,
 ) -> list[PushResult]:
     """Scan (a primary only), check this node's release (unless not
@@ -89,8 +90,9 @@ def run_once(
     closes them all: a failover adds its standby's link there.  The
     results, one per direct mirror with its subtree below it, are kept as
     meta ``last_tree`` for ``status``.  Raises the scan's error or the
-    release's refusal; a failed push is a result, not an error.  The caller
-    holds the state_dir lock.
+    release's refusal; a failed push is a result, not an error.  ``full``:
+    a full comparison with each direct mirror (``run --once --full``).  The
+    caller holds the state_dir lock.
     """
     mirrors = tuple(mirrors)
     with gc_paused(), Manifest.open(cfg.node.state_dir, cfg.node.name) as manifest:
@@ -98,7 +100,7 @@ def run_once(
         def push(feed: ScanFeed | None = None) -> list[PushResult]:
             return push_tree(
                 cfg, manifest, mirrors=mirrors, dry_run=dry_run, force_deletes=force_deletes,
-                on_item=on_item, cascade=cascade, links=links, feed=feed,
+                on_item=on_item, cascade=cascade, links=links, feed=feed, force_full=full,
             )
 
         def checked_scan(feed: ScanFeed | None = None) -> None:

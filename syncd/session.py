@@ -279,7 +279,10 @@ def openssh_error(session: "LocalSession", err: SyncdError) -> SyncdError:
     if "Permission denied" in tail:
         return AuthenticationError(f"{session.label}: {last}")
     if tail:
-        return ConnectionLostError(f"{session.label}: {err} ({last})")
+        said = str(err)
+        # The session's own errors name it already.
+        said = said if said.startswith(f"{session.label}: ") else f"{session.label}: {said}"
+        return ConnectionLostError(f"{said} ({last})")
     return err
 
 

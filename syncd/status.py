@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ class NodeStatus:
     tombstones: int
     #: meta ``held_back`` as the agent wrote it, plus ``at`` (ISO time).
     held_back: dict | None
-    #: prewarm.json's keys as they are, or ``{"error": ...}``.
+    #: prewarm.json's keys as they are, or ``{"error": ...}``; plus
+    #: ``running``: whether the prewarm that wrote it still runs.
     prewarm: dict | None
     mirrors: list[MirrorStatus]
 
@@ -85,10 +88,13 @@ class NodeStatus:
         return dataclasses.asdict(self)
 
 
-def iso(ns: int | None) -> str | None:
+def iso(ns: int | float | None) -> str | None:
+    """ISO 8601 in the local time zone as ``TZ`` (or /etc/localtime) gives it,
+    with its offset; ``Z`` for UTC."""
     if ns is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+    text = datetime.fromtimestamp(ns / 1e9, timezone.utc).astimezone().isoformat(timespec="seconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def node_status(cfg: Config) -> NodeStatus:
@@ -216,7 +222,31 @@ def prewarm_progress(state_dir: Path) -> dict | None:
         state = json.loads(text)
     except ValueError:
         state = None
-    return state if isinstance(state, dict) else {"error": f"{progress}: not a JSON object"}
+    if not isinstance(state, dict):
+        return {"error": f"{progress}: not a JSON object"}
+    state["running"] = state.get("phase") not in ("done", "failed") and _alive(state.get("pid"), state.get("started"))
+    return state
+
+
+def _alive(pid: object, started: object) -> bool:
+    """Whether process ``pid`` runs and is the one that started at ``started``
+    (seconds since the epoch): a prewarm stopped by Ctrl-C or kill -9 leaves
+    its progress file behind, and its PID may since be another process's."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+        with open("/proc/stat", "rb") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    if not isinstance(started, (int, float)) or isinstance(started, bool):
+        return True  # nothing to tell a reused PID by
+    # starttime, field 22 of stat(5): clock ticks after boot (the fields
+    # after the command's ")" start at field 3).
+    began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return began <= started + 1.0  # btime is whole seconds
 
 
 __all__ = ["MirrorStatus", "NodeStatus", "TreeMirror", "iso", "node_status", "prewarm_progress"]

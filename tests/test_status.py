@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from syncd.manifest import META_HELD_BACK, Manifest
@@ -101,14 +102,32 @@ def test_status_shows_held_back_and_prewarm(tmp_path: Path) -> None:
             "generation": 5, "upstream": "tier1", "at_ns": 1_700_000_000_000_000_000, "findings": 2,
             "first": ["dists/stable/InRelease: bad signature"], "kinds": ["bad-signature"],
         }))
-    (node.state / "prewarm.json").write_text(json.dumps({"mirror": "edge-9", "phase": "staging",
-                                                         "bytes_done": 10, "nested": {"x": 1}}))
+    # A prewarm that runs: its PID lives, and started before the progress file said.
+    runner = subprocess.Popen(["sleep", "60"])
+    try:
+        (node.state / "prewarm.json").write_text(json.dumps({
+            "mirror": "edge-9", "phase": "staging", "bytes_done": 10, "nested": {"x": 1}, "pid": runner.pid,
+            "started": time.time() + 0.5,
+        }))
+        report = status(node)
+        assert report["held_back"]["generation"] == 5 and report["held_back"]["at"] == "2023-11-14T22:13:20Z"
+        assert report["prewarm"]["mirror"] == "edge-9" and report["prewarm"]["running"] is True
+        text = syncd(node, "status").stdout
+        assert "held back: generation 5 from tier1 at 2023-11-14T22:13:20Z: 2 finding(s), first: dists/" in text
+        assert f"prewarm in progress: bytes_done 10, mirror edge-9, phase staging, pid {runner.pid}, started 20" in text
+    finally:
+        runner.kill()
+        runner.wait()
+    # The same file once that process is gone (a Ctrl-C, a kill -9): not in progress.
     report = status(node)
-    assert report["held_back"]["generation"] == 5 and report["held_back"]["at"] == "2023-11-14T22:13:20Z"
-    assert report["prewarm"]["mirror"] == "edge-9"
+    assert report["prewarm"]["running"] is False
     text = syncd(node, "status").stdout
-    assert "held back: generation 5 from tier1 at 2023-11-14T22:13:20Z: 2 finding(s), first: dists/" in text
-    assert "prewarm in progress: bytes_done 10, mirror edge-9, phase staging" in text
+    assert f"prewarm interrupted (process {runner.pid} is gone): bytes_done 10" in text
+    assert "'syncd prewarm edge-9' resumes it" in text
+    # A PID that lives but started after the prewarm did is another process.
+    (node.state / "prewarm.json").write_text(json.dumps({"mirror": "edge-9", "phase": "staging",
+                                                         "pid": os.getpid(), "started": 1_000_000}))
+    assert status(node)["prewarm"]["running"] is False
 
     # Whatever a prewarm left behind, status still answers.
     (node.state / "prewarm.json").write_text("{not json")
@@ -122,3 +141,27 @@ def test_status_shows_held_back_and_prewarm(tmp_path: Path) -> None:
     report = status(node)
     assert report["held_back"] is None and report["prewarm"] is None
     assert "held back" not in syncd(node, "status").stdout
+
+
+def test_status_times_are_iso_8601_in_the_zone_tz_says(tmp_path: Path) -> None:
+    node = make_node(tmp_path, "edge")
+    node.write()
+    with Manifest.open(node.state, "edge") as m:
+        m.set_meta(META_HELD_BACK, json.dumps({"generation": 5, "upstream": "tier1",
+                                               "at_ns": 1_700_000_000_000_000_000, "findings": 1}))
+    (node.state / "prewarm.json").write_text(json.dumps({"mirror": "e", "phase": "done",
+                                                         "started": 1_700_000_000, "updated": 1_700_000_060.5}))
+    # POSIX TZ strings: no tzdata needed.  "XYZ-5:30" is 5 h 30 min east of UTC.
+    for tz, at, started, updated in [
+        ("UTC0", "2023-11-14T22:13:20Z", "2023-11-14T22:13:20Z", "2023-11-14T22:14:20Z"),
+        ("XYZ-5:30", "2023-11-15T03:43:20+05:30", "2023-11-15T03:43:20+05:30", "2023-11-15T03:44:20+05:30"),
+        ("ABC+7", "2023-11-14T15:13:20-07:00", "2023-11-14T15:13:20-07:00", "2023-11-14T15:14:20-07:00"),
+    ]:
+        proc = subprocess.run(SYNCD + ["-c", str(node.ini), "status"], capture_output=True, text=True,
+                              env={**os.environ, "TZ": tz}, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"held back: generation 5 from tier1 at {at}:" in proc.stdout, proc.stdout
+        assert f"last prewarm: mirror e, phase done, started {started}, updated {updated}" in proc.stdout
+        proc = subprocess.run(SYNCD + ["-c", str(node.ini), "status", "--json"], capture_output=True, text=True,
+                              env={**os.environ, "TZ": tz}, timeout=60)
+        assert json.loads(proc.stdout)["held_back"]["at"] == at
