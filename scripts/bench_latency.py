@@ -163,7 +163,7 @@ def run_syncd(work: pathlib.Path, ssh, procs: Procs, args) -> list[object]:  # n
         for name, ini in (("tier1", t1), ("primary", p)):
             env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
             log = base / f"{name}.log"
-            started.append((name, log, procs.start([SYNCD, "-vv" if args.debug else "-v", "-c", str(ini), "run"], log, env=env)))
+            started.append((name, log, procs.start([SYNCD, *(["-v"] if args.debug else []), "-c", str(ini), "run"], log, env=env)))
         ready = 0
         deadline = time.monotonic() + READY_TIMEOUT
         while ready < len(started):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,12 +18,20 @@ pytest_plugins = ["tests.sshd"]
 
 
 class Daemon:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, journal: bool = False, args: tuple[str, ...] = ()) -> None:
         self.node = node
         self.log = node.base / "daemon.log"
         self.fh = open(self.log, "wb")
-        self.proc = subprocess.Popen(SYNCD + ["-v", "-c", str(node.ini), "run"],
-                                     stdout=self.fh, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            # As systemd connects a unit's stderr to the journal: JOURNAL_STREAM
+            # names that stream's device and inode (systemd.exec(5)).
+            st = os.fstat(self.fh.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        # No -v: the daemon logs a line per scan and per push by default.
+        self.proc = subprocess.Popen(SYNCD + ["-c", str(node.ini), "run", *args],
+                                     stdout=self.fh, stderr=subprocess.STDOUT, env=env)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -35,7 +44,7 @@ class Daemon:
             time.sleep(0.05)
 
     def pushes_to(self, mirror: str) -> int:
-        return len(re.findall(rf"syncd.push: {re.escape(mirror)}: generation ", self.text()))
+        return len(re.findall(rf"syncd.daemon: {re.escape(mirror)}: generation ", self.text()))
 
     def stop(self, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -53,8 +62,8 @@ class Daemon:
 def daemons():  # noqa: ANN201
     started: list[Daemon] = []
 
-    def start(node: Node) -> Daemon:
-        d = Daemon(node)
+    def start(node: Node, **kw) -> Daemon:  # noqa: ANN003
+        d = Daemon(node, **kw)
         started.append(d)
         return d
 
@@ -264,7 +273,7 @@ def test_metrics_listener(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN00
     publish(primary.root, "a.txt", b"a")
     p = daemons(primary)
     wait_until(lambda: same(primary, tier1), what="the first sync")
-    p.wait_log("syncd.push: tier1: generation")
+    p.wait_log("syncd.daemon: tier1: generation")
 
     def scrape() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -275,3 +284,66 @@ def test_metrics_listener(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN00
     assert 'syncd_mirror_lag_generations{mirror="tier1"} 0.0' in text
     assert "syncd_generation 1.0" in text
     assert 'syncd_push_bytes_total{mirror="tier1"}' in text
+
+
+def test_the_daemon_logs_each_scan_and_push_without_v(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    """What systemd/syncd.service runs (no -v): one INFO line per scan and
+    per push, in the plain format with a time outside systemd."""
+    primary, tier1, tier2 = three_tiers(tmp_path, sshd)
+    p = daemons(primary)
+    p.wait_log("daemon ready")
+    p.wait_log(r"INFO syncd.daemon: tier1: generation none -> 0 \(full comparison\)")
+    publish(primary.root, "pool/a.deb", b"a" * 1000)
+    p.wait_log(r"INFO syncd.daemon: tier1: generation 0 -> 1: ")
+    lines = p.text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ", ln) for ln in lines), lines
+    assert any(re.search(r"INFO syncd.daemon: primary: full scan: generation ", ln) for ln in lines), lines
+    assert any(re.search(r"INFO syncd.daemon: primary: scan of \d+ dir\(s\): generation 0 -> 1: 2 added", ln)
+               for ln in lines), "\n".join(lines)
+    assert not any(" DEBUG " in ln for ln in lines)
+    assert p.stop() == 0
+    assert same(primary, tier2)
+
+
+def test_log_level_and_q_quieten_the_daemon(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    primary, tier1, _ = three_tiers(tmp_path, sshd, log_level="warning")
+    publish(primary.root, "a.txt", b"a")
+    p = daemons(primary)
+    wait_until(lambda: same(primary, tier1), what="the first sync")
+    p.stop()
+    assert "INFO" not in p.text()
+    primary.node_keys["log_level"] = "info"
+    primary.write(sshd)
+    publish(primary.root, "b.txt", b"b")
+    p = daemons(primary, args=("-q",))  # -q after the command: one step quieter than info
+    wait_until(lambda: same(primary, tier1), what="the second sync")
+    p.stop()
+    assert "INFO" not in p.text()
+    publish(primary.root, "c.txt", b"c")
+    p = daemons(primary, args=("-v",))
+    wait_until(lambda: same(primary, tier1), what="the third sync")
+    p.wait_log(" DEBUG syncd")
+    p.stop()
+
+
+def test_under_systemd_the_log_is_in_journal_format(tmp_path: Path, sshd, daemons) -> None:  # noqa: ANN001
+    """stderr is the journal stream: '<N>' syslog priorities (sd-daemon(3)),
+    no time (the journal stamps it); an error is priority 3, once."""
+    primary, tier1, _ = three_tiers(tmp_path, sshd)
+    gone = make_node(tmp_path, "gone")
+    gone.write()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    primary.mirrors.append((gone, {"port": dead, "retries": 1, "connect_timeout": 5}))
+    primary.write(sshd)
+    publish(primary.root, "a.txt", b"a")
+    p = daemons(primary, journal=True)
+    p.wait_log(r"(?m)^<6>syncd.daemon: tier1: generation none -> 1")
+    p.wait_log(r"(?m)^<3>syncd.daemon: gone: FAILED after 1 attempt\(s\): ")
+    p.stop()
+    lines = p.text().splitlines()
+    assert all(re.match(r"<[2-7]>\S+: ", ln) for ln in lines), lines
+    # One line per failed push, each followed by when it is tried again.
+    failed = len([ln for ln in lines if "gone: FAILED" in ln])
+    assert 1 <= failed <= len([ln for ln in lines if ln.startswith("<4>syncd.daemon: gone: next attempt")]) + 1
