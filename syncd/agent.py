@@ -3,7 +3,7 @@
 The agent does every write on its host.  It validates each name from the
 wire, stages received files under ``state_dir/staging`` (content-addressed by
 SHA-256, same filesystem as root), checks each one's SHA-256, and at
-``commit`` publishes the generation into root, in the order of DESIGN.md:
+``commit`` publishes the generation into root, in docs/design.md's "Publish order":
 directories, data files, index files together, deletions, this node's trace
 file, and last the upstream's times of every directory whose entries changed
 (``_TouchedDirs`` remembers those across a push cut short) and of root.

@@ -4,7 +4,7 @@ Names from the wire are checked by :func:`validate_name` before anything
 touches the disk, and :class:`SafeRoot` reaches every path by walking it one
 component at a time from a directory fd with ``O_NOFOLLOW``, so a symlink
 already on the edge (``root/pool -> /elsewhere``) is never followed, written
-through, deleted through or chmod'ed through (DESIGN.md invariant 4).  Only
+through, deleted through or chmod'ed through (docs/design.md, invariant 4).  Only
 ``root`` itself may be a symlink: the operator chose it.
 
 All paths are bytes relative to root, ``/``-separated; names need not be

@@ -2,8 +2,8 @@
 
 This is the only module that imports SQLAlchemy.  The schema is declared with
 SQLAlchemy Core; the two hot paths (streaming every row to the scanner, and
-writing a scan's changes) go through the driver connection, which DESIGN.md
-measured at 3-4x the speed of Core for bulk rows.
+writing a scan's changes) go through the driver connection, at 3-4x the speed
+of Core for bulk rows (docs/performance.md, "Manifest writes").
 
 Layout (``state_dir/manifest.db``, WAL mode):
 

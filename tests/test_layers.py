@@ -33,7 +33,7 @@ LAYERS: list[list[str]] = [
     # partial: the run and partial files prewarm and a push resume from
     # (on fsops); sparse: extents and holes (on errors alone).
     ["verify", "scan", "plan", "basis", "fsops", "staging", "compress", "messages", "protocol", "manifest",
-     "delta", "trace", "lock", "notify", "metrics", "partial", "sparse"],
+     "delta", "trace", "lock", "notify", "metrics", "partial", "sparse", "logs"],
     ["config"],
     # Below config, not beside plan as in the map: config compiles each
     # include/exclude rule as it loads sync.ini, so that a bad one is a
