@@ -83,7 +83,7 @@ def refuse_broken_release(cfg: Config, manifest: Manifest) -> None:
     if not findings:
         manifest.set_meta(META_RELEASE_CHECKED, json.dumps({"key": key, "at": now}))
         return
-    for f in findings:
+    for f in findings[1:]:  # the first is in the error itself: said once
         log.error("verify: %s", f.message)
     raise VerifyError(
         f"{cfg.node.name}: refusing to push: {len(findings)} finding(s) in this node's own index group, "
