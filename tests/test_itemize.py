@@ -104,16 +104,16 @@ def _change(root: Path) -> None:
 def _syncd_set(stdout: str) -> set[tuple[str, str]]:
     out = set()
     for line in stdout.splitlines():
-        m = re.fullmatch(r"edge: ([<>ch.][fdL][.+cstp]{9}|\*deleting  ) (.+)", line)
+        m = re.fullmatch(r"edge: ([<>ch.][fdL][.+ cstp]{9}|\*deleting  ) (.+)", line)
         if m:  # (else the report's summary lines)
-            out.add((m.group(1), m.group(2).split(" -> ")[0]))
+            out.add((m.group(1), m.group(2).split(" -> ")[0].split(" => ")[0]))
     return out
 
 
 def _rsync_set(primary: Path, edge: Path, *extra: str) -> set[tuple[str, str]]:
     proc = subprocess.run([RSYNC, "-rlptHni", *extra, "--delete", f"{primary}/", f"{edge}/"],
                           capture_output=True, text=True, check=True)
-    return {(line[:11], line[12:].split(" -> ")[0]) for line in proc.stdout.splitlines()}
+    return {(line[:11], line[12:].split(" -> ")[0].split(" => ")[0]) for line in proc.stdout.splitlines()}
 
 
 @pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
@@ -204,3 +204,41 @@ def test_items_from_the_wire() -> None:
     for bad in ("", ">f+++", "xx+++++++++", ">f+++++++++//", 7, ">f++++++++\n"):
         with pytest.raises(ValueError):
             Item.from_wire(["new", b"x", "whole", None, None, bad], 0, "f", None)
+
+
+@pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
+def test_hard_links_itemize_as_rsync_h_does(tmp_path: Path, sshd) -> None:  # noqa: ANN001
+    """A file of three names: one is received, the others are linked to it
+    (``hf+++++++++ NAME => FIRST``), as rsync -H prints them.  Which name
+    comes first is each tool's own choice: the test holds the rest to rsync."""
+    primary = make_node(tmp_path, "primary", max_delete="100%")
+    edge = make_node(tmp_path, "edge")
+    primary.mirrors.append((edge, {}))
+    edge.write()
+    primary.write(sshd)
+    (primary.root / "pool").mkdir()
+    (primary.root / "pool/other").write_bytes(b"o")
+    run = [*SYNCD, "-c", str(primary.ini), "run", "--once", "-i"]
+    assert subprocess.run(run, capture_output=True, text=True, timeout=300).returncode == 0
+    (primary.root / "pool/a").write_bytes(b"linked")
+    os.link(primary.root / "pool/a", primary.root / "pool/b")
+    os.link(primary.root / "pool/a", primary.root / "c")
+    for p in ("pool/a", "pool", "."):
+        _settime(primary.root / p, T1)
+    expected = _rsync_set(primary.root, edge.root)
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = _syncd_set(proc.stdout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("edge: hf")]
+    firsts = {ln.rsplit(" => ", 1)[1] for ln in lines}
+    assert len(lines) == 2 and len(firsts) == 1, proc.stdout
+    (first,) = firsts
+    assert (">f+++++++++", first) in got
+
+    def shape(items: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        # The name received and the names linked to it, whichever is first.
+        return {(">f+++++++++" if f == "hf+++++++++" else f, p) for f, p in items}
+
+    expected.discard((".d..t......", "./"))
+    assert shape(got) == shape(expected), (sorted(got), sorted(expected))
+    assert_same_tree(primary.root, edge.root)
