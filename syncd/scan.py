@@ -50,6 +50,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import ScanError
 from .manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Manifest, fspath, join, split
+from .scanfeed import FeedClosed, FeedLeft, ScanFeed
 
 log = logging.getLogger(__name__)
 
@@ -104,200 +105,12 @@ class ScanResult:
         return text
 
 
-#: Rows a feed hands over at a time, and how many such batches a pusher that
-#: streams may have waiting before the scan waits for it (bounded memory).
+#: Rows the scan hands its feed at a time (bounded memory: see
+#: syncd.scanfeed.FEED_QUEUE) ...
 FEED_BATCH = 500
 #: ... or what came within this many seconds (a tree of large files hashes
 #: a few rows a second: they go out as they come, not at the scan's end).
 FEED_FLUSH = 0.05
-FEED_QUEUE = 16
-#: Rows kept for a pusher that has not said yet whether it streams (its SSH
-#: login and the agent's welcome take a few tenths of a second).  Past this,
-#: a late pusher waits for the scan's end instead, like a push without a feed.
-FEED_REPLAY = 50_000
-#: How long the scan waits for a streaming push that fell behind while
-#: another push waits for the scan's end, before it lets the slow one go.
-FEED_STALL = 1.0
-
-
-class FeedClosed(Exception):
-    """The scan feeding a push failed or was given up: push nothing of it."""
-
-
-class FeedLeft(Exception):
-    """This push fell behind while another push waited for the scan's end:
-    it was let go, and pushes again (an ordinary full comparison, resuming
-    from what it staged) once the scan has ended."""
-
-
-class _Sub:
-    """One streaming push's queue of batches (by identity: two queues may be equal)."""
-
-    __slots__ = ("batches", "left", "dropped")
-
-    def __init__(self, batches: list[list[tuple]]) -> None:
-        self.batches: deque[list[tuple]] = deque(batches)
-        self.left = False  # it left, or was let go: never waited for again
-        self.dropped = False  # let go (FeedLeft): it fell behind
-
-
-class ScanFeed:
-    """The live rows of a running full scan, for pushes that start before it ends.
-
-    ``run --once`` scans and pushes at the same time for a mirror that holds
-    nothing yet (a full comparison of every row): each row goes out as soon
-    as it is final (listed, and hashed if it changed), in place of being read
-    back from the manifest after the scan committed.  The scan calls
-    :meth:`put` with batches of final rows (``ENTRY_COLUMNS`` tuples), then,
-    once it has committed and the caller's checks passed, :meth:`finish`
-    (or :meth:`fail`).  Rows are final: a directory's row goes out when the
-    directory itself was listed (one that vanished first is never sent), a
-    file's once hashed.  The order keeps every directory before what it holds.
-
-    Each push that can stream calls :meth:`subscribe` (it gets every row so
-    far, then the rest); every other one calls :meth:`decline` and then
-    :meth:`wait` for the end.  ``parties`` is how many pushes will say one or
-    the other: once all have, rows are no longer kept for latecomers.
-
-    A streaming push takes rows between the files it sends, so the scan may
-    wait for it (bounded memory).  It never waits long for one while another
-    push waits for the scan's end: after ``FEED_STALL`` seconds the slow one
-    is let go (:class:`FeedLeft`) and pushes again after the scan.
-    """
-
-    def __init__(self, parties: int) -> None:
-        self._cond = threading.Condition()
-        self._undecided = parties
-        self._replay: list[list[tuple]] | None = []
-        self._replayed = 0
-        self._subs: list[_Sub] = []
-        self._waiting = 0  # pushes in wait(): someone needs the scan's end
-        self._result: ScanResult | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def subscribers(self) -> int:
-        """How many pushes are taking the rows now."""
-        with self._cond:
-            return len(self._subs)
-
-    @property
-    def wanted(self) -> bool:
-        """Whether anyone may still take the rows (the scan skips building them otherwise)."""
-        return self._replay is not None or bool(self._subs)
-
-    # -- the scan's side
-
-    def put(self, rows: list[tuple]) -> None:
-        if not rows:
-            return
-        with self._cond:
-            if self._replay is not None:
-                self._replay.append(rows)
-                self._replayed += len(rows)
-                if self._replayed > FEED_REPLAY:
-                    self._replay = None  # latecomers wait for the end instead
-            # A snapshot: the list changes while this waits (a push leaves,
-            # or joins and gets this batch from the replay).
-            for sub in list(self._subs):
-                stalled = 0.0
-                while len(sub.batches) >= FEED_QUEUE and not sub.left:
-                    if self._waiting and stalled >= FEED_STALL:
-                        self._drop(sub, dropped=True)
-                        break
-                    started = time.monotonic()
-                    self._cond.wait(FEED_STALL / 4)
-                    stalled += time.monotonic() - started
-                if not sub.left:
-                    sub.batches.append(rows)
-            self._cond.notify_all()
-
-    def finish(self, result: ScanResult) -> None:
-        """The scan committed and the caller's checks passed: the rows are all out."""
-        with self._cond:
-            self._result = result
-            self._replay = None
-            self._cond.notify_all()
-
-    def fail(self, err: BaseException) -> None:
-        with self._cond:
-            if self._result is None and self._error is None:
-                self._error = err
-            self._replay = None
-            self._cond.notify_all()
-
-    # -- a push's side
-
-    def subscribe(self) -> _Sub | None:
-        """A queue of the rows so far and to come (for :meth:`take`), or None
-        when too late: the rows were let go, or the scan is over."""
-        with self._cond:
-            sub = None
-            if self._replay is not None:
-                sub = _Sub(self._replay)
-                self._subs.append(sub)
-            self._decided()
-            return sub
-
-    def decline(self) -> None:
-        with self._cond:
-            self._decided()
-
-    def leave(self, sub: _Sub) -> None:
-        """A streaming push ended (or failed): never wait for it again."""
-        with self._cond:
-            self._drop(sub, dropped=False)
-
-    def take(self, sub: _Sub, timeout: float | None = None) -> list[tuple] | None:
-        """The next batch of rows; ``[]`` when there are no more (the scan
-        finished); None when none came within ``timeout``.  Raises
-        :class:`FeedClosed` if the scan failed, :class:`FeedLeft` if this
-        push was let go."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if self._error is not None:
-                    raise FeedClosed(self._error)
-                if sub.dropped:
-                    raise FeedLeft()
-                if sub.batches:
-                    rows = sub.batches.popleft()
-                    self._cond.notify_all()
-                    return rows
-                if self._result is not None:
-                    return []
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left)
-
-    def wait(self) -> ScanResult:
-        """Block until the scan finished; its result, or :class:`FeedClosed`."""
-        with self._cond:
-            self._waiting += 1
-            self._cond.notify_all()
-            try:
-                while self._result is None and self._error is None:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            if self._error is not None:
-                raise FeedClosed(self._error)
-            return self._result
-
-    def _decided(self) -> None:  # with the lock held
-        self._undecided -= 1
-        if self._undecided <= 0 and self._replay is not None and self._result is None:
-            self._replay = None
-            self._cond.notify_all()
-
-    def _drop(self, sub: _Sub, *, dropped: bool) -> None:  # with the lock held
-        if not sub.left:
-            sub.left = True
-            sub.dropped = dropped
-            self._subs = [s for s in self._subs if s is not sub]
-            sub.batches.clear()
-        self._cond.notify_all()
 
 
 def link_changed(old_dev: int, old_ino: int, old_nlink: int, dev: int, ino: int, nlink: int) -> bool:
@@ -420,117 +233,332 @@ def scan(
     once it is final, for pushes that run meanwhile (see :class:`ScanFeed`).
     The caller finishes the feed after its own checks.
     """
-    started = time.monotonic()
-    root_b = os.fsencode(os.path.abspath(root))
-    prev_gen = manifest.generation
-    gen = prev_gen + 1
-    result = ScanResult(generation=prev_gen, previous_generation=prev_gen)
-    counts = result.counts
-
-    def changed(kind: str, row: tuple) -> None:
-        counts[kind] += 1
-        if on_change is not None:
-            on_change(kind, join(row[_PARENT], row[_NAME]))
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") if workers > 1 else None
-    in_flight: deque[Future | list] = deque()
-    batch: list[tuple] = []
-    batch_bytes = 0
-    skip_prefixes: list[bytes] = []
-
-    partial = dirs is not None
-    if partial and feed is not None:
+    if dirs is not None and feed is not None:
         raise ValueError("scan: a feed goes with a full scan")
-    writer = manifest.writer()
-    # A feed sends the unchanged rows too, with their hashes.
-    rows = _no_rows() if partial else manifest.iter_entries(with_sha256=feed is not None)
-    out: list[tuple] = []  # final rows not yet handed to the feed
-    listed: dict[bytes, tuple] = {}  # directories' rows, fed once they are listed themselves
-    next_flush = 0.0  # when ``out`` goes to the feed even short of FEED_BATCH
+    return _Scan(root, manifest, workers=workers, on_change=on_change, dirs=dirs, feed=feed).run()
 
-    def emit(row: tuple) -> None:
-        out.append(row)
-        if len(out) >= FEED_BATCH or time.monotonic() >= next_flush:
-            flush()
 
-    def flush() -> None:
-        nonlocal out, next_flush
-        if out:
-            feed.put(out)
-            out = []
-        next_flush = time.monotonic() + FEED_FLUSH
+class _Scan:
+    """One scan: the walk merged with the manifest's rows, written in one transaction.
 
-    def keep(row: tuple | None) -> None:
+    Directories are visited in byte order (a heap); the manifest's rows of
+    a directory are the old side of its merge.  Files whose stat data
+    changed are hashed in batches by a thread pool while the walk goes on;
+    their rows are written when the hashes come back.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, *, workers: int,
+                 on_change: Callable[[str, bytes], None] | None, dirs: Iterable[bytes] | None,
+                 feed: ScanFeed | None) -> None:
+        self.started = time.monotonic()
+        self.root_b = os.fsencode(os.path.abspath(root))
+        self.prev_gen = manifest.generation
+        self.gen = self.prev_gen + 1
+        self.result = ScanResult(generation=self.prev_gen, previous_generation=self.prev_gen)
+        self.on_change = on_change
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") if workers > 1 else None
+        self.in_flight: deque[Future | list] = deque()
+        self.batch: list[tuple] = []  # hash jobs not yet handed to the pool
+        self.batch_bytes = 0
+        self.skip_prefixes: list[bytes] = []  # unreadable directories: their rows are kept
+        self.partial = dirs is not None
+        self.writer = manifest.writer()
+        # A feed sends the unchanged rows too, with their hashes.
+        self.rows = _no_rows() if self.partial else manifest.iter_entries(with_sha256=feed is not None)
+        self.row: tuple | None = None  # the manifest's next row in the merge
+        self.feed = feed
+        self.feeding = self.have_sha = feed is not None
+        self.out: list[tuple] = []  # final rows not yet handed to the feed
+        self.listed: dict[bytes, tuple] = {}  # directories' rows, fed once they are listed themselves
+        self.next_flush = 0.0  # when ``out`` goes to the feed even short of FEED_BATCH
+        self.heap: list[bytes] = sorted(set(dirs)) if dirs is not None else [b""]
+        self.visited: set[bytes] = set()
+
+    def run(self) -> ScanResult:
+        result, writer = self.result, self.writer
+        self.row = next(self.rows, None)
+        try:
+            while self.heap:
+                self._visit(heapq.heappop(self.heap))
+            while self.row is not None:
+                self._tombstone(self.row)
+                self.row = next(self.rows, None)
+            self._submit()
+            self._drain(0)
+            if self.feeding:
+                self._flush()
+            if result.changes:
+                writer.set_generation(self.gen, result.changes)
+                result.generation = self.gen
+            writer.commit()
+        except BaseException:
+            writer.rollback()
+            raise
+        finally:
+            self.rows.close()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        result.seconds = time.monotonic() - self.started
+        return result
+
+    # -- what the scan reports and feeds
+
+    def _changed(self, kind: str, row: tuple) -> None:
+        self.result.counts[kind] += 1
+        if self.on_change is not None:
+            self.on_change(kind, join(row[_PARENT], row[_NAME]))
+
+    def _emit(self, row: tuple) -> None:
+        self.out.append(row)
+        if len(self.out) >= FEED_BATCH or time.monotonic() >= self.next_flush:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.out:
+            self.feed.put(self.out)
+            self.out = []
+        self.next_flush = time.monotonic() + FEED_FLUSH
+
+    def _keep(self, row: tuple | None) -> None:
         # A row the scan leaves as it was (unreadable, still changing).
-        if feeding and row is not None and not row[_DELETED]:
-            emit(row)
+        if self.feeding and row is not None and not row[_DELETED]:
+            self._emit(row)
 
-    feeding = have_sha = feed is not None
-
-    def tombstone(row: tuple) -> None:
+    def _tombstone(self, row: tuple) -> None:
         if row[_DELETED]:
             return
-        for p in skip_prefixes:
+        for p in self.skip_prefixes:
             if row[_PARENT] == p or row[_PARENT].startswith(p + b"/"):
-                keep(row)  # below an unreadable directory: kept as it was
+                self._keep(row)  # below an unreadable directory: kept as it was
                 return
-        writer.tombstone(row[_PARENT], row[_NAME], gen)
-        changed(DELETED, row)
-        if partial and row[_KIND] == KIND_DIR:
+        self.writer.tombstone(row[_PARENT], row[_NAME], self.gen)
+        self._changed(DELETED, row)
+        if self.partial and row[_KIND] == KIND_DIR:
             # A full walk meets the rows below it on its way; a partial scan
             # never lists this directory again, so they go now.
-            for below in writer.live_under(join(row[_PARENT], row[_NAME])):
-                writer.tombstone(below[_PARENT], below[_NAME], gen)
-                changed(DELETED, below)
+            self._tombstone_below(join(row[_PARENT], row[_NAME]))
 
-    def finish_hash(job: tuple, outcome: object) -> None:
-        rel, parent, name, old = job
-        if outcome is _Vanished:
-            if old is not None:
-                tombstone(old)
+    def _tombstone_below(self, rel: bytes) -> None:
+        for below in self.writer.live_under(rel):
+            self.writer.tombstone(below[_PARENT], below[_NAME], self.gen)
+            self._changed(DELETED, below)
+
+    # -- one directory
+
+    def _visit(self, d: bytes) -> None:
+        if self.feeding and not self.feed.wanted:  # every push declined: stop building rows
+            self.feeding = False
+            self.out.clear()
+            self.listed.clear()
+        old_rows: dict[bytes, tuple] = {}
+        if self.partial:
+            if d in self.visited:
+                return
+            self.visited.add(d)
+            if not _real_dir(self.root_b, d):
+                # A symlink (or a file) now stands where the watcher saw a
+                # directory: never list through it.  Its parent's visit
+                # records what is there.
+                return
+            old_rows = {r[_NAME]: r for r in self.writer.rows_in(d)}
+        row, rows = self.row, self.rows
+        while row is not None and row[_PARENT] < d:
+            self._tombstone(row)
+            row = next(rows, None)
+        while row is not None and row[_PARENT] == d:
+            old_rows[row[_NAME]] = row
+            row = next(rows, None)
+        self.row = row
+        dir_path = self.root_b + b"/" + d if d else self.root_b
+        if not d:
+            self._record_root()
+        mine = self.listed.pop(d, None) if self.feeding else None
+        listing = self._list(d, dir_path, mine, old_rows)
+        if listing is None:
             return
-        if isinstance(outcome, OSError):
-            # Unreadable now (permissions, I/O error): keep what we knew.
-            log.warning("cannot read %s: %s; kept as it was", fspath(rel), outcome.strerror)
-            keep(old)
+        dirents, mine = listing
+        if mine is not None:
+            self._emit(mine)  # listed: it exists, and comes before what it holds
+        self.result.entries += len(dirents)
+        self._entries(d, dir_path, dirents, old_rows)
+        for old in old_rows.values():
+            self._tombstone(old)
+
+    def _list(self, d: bytes, dir_path: bytes, mine: tuple | None,
+              old_rows: dict[bytes, tuple]) -> tuple[list[os.DirEntry], tuple | None] | None:
+        """The directory's entries, and its own row to feed; None when it is
+        left as it was (unreadable, or gone in a partial scan)."""
+        try:
+            with os.scandir(dir_path) as it:
+                return list(it), mine
+        except (FileNotFoundError, NotADirectoryError):
+            if self.partial:
+                return None  # gone: its parent's visit tombstones it and all below
+            # Vanished since its parent was listed: its rows are deletions,
+            # and it is never fed.
+            if d:
+                parent, name = split(d)
+                self.writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, self.gen, 1, 0, 1))
+                self._changed(DELETED, (parent, name))
+            return [], None
+        except OSError as err:
+            if not d:
+                raise ScanError(f"cannot list root {fspath(self.root_b)}: {err.strerror}") from err
+            log.warning("cannot list %s: %s; kept as it was", fspath(d), err.strerror)
+            self.result.unreadable.append(d)
+            self.skip_prefixes.append(d)
+            self._keep(mine)
+            for old in old_rows.values():
+                self._keep(old)
+            return None
+
+    def _entries(self, d: bytes, dir_path: bytes, dirents: list[os.DirEntry], old_rows: dict[bytes, tuple]) -> None:
+        feeding = self.feeding
+        pop = old_rows.pop
+        for de in dirents:
+            name = de.name
+            old = pop(name, None)
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                if old is not None:
+                    self._tombstone(old)
+                continue
+            mode = st.st_mode
+            # The common case first, in one comparison: a live file row
+            # whose (kind, size, mtime, ctime, mode, inode, device, link
+            # count) all still hold.
+            if (
+                old is not None
+                and not old[_DELETED]
+                and old[_KIND:_SHA] == (KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                        mode & 0o7777, st.st_ino)
+                and mode & 0o170000 == stat.S_IFREG
+            ):
+                if old[_DEV:] == (st.st_dev, st.st_nlink):
+                    if feeding:
+                        self._emit(old)
+                else:
+                    self._relinked(d, name, old, st)
+                continue
+            self._entry(d, dir_path, name, old, st)
+
+    def _relinked(self, d: bytes, name: bytes, old: tuple, st: os.stat_result) -> None:
+        """Only the device or the link count differ: a row of a version 1
+        manifest (the file's ctime moves with its link count).  No need to
+        read the file again."""
+        sha = old[_SHA] if self.have_sha else self.writer.sha256_of(d, name)
+        fixed = old[:_SHA] + (sha,) + old[_TARGET:_DEV] + (st.st_dev, st.st_nlink)
+        if link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
+            fixed = fixed[:_GEN] + (self.gen,) + fixed[_DELETED:]
+            self._changed(RELINKED, fixed)
+        self.writer.upsert(fixed)
+        if self.feeding:
+            self._emit(fixed)
+
+    def _entry(self, d: bytes, dir_path: bytes, name: bytes, old: tuple | None, st: os.stat_result) -> None:
+        """One entry that is not an unchanged file."""
+        mode = st.st_mode
+        perm = stat.S_IMODE(mode)
+        fresh = old is None or old[_DELETED]
+        if self.partial and not fresh and old[_KIND] == KIND_DIR and not stat.S_ISDIR(mode):
+            # A directory became a file or link: what was below it is gone.
+            self._tombstone_below(join(d, name))
+        if stat.S_ISREG(mode):
+            self._file(d, name, old, st, perm, fresh)
+        elif stat.S_ISDIR(mode):
+            self._dir(d, name, old, st, perm, fresh)
+        elif stat.S_ISLNK(mode):
+            self._symlink(d, dir_path, name, old, st, perm, fresh)
+        elif old is not None:
+            # FIFOs, sockets, devices are not mirrored; one that replaced a
+            # mirrored path deletes that path.
+            self._tombstone(old)
+
+    def _file(self, d: bytes, name: bytes, old: tuple | None, st: os.stat_result, perm: int, fresh: bool) -> None:
+        if (
+            not fresh
+            and old[_KIND] == KIND_FILE
+            and old[_SIZE] == st.st_size
+            and old[_MTIME] == st.st_mtime_ns
+            and old[_CTIME] == st.st_ctime_ns
+            and old[_INO] == st.st_ino
+            and old[_MODE] == perm
+        ):
+            if self.feeding:
+                self._emit(old)
             return
-        if outcome is None:
-            log.warning("%s is still changing; left for the next scan", fspath(rel))
-            result.unstable.append(rel)
-            keep(old)
-            return
-        digest, st = outcome
-        result.files_hashed += 1
-        result.bytes_hashed += st.st_size
-        perm = stat.S_IMODE(st.st_mode)
-        row = (parent, name, KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino,
-               digest, None)
-        ident = (st.st_dev, st.st_nlink)
-        if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
-            row += (gen, 0) + ident
-            changed(ADDED, row)
-        elif (old[_SHA] if have_sha else writer.sha256_of(parent, name)) != digest:
-            row += (gen, 0) + ident
-            changed(MODIFIED, row)
+        self.batch.append((join(d, name), d, name, None if fresh else old))
+        self.batch_bytes += st.st_size
+        if self.batch_bytes >= BATCH_BYTES or len(self.batch) >= BATCH_FILES:
+            self._submit()
+
+    def _dir(self, d: bytes, name: bytes, old: tuple | None, st: os.stat_result, perm: int, fresh: bool) -> None:
+        rel = join(d, name)
+        new = (d, name, KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
+        if not self.partial or fresh or old[_KIND] != KIND_DIR:
+            heapq.heappush(self.heap, rel)
+        final = old
+        # A directory's link count is its subdirectories, not names of it:
+        # recorded as 1.
+        if fresh or old[_KIND] != KIND_DIR:
+            final = new + (self.gen, 0, st.st_dev, 1)
+            self._changed(ADDED, new)
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-            row += (gen, 0) + ident
-            changed(META, row)
-        elif link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
-            row += (gen, 0) + ident
-            changed(RELINKED, row)
-        else:
-            row += (old[_GEN], 0) + ident  # same content, metadata and names: no new generation
-        writer.upsert(row)
-        if feeding:
-            emit(row)
+            final = new + (self.gen, 0, st.st_dev, 1)
+            self._changed(META, new)
+        elif (old[_CTIME], old[_INO], old[_DEV]) != (st.st_ctime_ns, st.st_ino, st.st_dev):
+            final = new + (old[_GEN], 0, st.st_dev, 1)
+        if final is not old:
+            self.writer.upsert(final)
+        if self.feeding:
+            self.listed[rel] = final
 
-    def record_root() -> None:
+    def _symlink(self, d: bytes, dir_path: bytes, name: bytes, old: tuple | None, st: os.stat_result, perm: int,
+                 fresh: bool) -> None:
+        if (
+            not fresh
+            and old[_KIND] == KIND_SYMLINK
+            and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO], old[_DEV])
+            == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        ):
+            if self.feeding:
+                self._emit(old)
+            return
+        try:
+            target = os.readlink(dir_path + b"/" + name)
+        except FileNotFoundError:
+            if old is not None:
+                self._tombstone(old)
+            return
+        new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, target)
+        # A symlink may have several names too (link(2) of the symlink
+        # itself): rsync -H keeps them.
+        ident = (st.st_dev, st.st_nlink)
+        gen = self.gen
+        if fresh or old[_KIND] != KIND_SYMLINK:
+            new += (gen, 0) + ident
+            self._changed(ADDED, new)
+        elif old[_TARGET] != target or link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino,
+                                                    st.st_nlink):
+            new += (gen, 0) + ident
+            self._changed(RELINKED, new)
+        elif old[_MTIME] != st.st_mtime_ns:
+            new += (gen, 0) + ident
+            self._changed(META, new)
+        else:
+            new += (old[_GEN], 0) + ident
+        self.writer.upsert(new)
+        if self.feeding:
+            self._emit(new)
+
+    def _record_root(self) -> None:
         # Stat'ed before it is listed, as every other directory is (by its parent).
         try:
-            st = os.stat(root_b)  # root may be a symlink to the tree: the operator's choice, followed
+            st = os.stat(self.root_b)  # root may be a symlink to the tree: the operator's choice, followed
         except OSError:
             return  # the listing says why
-        old = writer.root_row()
+        old = self.writer.root_row()
         perm = stat.S_IMODE(st.st_mode)
         new = (b"", b"", KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
         if old is None or old[_DELETED]:
@@ -538,231 +566,73 @@ def scan(
             # the root had a row): no generation of its own.  An empty root
             # stays generation 0, and an existing tree's mirrors get root's
             # times with the next generation (every commit carries them).
-            writer.upsert(new + (prev_gen, 0, st.st_dev, 1))
+            self.writer.upsert(new + (self.prev_gen, 0, st.st_dev, 1))
         elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-            writer.upsert(new + (gen, 0, st.st_dev, 1))
-            changed(META, new)
+            self.writer.upsert(new + (self.gen, 0, st.st_dev, 1))
+            self._changed(META, new)
         elif (old[_CTIME], old[_INO], old[_DEV]) != (st.st_ctime_ns, st.st_ino, st.st_dev):
-            writer.upsert(new + (old[_GEN], 0, st.st_dev, 1))
+            self.writer.upsert(new + (old[_GEN], 0, st.st_dev, 1))
 
-    def drain(limit: int) -> None:
-        while len(in_flight) > limit:
-            item = in_flight.popleft()
+    # -- hashing, beside the walk
+
+    def _submit(self) -> None:
+        if not self.batch:
+            return
+        if self.pool is None:
+            self.in_flight.append(_hash_batch(self.root_b, self.batch))
+        else:
+            self.in_flight.append(self.pool.submit(_hash_batch, self.root_b, self.batch))
+        self.batch, self.batch_bytes = [], 0
+        self._drain(MAX_BATCHES_IN_FLIGHT)
+
+    def _drain(self, limit: int) -> None:
+        while len(self.in_flight) > limit:
+            item = self.in_flight.popleft()
             results = item.result() if isinstance(item, Future) else item
             for job, outcome in results:
-                finish_hash(job, outcome)
+                self._hashed(job, outcome)
 
-    def submit() -> None:
-        nonlocal batch, batch_bytes
-        if not batch:
+    def _hashed(self, job: tuple, outcome: object) -> None:
+        rel, parent, name, old = job
+        if outcome is _Vanished:
+            if old is not None:
+                self._tombstone(old)
             return
-        if pool is None:
-            in_flight.append(_hash_batch(root_b, batch))
+        if isinstance(outcome, OSError):
+            # Unreadable now (permissions, I/O error): keep what we knew.
+            log.warning("cannot read %s: %s; kept as it was", fspath(rel), outcome.strerror)
+            self._keep(old)
+            return
+        if outcome is None:
+            log.warning("%s is still changing; left for the next scan", fspath(rel))
+            self.result.unstable.append(rel)
+            self._keep(old)
+            return
+        digest, st = outcome
+        self.result.files_hashed += 1
+        self.result.bytes_hashed += st.st_size
+        perm = stat.S_IMODE(st.st_mode)
+        row = (parent, name, KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino,
+               digest, None)
+        ident = (st.st_dev, st.st_nlink)
+        gen = self.gen
+        if old is None or old[_DELETED] or old[_KIND] != KIND_FILE:
+            row += (gen, 0) + ident
+            self._changed(ADDED, row)
+        elif (old[_SHA] if self.have_sha else self.writer.sha256_of(parent, name)) != digest:
+            row += (gen, 0) + ident
+            self._changed(MODIFIED, row)
+        elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
+            row += (gen, 0) + ident
+            self._changed(META, row)
+        elif link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
+            row += (gen, 0) + ident
+            self._changed(RELINKED, row)
         else:
-            in_flight.append(pool.submit(_hash_batch, root_b, batch))
-        batch, batch_bytes = [], 0
-        drain(MAX_BATCHES_IN_FLIGHT)
-
-    heap: list[bytes] = sorted(set(dirs)) if partial else [b""]
-    visited: set[bytes] = set()
-    row = next(rows, None)
-    try:
-        while heap:
-            d = heapq.heappop(heap)
-            if feeding and not feed.wanted:  # every push declined: stop building rows
-                feeding = False
-                out.clear()
-                listed.clear()
-            old_rows: dict[bytes, tuple] = {}
-            if partial:
-                if d in visited:
-                    continue
-                visited.add(d)
-                if not _real_dir(root_b, d):
-                    # A symlink (or a file) now stands where the watcher saw a
-                    # directory: never list through it.  Its parent's visit
-                    # records what is there.
-                    continue
-                old_rows = {r[_NAME]: r for r in writer.rows_in(d)}
-            while row is not None and row[_PARENT] < d:
-                tombstone(row)
-                row = next(rows, None)
-            while row is not None and row[_PARENT] == d:
-                old_rows[row[_NAME]] = row
-                row = next(rows, None)
-            dir_path = root_b + b"/" + d if d else root_b
-            if not d:
-                record_root()
-            mine = listed.pop(d, None) if feeding else None
-            try:
-                with os.scandir(dir_path) as it:
-                    dirents = list(it)
-            except (FileNotFoundError, NotADirectoryError):
-                if partial:
-                    continue  # gone: its parent's visit tombstones it and all below
-                dirents = []  # vanished since its parent was listed: its rows are deletions
-                mine = None  # and it is never fed
-                if d:
-                    parent, name = split(d)
-                    writer.upsert((parent, name, KIND_DIR, 0, 0, 0, 0, 0, None, None, gen, 1, 0, 1))
-                    changed(DELETED, (parent, name))
-            except OSError as err:
-                if not d:
-                    raise ScanError(f"cannot list root {fspath(root_b)}: {err.strerror}") from err
-                log.warning("cannot list %s: %s; kept as it was", fspath(d), err.strerror)
-                result.unreadable.append(d)
-                skip_prefixes.append(d)
-                keep(mine)
-                for old in old_rows.values():
-                    keep(old)
-                continue
-            if mine is not None:
-                emit(mine)  # listed: it exists, and comes before what it holds
-            result.entries += len(dirents)
-            pop = old_rows.pop
-            for de in dirents:
-                name = de.name
-                old = pop(name, None)
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    if old is not None:
-                        tombstone(old)
-                    continue
-                mode = st.st_mode
-                # The common case first, in one comparison: a live file row
-                # whose (kind, size, mtime, ctime, mode, inode, device, link
-                # count) all still hold.
-                if (
-                    old is not None
-                    and not old[_DELETED]
-                    and old[_KIND:_SHA] == (KIND_FILE, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                            mode & 0o7777, st.st_ino)
-                    and mode & 0o170000 == stat.S_IFREG
-                ):
-                    if old[_DEV:] == (st.st_dev, st.st_nlink):
-                        if feeding:
-                            emit(old)
-                        continue
-                    # Only the device or the link count differ: a row of a
-                    # version 1 manifest (the file's ctime moves with its
-                    # link count).  No need to read the file again.
-                    sha = old[_SHA] if have_sha else writer.sha256_of(d, name)
-                    fixed = old[:_SHA] + (sha,) + old[_TARGET:_DEV] + (st.st_dev, st.st_nlink)
-                    if link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev, st.st_ino, st.st_nlink):
-                        fixed = fixed[:_GEN] + (gen,) + fixed[_DELETED:]
-                        changed(RELINKED, fixed)
-                    writer.upsert(fixed)
-                    if feeding:
-                        emit(fixed)
-                    continue
-                perm = stat.S_IMODE(mode)
-                fresh = old is None or old[_DELETED]
-                if partial and not fresh and old[_KIND] == KIND_DIR and not stat.S_ISDIR(mode):
-                    # A directory became a file or link: what was below it is gone.
-                    for below in writer.live_under(join(d, name)):
-                        writer.tombstone(below[_PARENT], below[_NAME], gen)
-                        changed(DELETED, below)
-                if stat.S_ISREG(mode):
-                    if (
-                        not fresh
-                        and old[_KIND] == KIND_FILE
-                        and old[_SIZE] == st.st_size
-                        and old[_MTIME] == st.st_mtime_ns
-                        and old[_CTIME] == st.st_ctime_ns
-                        and old[_INO] == st.st_ino
-                        and old[_MODE] == perm
-                    ):
-                        if feeding:
-                            emit(old)
-                        continue
-                    batch.append((join(d, name), d, name, None if fresh else old))
-                    batch_bytes += st.st_size
-                    if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
-                        submit()
-                elif stat.S_ISDIR(mode):
-                    rel = join(d, name)
-                    new = (d, name, KIND_DIR, 0, st.st_mtime_ns, st.st_ctime_ns, perm, st.st_ino, None, None)
-                    if not partial or fresh or old[_KIND] != KIND_DIR:
-                        heapq.heappush(heap, rel)
-                    final = old
-                    # A directory's link count is its subdirectories, not
-                    # names of it: recorded as 1.
-                    if fresh or old[_KIND] != KIND_DIR:
-                        final = new + (gen, 0, st.st_dev, 1)
-                        changed(ADDED, new)
-                    elif (old[_MODE], old[_MTIME]) != (perm, st.st_mtime_ns):
-                        final = new + (gen, 0, st.st_dev, 1)
-                        changed(META, new)
-                    elif (old[_CTIME], old[_INO], old[_DEV]) != (st.st_ctime_ns, st.st_ino, st.st_dev):
-                        final = new + (old[_GEN], 0, st.st_dev, 1)
-                    if final is not old:
-                        writer.upsert(final)
-                    if feeding:
-                        listed[rel] = final
-                elif stat.S_ISLNK(mode):
-                    if (
-                        not fresh
-                        and old[_KIND] == KIND_SYMLINK
-                        and (old[_SIZE], old[_MTIME], old[_CTIME], old[_INO], old[_DEV])
-                        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                    ):
-                        if feeding:
-                            emit(old)
-                        continue
-                    try:
-                        target = os.readlink(dir_path + b"/" + name)
-                    except FileNotFoundError:
-                        if old is not None:
-                            tombstone(old)
-                        continue
-                    new = (d, name, KIND_SYMLINK, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
-                           st.st_ino, None, target)
-                    # A symlink may have several names too (link(2) of the
-                    # symlink itself): rsync -H keeps them.
-                    ident = (st.st_dev, st.st_nlink)
-                    if fresh or old[_KIND] != KIND_SYMLINK:
-                        new += (gen, 0) + ident
-                        changed(ADDED, new)
-                    elif old[_TARGET] != target or link_changed(old[_DEV], old[_INO], old[_NLINK], st.st_dev,
-                                                                st.st_ino, st.st_nlink):
-                        new += (gen, 0) + ident
-                        changed(RELINKED, new)
-                    elif old[_MTIME] != st.st_mtime_ns:
-                        new += (gen, 0) + ident
-                        changed(META, new)
-                    else:
-                        new += (old[_GEN], 0) + ident
-                    writer.upsert(new)
-                    if feeding:
-                        emit(new)
-                else:
-                    # FIFOs, sockets, devices are not mirrored; one that
-                    # replaced a mirrored path deletes that path.
-                    if old is not None:
-                        tombstone(old)
-            for old in old_rows.values():
-                tombstone(old)
-        while row is not None:
-            tombstone(row)
-            row = next(rows, None)
-        submit()
-        drain(0)
-        if feeding:
-            flush()
-        if result.changes:
-            writer.set_generation(gen, result.changes)
-            result.generation = gen
-        writer.commit()
-    except BaseException:
-        writer.rollback()
-        raise
-    finally:
-        rows.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    result.seconds = time.monotonic() - started
-    return result
+            row += (old[_GEN], 0) + ident  # same content, metadata and names: no new generation
+        self.writer.upsert(row)
+        if self.feeding:
+            self._emit(row)
 
 
 def _real_dir(root: bytes, rel: bytes) -> bool:
@@ -788,3 +658,8 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# FeedClosed and ScanFeed: syncd.scanfeed's, named here too for the scan's callers.
+__all__ = ["ADDED", "DELETED", "META", "MODIFIED", "RELINKED", "FeedClosed", "FeedLeft", "ScanFeed", "ScanResult",
+           "hash_file", "link_changed", "scan"]

@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["transport", "gcm", "session"],
     # partial: the run and partial files prewarm and a push resume from
     # (on fsops); sparse: extents and holes (on errors alone).
-    ["verify", "scan", "plan", "basis", "fsops", "staging", "compress", "messages", "protocol", "manifest",
+    ["verify", "scan", "scanfeed", "plan", "basis", "fsops", "staging", "compress", "messages", "protocol", "manifest",
      "delta", "trace", "lock", "notify", "metrics", "partial", "sparse", "logs"],
     ["config"],
     # Below config, not beside plan as in the map: config compiles each

@@ -147,14 +147,15 @@ def test_a_new_mirror_is_fed_the_rows_while_the_scan_runs(pair: Pair) -> None:
 def test_a_fed_push_that_falls_behind_while_another_waits_is_pushed_after_the_scan(
         tmp_path: Path, sshd, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     from syncd import scan as scan_mod
+    from syncd import scanfeed
 
     pair = Pair(tmp_path, sshd, bwlimit="400k")  # a slow link: it takes rows only between files
     populate(pair.primary.root)
     for i in range(6000):  # more rows than the 4 entries batches a push has in flight
         (pair.primary.root / f"f{i}").write_bytes(b"%d" % i * 20)
-    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
+    monkeypatch.setattr(scanfeed, "FEED_QUEUE", 1)
     monkeypatch.setattr(scan_mod, "FEED_BATCH", 10)
-    monkeypatch.setattr(scan_mod, "FEED_STALL", 0.05)
+    monkeypatch.setattr(scanfeed, "FEED_STALL", 0.05)
     cfg = configmod.load(pair.primary.ini)
     with Manifest.open(cfg.node.state_dir, cfg.node.name) as m:
         feed = ScanFeed(parties=2)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from syncd import scan as scan_mod
+from syncd import scanfeed
 from syncd.manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, Manifest
 from syncd.scan import ADDED, DELETED, META, MODIFIED, RELINKED, FeedClosed, ScanFeed, scan
 from tests.nodes import wait_until
@@ -420,7 +421,7 @@ def test_feed_replays_for_a_late_subscriber_and_drops_once_all_decided() -> None
 
 
 def test_feed_replay_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan_mod, "FEED_REPLAY", 10)
+    monkeypatch.setattr(scanfeed, "FEED_REPLAY", 10)
     feed = ScanFeed(parties=1)
     for i in range(3):
         feed.put([("", b"%d" % j) for j in range(5)])
@@ -429,7 +430,7 @@ def test_feed_replay_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_feed_waits_for_a_slow_subscriber_and_never_for_one_that_left(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 2)
+    monkeypatch.setattr(scanfeed, "FEED_QUEUE", 2)
     feed = ScanFeed(parties=1)
     sub = feed.subscribe()
     done = threading.Event()
@@ -451,7 +452,7 @@ def test_feed_waits_for_a_slow_subscriber_and_never_for_one_that_left(monkeypatc
 
 def test_feed_keeps_feeding_the_others_when_one_push_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
     # Two pushes in step hold equal queues: the one that leaves is the one let go.
-    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 2)
+    monkeypatch.setattr(scanfeed, "FEED_QUEUE", 2)
     feed = ScanFeed(parties=2)
     a, b = feed.subscribe(), feed.subscribe()
     got: list[tuple] = []
@@ -472,7 +473,7 @@ def test_feed_keeps_feeding_the_others_when_one_push_leaves(monkeypatch: pytest.
 
 def test_feed_gives_a_batch_once_to_each_push_whoever_leaves_or_joins_meanwhile(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
+    monkeypatch.setattr(scanfeed, "FEED_QUEUE", 1)
     feed = ScanFeed(parties=3)
     slow, other = feed.subscribe(), feed.subscribe()
     feed.put([("", b"0")])  # both queues full now
@@ -494,8 +495,8 @@ def test_feed_gives_a_batch_once_to_each_push_whoever_leaves_or_joins_meanwhile(
 
 
 def test_feed_lets_a_slow_push_go_while_another_waits_for_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan_mod, "FEED_QUEUE", 1)
-    monkeypatch.setattr(scan_mod, "FEED_STALL", 0.1)
+    monkeypatch.setattr(scanfeed, "FEED_QUEUE", 1)
+    monkeypatch.setattr(scanfeed, "FEED_STALL", 0.1)
     feed = ScanFeed(parties=2)
     slow = feed.subscribe()
     feed.put([("", b"0")])
