@@ -211,9 +211,15 @@ def _forced_stage_request() -> bool:
 def cmd_agent(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.stage or _forced_stage_request():
-        from .stager import serve_stage_stdio
+        from .prewarm.stager import serve_stage_stdio
 
-        return serve_stage_stdio(cfg)
+        # Staging done, the session may go on as a push agent's (prewarm's
+        # hand-over): the agent is imported only then.
+        return serve_stage_stdio(cfg, then=_serve_agent)
+    return _serve_agent(cfg)
+
+
+def _serve_agent(cfg) -> int:  # noqa: ANN001 - a config.Config (config is imported per command)
     from .agent import serve_stdio
 
     return serve_stdio(cfg)

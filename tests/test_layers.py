@@ -28,7 +28,7 @@ LAYERS: list[list[str]] = [
     ["runonce", "status", "own_release"],
     ["push", "prewarm"],
     # stager: the stage-only agent, which becomes a push agent; part of agent/.
-    ["agent", "stager"],
+    ["agent"],
     ["transport", "gcm", "session"],
     # partial: the run and partial files prewarm and a push resume from
     # (on fsops); sparse: extents and holes (on errors alone).

@@ -157,7 +157,7 @@ def test_a_stager_without_features_still_gets_the_edge_filled(site: Site) -> Non
     """A stager of before features (no runs, no XXH3, no hand-over): ranges
     carry SHA-256 digests, and the push logs in on its own."""
     old = site.base / "old_stager.py"
-    old.write_text("import sys\nimport syncd.stager as s\ns.FEATURES = ()\n"
+    old.write_text("import sys\nimport syncd.prewarm.stager as s\ns.FEATURES = ()\n"
                    "from syncd.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     with Relay(site.ssh.host, site.ssh.port) as relay:
         command = " ".join(shlex.quote(x) for x in [sys.executable, str(old), "agent", "--config",
@@ -237,7 +237,7 @@ def _stager(tmp_path: Path) -> tuple[LocalSession, FrameWriter, FrameReader, Pat
     (node / "root").mkdir(parents=True, exist_ok=True)
     ini = node / "sync.ini"
     ini.write_text(f"[node]\nname = edge\nroot = {node / 'root'}\nstate_dir = {node / 'state'}\n")
-    code = ("import sys; from syncd import config; from syncd.stager import serve_stage_stdio; "
+    code = ("import sys; from syncd import config; from syncd.prewarm.stager import serve_stage_stdio; "
             "sys.exit(serve_stage_stdio(config.load(sys.argv[1])))")
     session = LocalSession([sys.executable, "-c", code, str(ini)])
     w = FrameWriter(session.send_all)
@@ -407,7 +407,7 @@ def test_link_rtt_confirms_a_slow_handshake(monkeypatch: pytest.MonkeyPatch) -> 
     # fast first one is taken at once; no answer is None.
     import socket
 
-    from syncd import prewarm as pw
+    from syncd.prewarm import sources as pw
     from syncd.config import MirrorConfig
 
     listener = socket.socket()

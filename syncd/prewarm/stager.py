@@ -40,29 +40,29 @@ import stat
 import threading
 from typing import Any, Callable
 
-from .config import Config
-from .errors import ManifestError, ProtocolError, SyncdError, UnsafePathError, disk_full_as
-from .fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SafeRoot, SparseWriter, VerifiedLog,
-                    sha256_around_cache, start_writeback, unlink_at, validate_name)
-from .manifest import KIND_FILE, Manifest, fspath
-from .partial import PARTIAL_PREFIX, RANGES_SUFFIX, RUN_PREFIX, RangeLog, covered, promote_run, read_ranges
-from .protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from ..config import Config
+from ..errors import ManifestError, ProtocolError, SyncdError, UnsafePathError
+from ..fsops import BufferPool, SafeRoot, VerifiedLog, sha256_around_cache, unlink_at, validate_name
+from ..manifest import KIND_FILE, Manifest, fspath
+from ..partial import PARTIAL_PREFIX, RANGES_SUFFIX, RUN_PREFIX, covered, promote_run, read_ranges
+from ..protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
+from ..session import stdio
+from ..sparse import data_extents, has_holes, payload
+from .codec import DIGESTS, compressor, digest_key, range_hasher, zstd_pays
+from .put import Put, Run, message_field
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 CHUNK = 1 << 20
 # A source serves at most this much per request: the relaying node holds no
 # more than one range per stream in memory.
 MAX_RANGE = 64 << 20
-PIPE_SIZE = 1 << 20
 # Commits (start the write-out, then rename or record) run beside the
 # receiving loop; a bound keeps the open files and the unacknowledged work small.
 COMMIT_THREADS = 2
 COMMITS_IN_FLIGHT = 8
 TEMP_PREFIX = "stage."
 # Compression, as the pusher decides it: zstd only where a sample shrinks.
-ZSTD_LEVEL = 1
-ZSTD_MIN_GAIN = 0.9
 # What this stager offers beyond the messages of protocol 1.0, in its welcome.
 #   agent:    after an ``agent`` message (and its ``agent_ok``) the session is a
 #             push agent's (docs/protocol.md section 7).
@@ -76,235 +76,6 @@ ZSTD_MIN_GAIN = 0.9
 #   sparse:   a ``put`` (and a ``get``) with ``sparse`` true carries a sparse
 #             payload (syncd.sparse): the range's data extents only.
 FEATURES = ("agent", "xxh3-128", "run", "sparse")
-DIGESTS = ("sha256", "xxh3-128")
-
-
-def range_hasher(digest: str) -> Any:
-    """A new hasher for a range's digest (one of DIGESTS)."""
-    if digest == "xxh3-128":
-        import xxhash
-
-        return xxhash.xxh3_128()
-    return hashlib.sha256()
-
-
-def digest_key(digest: str) -> str:
-    """The END trailer's key that carries a range's digest."""
-    return "xxh3_128" if digest == "xxh3-128" else "sha256"
-
-
-def zstd_pays(path: bytes, sample: bytes) -> bool:
-    from .plan import COMPRESSED_SUFFIXES
-
-    if len(sample) < 512 or path.lower().endswith(COMPRESSED_SUFFIXES):
-        return False
-    import zstandard
-
-    head = sample[: 256 * 1024]
-    return len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(head)) < ZSTD_MIN_GAIN * len(head)
-
-
-def _field(msg: dict, key: str, kind: type) -> Any:
-    value = msg.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"{msg.get('type')!r} message: field {key!r} missing or not {kind.__name__}")
-    return value
-
-
-class _Put:
-    """One object or range arriving on a stream."""
-
-    def __init__(self, stager: "Stager", msg: dict) -> None:
-        self.stager = stager
-        self.sha256 = _field(msg, "sha256", bytes)
-        self.size = _field(msg, "size", int)
-        self.offset = _field(msg, "offset", int)
-        self.length = _field(msg, "length", int)
-        how = _field(msg, "how", str)
-        if len(self.sha256) != 32 or self.size < 0 or self.offset < 0 or self.length < 0 \
-                or self.offset + self.length > self.size:
-            raise ProtocolError("put: bad object name or range")
-        if how not in ("whole", "zstd"):
-            raise ProtocolError(f"put: unknown encoding {how!r}")
-        self.digest = msg.get("digest", "sha256")
-        if self.digest not in DIGESTS:
-            raise ProtocolError(f"put: unknown digest {self.digest!r}")
-        self.hex = self.sha256.hex()
-        self.whole = self.offset == 0 and self.length == self.size
-        sfd = stager.staging_fd
-        self.run: _Run | None = None
-        if self.whole:
-            self.name = stager.new_tmp()
-            self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              0o600, dir_fd=sfd)
-        else:
-            if msg.get("run") is True:
-                self.run = stager.run_for(self.sha256, self.size, self.offset)
-            if self.run is not None:
-                self.name = self.run.name
-                self.fd = os.open(self.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
-            else:
-                self.name = PARTIAL_PREFIX + self.hex
-                self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                                  dir_fd=sfd)
-                if os.fstat(self.fd).st_size != self.size:
-                    # Every writer of this object sets the same size: concurrent
-                    # stagers agree, and a stale larger file is cut to size.
-                    os.ftruncate(self.fd, self.size)
-        self.pos = self.offset
-        pool = stager.buffers if self.length >= DIRECT_MIN else None
-        # A sparse payload (syncd.sparse): only the range's data comes; its
-        # holes are left unwritten (in a partial file, where older bytes may
-        # lie, deallocated), and hashed as the zeros they read as.
-        self.sparse = msg.get("sparse") is True
-        self.out: Any
-        self._decoder = None
-        write: Callable[[Any], Any] = self._write
-        if self.sparse:
-            from .sparse import Decoder
-
-            if self.whole:
-                os.ftruncate(self.fd, self.size)
-            self.out = SparseWriter(self.fd, self.offset, pool, punch=self.run is None and not self.whole)
-            self._decoder = Decoder(self.offset, self.offset + self.length, self._write, self._hole,
-                                    name=f"put {self.hex}")
-            write = self._decoder.feed
-        else:
-            self.out = DirectWriter(self.fd, self.offset, pool)
-        self.hasher = hashlib.sha256() if self.whole else range_hasher(self.digest)
-        self.chain = self.run.chain if self.run is not None else None
-        if how == "zstd":
-            import zstandard
-
-            self._zw = zstandard.ZstdDecompressor().stream_writer(_Sink(write), write_size=CHUNK)
-            self.feed = self._zw.write
-        else:
-            self._zw = None
-            self.feed = write
-
-    def receive(self, reader: FrameReader, length: int) -> None:
-        """A DATA body of ``length`` bytes from ``reader`` (read lazily):
-        raw bytes go from the stream straight into the aligned write buffer
-        and are hashed there, with no copy in between."""
-        space = self.out.space() if self._zw is None and self._decoder is None else None
-        if space is None:
-            self.feed(reader.read_body())
-            return
-        if self.pos + length > self.offset + self.length:
-            raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
-        left = length
-        while left:
-            if not space:
-                space = self.out.space()
-            view = space[:left]
-            n = reader.read_body_into(view)
-            got = view[:n]
-            self.hasher.update(got)
-            if self.chain is not None:
-                self.chain.update(got)
-            space = space[n:]
-            # The buffer may go out (and a new one come) here: the views of
-            # the old one are not used again.
-            del view, got
-            self.out.advance(n)
-            self.pos += n
-            left -= n
-
-    def _write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if self.pos + len(view) > self.offset + self.length:
-            raise ProtocolError(f"put {self.hex}: more bytes than the announced range")
-        self.hasher.update(view)
-        if self.chain is not None:
-            self.chain.update(view)
-        with disk_full_as(self._disk_full):
-            self.out.write(view)
-        self.pos += len(view)
-        return len(view)
-
-    def _hole(self, n: int) -> None:
-        from .sparse import hash_zeros
-
-        hash_zeros(self.hasher, n)
-        if self.chain is not None:
-            hash_zeros(self.chain, n)
-        with disk_full_as(self._disk_full):
-            self.out.skip(n)
-        self.pos += n
-
-    def _disk_full(self) -> str:
-        return f"disk full staging {self.hex} in {self.stager.staging}"
-
-    def check(self, trailer: Any) -> bool:
-        """True when the range (or whole object) arrived intact."""
-        if self._zw is not None:
-            self._zw.flush()
-        if self._decoder is not None:
-            self._decoder.finish()
-        with disk_full_as(self._disk_full):
-            self.out.close()
-        digest = trailer.get(digest_key(self.digest)) if isinstance(trailer, dict) else None
-        return self.pos == self.offset + self.length and (
-            self.hasher.digest() == (self.sha256 if self.whole else digest))
-
-    def commit(self) -> None:
-        """Start the checked bytes' write-out, then name (whole) or record (range) them.
-
-        No fdatasync: it made the stager's threads wait on the disk (70% of
-        a prewarm's system time).  See the module's docstring for why a
-        record may go ahead of its bytes."""
-        try:
-            if self.length >= WRITEBACK_MIN:
-                start_writeback(self.fd)
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-        sfd = self.stager.staging_fd
-        if self.whole:
-            os.rename(self.name, self.hex, src_dir_fd=sfd, dst_dir_fd=sfd)
-            self.stager.verified.add(self.hex)
-            return
-        # Written data first, then its record: a killed stager never records
-        # a range it did not write (a power cut may; the whole-object check catches it).
-        records = RangeLog(sfd, self.name)
-        try:
-            records.add(self.offset, self.length)
-        finally:
-            records.close()
-
-    def discard(self) -> None:
-        if self.run is not None:
-            self.run.broken = True  # its hash took bytes that are not the object's
-        self.out.abandon()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.whole:
-            unlink_at(self.stager.staging_fd, self.name)
-
-
-class _Run:
-    """An object arriving as its ranges in order on one session, into a file
-    of this process's own (``run.PID.<sha256hex>``): it is hashed as it
-    arrives, so naming it needs no read back.  Each range is recorded as in
-    a partial file; a run that does not complete becomes the object's partial
-    file (``promote_run``), from which a resumed prewarm goes on."""
-
-    def __init__(self, sha256: bytes, size: int, name: str) -> None:
-        self.sha256 = sha256
-        self.size = size
-        self.name = name
-        self.chain = hashlib.sha256()
-        self.pos = 0  # bytes checked so far, all in order from 0
-        self.pending = 0  # ranges checked whose commit has not run yet
-        self.broken = False
-        self.done = False
-        self.lock = threading.Lock()
-
-
-class _Sink:
-    def __init__(self, write: Callable[[Any], int]) -> None:
-        self.write = write
 
 
 class Stager:
@@ -318,7 +89,9 @@ class Stager:
         self.reader = FrameReader(recv, recv_into=recv_into, reuse_data=True)
         self.writer = FrameWriter(send_all)
         self.staging = cfg.node.state_dir / "staging"
-        self.puts: dict[int, _Put] = {}
+        self.staging_fd = -1  # opened by serve(), with the log of what it verified
+        self.verified: VerifiedLog | None = None
+        self.puts: dict[int, Put] = {}
         self.role: str | None = None
         self.manifest: Manifest | None = None
         self.root: SafeRoot | None = None
@@ -331,7 +104,7 @@ class Stager:
         self._commit_error: BaseException | None = None
         # Set by an ``agent`` message: the session goes on as a push agent's.
         self.become_agent = False
-        self.runs: dict[bytes, _Run] = {}
+        self.runs: dict[bytes, Run] = {}
 
     def _send(self, msg: dict) -> None:
         with self.wlock:
@@ -370,7 +143,7 @@ class Stager:
         self._tmp_n += 1
         return f"{TEMP_PREFIX}{os.getpid()}.{self._tmp_n}"
 
-    def run_for(self, sha: bytes, size: int, offset: int) -> _Run | None:
+    def run_for(self, sha: bytes, size: int, offset: int) -> Run | None:
         """The run this range continues (or, at offset 0, starts), if any.
 
         A run starts only where no partial file of the object exists: the
@@ -393,7 +166,7 @@ class Stager:
         finally:
             os.close(fd)
         unlink_at(self.staging_fd, name + RANGES_SUFFIX)
-        run = self.runs[sha] = _Run(sha, size, name)
+        run = self.runs[sha] = Run(sha, size, name)
         return run
 
     def _exists(self, name: str) -> bool:
@@ -502,12 +275,12 @@ class Stager:
             self._have(msg)
         elif kind == "put":
             self._need_role("edge", kind)
-            stream = _field(msg, "stream", int)
+            stream = message_field(msg, "stream", int)
             if stream in self.puts:
                 raise ProtocolError(f"stream {stream} opened twice")
             if len(self.puts) >= MAX_OPEN_STREAMS:
                 raise ProtocolError(f"more than {MAX_OPEN_STREAMS} objects open at once")
-            self.puts[stream] = _Put(self, msg)
+            self.puts[stream] = Put(self, msg)
         elif kind == "get":
             self._need_role("source", kind)
             self._get(msg)
@@ -607,7 +380,7 @@ class Stager:
         self._slots.acquire()
         self._pool.submit(self._commit, put)
 
-    def _commit(self, put: _Put) -> None:
+    def _commit(self, put: Put) -> None:
         try:
             put.commit()
             if put.whole:
@@ -625,7 +398,7 @@ class Stager:
         finally:
             self._slots.release()
 
-    def _finish_run(self, run: _Run) -> bool:
+    def _finish_run(self, run: Run) -> bool:
         """After a run's range is recorded: name the object once every range
         arrived and is recorded, by the hash taken on the way in."""
         with run.lock:
@@ -677,11 +450,11 @@ class Stager:
     # -- source role ---------------------------------------------------------------
 
     def _get(self, msg: dict) -> None:
-        stream = _field(msg, "stream", int)
-        path = validate_name(_field(msg, "path", bytes))
-        sha = _field(msg, "sha256", bytes)
-        offset = _field(msg, "offset", int)
-        length = _field(msg, "length", int)
+        stream = message_field(msg, "stream", int)
+        path = validate_name(message_field(msg, "path", bytes))
+        sha = message_field(msg, "sha256", bytes)
+        offset = message_field(msg, "offset", int)
+        length = message_field(msg, "length", int)
         if offset < 0 or not 0 <= length <= MAX_RANGE:
             raise ProtocolError(f"get {fspath(path)}: range out of bounds")
         digest = msg.get("digest", "sha256")
@@ -708,8 +481,6 @@ class Stager:
             self.writer.message({"type": "get_failed", "stream": stream, "path": path, "error": problem})
             return
         try:
-            from .sparse import data_extents, has_holes, payload
-
             sparse = msg.get("sparse") is True and has_holes(os.fstat(fd))
             start = next(data_extents(fd, offset, offset + length), (offset, 0))[0] if sparse else offset
             first = os.pread(fd, min(CHUNK, length), start)
@@ -719,11 +490,7 @@ class Stager:
                 head["sparse"] = True
             self.writer.message(head)
             h = range_hasher(digest)
-            cobj = None
-            if packed:
-                import zstandard
-
-                cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+            cobj = compressor() if packed else None
             if sparse:
                 pieces = payload(fd, offset, offset + length, memoryview(bytearray(CHUNK)), h, name=fspath(path))
             else:
@@ -755,15 +522,16 @@ class Stager:
             chunk = os.pread(fd, min(CHUNK, end - pos), pos)
 
 
-def serve_stage_stdio(cfg: Config) -> int:
-    """Run one stage-only session on fds 0 and 1 (``syncd agent --stage``)."""
-    from .session import stdio
+def serve_stage_stdio(cfg: Config, then: Callable[[Config], int] | None = None) -> int:
+    """Run one stage-only session on fds 0 and 1 (``syncd agent --stage``).
 
+    When the client asks (``agent``), the session goes on as ``then(cfg)``'s:
+    the command line hands in the push agent's ``serve_stdio``, so that this
+    package imports no agent (and a stream that never becomes one does not
+    load it).  Without ``then`` the session ends there."""
     recv, send_all, recv_into = stdio()
     stager = Stager(cfg, recv, send_all, recv_into=recv_into)
     status = stager.serve()
-    if status == 0 and stager.become_agent:
-        from .agent import serve_stdio
-
-        return serve_stdio(cfg)
+    if status == 0 and stager.become_agent and then is not None:
+        return then(cfg)
     return status
