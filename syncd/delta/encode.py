@@ -200,6 +200,14 @@ class _Encoder:
         self.out: list[bytes] = []
         self.out_len = 0
         self.ready: list[bytes] = []
+        # The search's mode (see the module docstring): aligned, rolling, or
+        # bailed out (literals, and a probe window rolled now and then).
+        self.searching = self.index.full > 0  # the signature has full blocks to find
+        self.bailed = not self.searching
+        self.rolling = False
+        self.window = params.window_min
+        self.unmatched = 0  # bytes rolled through since the last match
+        self.next_probe = 0  # bailed out: where the next probe window starts
 
     # -- input --------------------------------------------------------------
 
@@ -379,93 +387,116 @@ class _Encoder:
 
     def run(self, chunks: Iterable) -> Iterator[bytes]:
         self.chunks = iter(chunks)
-        p, B, stats = self.p, self.B, self.stats
+        B = self.B
         self.put(fmt.encode_delta_header())
-        searching = self.index.full > 0
-        bailed = not searching
-        rolling = False
-        window = p.window_min
-        unmatched = 0
-        next_probe = 0
         while True:
             if self.ready:
                 yield from self._drain_ready()
-            if bailed:
-                here = self.base + self.pos
-                if not searching or here < next_probe:
-                    avail = self.fill(1)
-                    if avail == 0:
-                        break
-                    step = avail if not searching else min(avail, next_probe - here)
-                    self.advance_literal(step)
-                    continue
-                if self.fill(p.probe_window + B - 1) < B:
+            if self.bailed:
+                if not self._probe():
                     break
-                stats.probes += 1
-                if self.roll(p.probe_window):
-                    bailed, rolling, unmatched = False, False, 0
-                    window = p.window_min
-                    stats.resumed += 1
-                    log.debug("delta search resumed at offset %d", self.base + self.pos - B)
-                else:
-                    next_probe = self.base + self.pos + p.probe_every
                 continue
-            if not rolling and self.next_idx == self.index.full and self.sig.tail_size:
-                # Right after the old file's last full block: its short tail may
-                # follow with more data appended, the commonest growth of a file.
-                r = self.sig.tail_size
-                if self.fill(r) >= r and self.tail_matches(self.pos):
-                    self.emit_copy(self.pos, (self.sig.block_count - 1) * B, r)
-                    self.next_idx = None
-                    continue
+            if not self.rolling and self._tail_follows():
+                continue
             if self.fill(B) < B:
                 break
-            if not rolling and self.next_idx is not None:
-                run = self.aligned_run()
-                if run:
-                    first = self.next_idx
-                    self.emit_copy(self.pos, first * B, run * B)
-                    self.next_idx = first + run
+            if not self.rolling:
+                if self._aligned_match():
                     continue
-            if not rolling:
-                at = self.pos
-                idx = self.aligned(at, self.next_idx)
-                if idx is not None:
-                    self.emit_copy(at, idx * B, B)
-                    self.next_idx = idx + 1
-                    continue
-                # An overwrite inside this block leaves the next one aligned.
-                if self.fill(2 * B) >= 2 * B:
-                    at = self.pos  # fill may have moved the buffer
-                    expected = None if self.next_idx is None else self.next_idx + 1
-                    idx = self.aligned(at + B, expected)
-                    if idx is not None:
-                        self.advance_literal(B)
-                        self.emit_copy(at + B, idx * B, B)
-                        self.next_idx = idx + 1
-                        continue
-                rolling = True
-            before = self.base + self.pos
-            if self.roll(window):
-                rolling, unmatched, window = False, 0, p.window_min
-                continue
-            unmatched += self.base + self.pos - before
-            window = min(2 * window, p.window_max)
-            if unmatched >= p.bail_run:
-                bailed = True
-                here = self.base + self.pos
-                next_probe = here + p.probe_every
-                if not stats.bailed_out:
-                    stats.bailed_out, stats.bailout_offset = True, here
-                log.debug("delta search gave up at offset %d after %d unmatched bytes", here, unmatched)
+                self.rolling = True
+            self._roll_on()
         self.tail()
         new_size = self.base + len(self.data)
-        stats.new_size = new_size
+        self.stats.new_size = new_size
         digest = self.given_sha if self.sha is None else self.sha.digest()
         self.put(fmt.encode_end(new_size, digest))
         self.ready.append(b"".join(self.out))
         self.out, self.out_len = [], 0
         yield from self._drain_ready()
+
+    def _probe(self) -> bool:
+        """Bailed out: literals up to the next probe, where a probe window is
+        rolled (a match resumes the search).  False at the end of the data."""
+        p, B = self.p, self.B
+        here = self.base + self.pos
+        if not self.searching or here < self.next_probe:
+            avail = self.fill(1)
+            if avail == 0:
+                return False
+            step = avail if not self.searching else min(avail, self.next_probe - here)
+            self.advance_literal(step)
+            return True
+        if self.fill(p.probe_window + B - 1) < B:
+            return False
+        self.stats.probes += 1
+        if self.roll(p.probe_window):
+            self.bailed, self.rolling, self.unmatched = False, False, 0
+            self.window = p.window_min
+            self.stats.resumed += 1
+            log.debug("delta search resumed at offset %d", self.base + self.pos - B)
+        else:
+            self.next_probe = self.base + self.pos + p.probe_every
+        return True
+
+    def _tail_follows(self) -> bool:
+        """Right after the old file's last full block: its short tail may
+        follow with more data appended, the commonest growth of a file.
+        True when it did (copied)."""
+        r = self.sig.tail_size
+        if self.next_idx != self.index.full or not r:
+            return False
+        if self.fill(r) >= r and self.tail_matches(self.pos):
+            self.emit_copy(self.pos, (self.sig.block_count - 1) * self.B, r)
+            self.next_idx = None
+            return True
+        return False
+
+    def _aligned_match(self) -> bool:
+        """Aligned mode: True when a copy was emitted at pos (a run of
+        blocks, one block, or the block after an overwritten one)."""
+        B = self.B
+        if self.next_idx is not None:
+            run = self.aligned_run()
+            if run:
+                first = self.next_idx
+                self.emit_copy(self.pos, first * B, run * B)
+                self.next_idx = first + run
+                return True
+        at = self.pos
+        idx = self.aligned(at, self.next_idx)
+        if idx is not None:
+            self.emit_copy(at, idx * B, B)
+            self.next_idx = idx + 1
+            return True
+        # An overwrite inside this block leaves the next one aligned.
+        if self.fill(2 * B) >= 2 * B:
+            at = self.pos  # fill may have moved the buffer
+            expected = None if self.next_idx is None else self.next_idx + 1
+            idx = self.aligned(at + B, expected)
+            if idx is not None:
+                self.advance_literal(B)
+                self.emit_copy(at + B, idx * B, B)
+                self.next_idx = idx + 1
+                return True
+        return False
+
+    def _roll_on(self) -> None:
+        """Rolling mode: one window rolled, the next one larger while nothing
+        matches; bailed out after ``bail_run`` bytes without a match."""
+        p, stats = self.p, self.stats
+        before = self.base + self.pos
+        if self.roll(self.window):
+            self.rolling, self.unmatched, self.window = False, 0, p.window_min
+            return
+        self.unmatched += self.base + self.pos - before
+        self.window = min(2 * self.window, p.window_max)
+        if self.unmatched >= p.bail_run:
+            self.bailed = True
+            here = self.base + self.pos
+            self.next_probe = here + p.probe_every
+            if not stats.bailed_out:
+                stats.bailed_out, stats.bailout_offset = True, here
+            log.debug("delta search gave up at offset %d after %d unmatched bytes", here, self.unmatched)
 
     def _drain_ready(self) -> Iterator[bytes]:
         ready, self.ready = self.ready, []
