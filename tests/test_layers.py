@@ -17,21 +17,23 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "syncd"
 
 # Top first: a module may import from its own layer and those below it, never
-# from one above.  A package (delta/, and agent/, verify/, push/, prewarm/ once
-# split) sits in its layer as one.  ``syncd`` is the package's __init__.
-# Names not here yet (gcm, staging, compress, messages) are the planned ones.
+# from one above.  A package (delta/, verify/, push/, prewarm/, fsops/, and
+# agent/ once split) sits in its layer as one.  ``syncd`` is the package's
+# __init__.  Names not here yet (staging, compress, messages) are the planned ones.
 LAYERS: list[list[str]] = [
     ["__main__"],
     ["cli"],
     ["daemon"],
     # own_release: the node's own-release check (config and manifest meet verify).
     ["runonce", "status", "own_release"],
+    # prewarm/ holds the stage-only agent too (prewarm/stager.py), which
+    # imports no agent: the command line hands it the agent for the hand-over.
     ["push", "prewarm"],
-    # stager: the stage-only agent, which becomes a push agent; part of agent/.
     ["agent"],
     ["transport", "gcm", "session"],
     # partial: the run and partial files prewarm and a push resume from
-    # (on fsops); sparse: extents and holes (on errors alone).
+    # (on fsops); sparse: extents and holes (on errors alone); scanfeed: a
+    # running scan's rows for the pushes (imports nothing of syncd).
     ["verify", "scan", "scanfeed", "plan", "basis", "fsops", "staging", "compress", "messages", "protocol", "manifest",
      "delta", "trace", "lock", "notify", "metrics", "partial", "sparse", "logs"],
     ["config"],
@@ -207,20 +209,43 @@ def test_imports_follow_the_layers_and_make_no_cycle() -> None:
     assert not problems, "\n".join(problems)
 
 
+# Split for issue #9 and held to the limits from now on: a module or function
+# of these over its limit fails (the others are reported below).
+STRICT = ("push", "prewarm", "fsops", "scan", "scanfeed", "delta")
+
+
+def _over(path: Path) -> tuple[list[str], list[tuple[str, int, str, int]]]:
+    """``path`` if it is over MAX_MODULE_LINES (a line naming it), and its
+    functions over MAX_FUNCTION_LINES (path, line, name, lines)."""
+    text = path.read_text(encoding="utf-8")
+    rel = str(path.relative_to(PACKAGE.parent))
+    lines = text.count("\n")
+    module = [f"{rel}: {lines} lines"] if lines > MAX_MODULE_LINES else []
+    functions = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            span = node.end_lineno - node.lineno + 1
+            if span > MAX_FUNCTION_LINES:
+                functions.append((rel, node.lineno, node.name, span))
+    return module, functions
+
+
+def test_split_packages_keep_to_the_sizes() -> None:
+    over = []
+    for module, path in _modules().items():
+        if _component(module) in STRICT:
+            long_module, long_functions = _over(path)
+            over += long_module + [f"{rel}:{line} {name}: {span} lines" for rel, line, name, span in long_functions]
+    assert not over, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function:\n" + "\n".join(over)
+
+
 def test_report_long_modules_and_functions() -> None:
     """Reported, not failed (yet): the lead's list of what still needs a split."""
     long_modules, long_functions = [], []
-    for module, path in _modules().items():
-        text = path.read_text(encoding="utf-8")
-        rel = path.relative_to(PACKAGE.parent)
-        lines = text.count("\n")
-        if lines > MAX_MODULE_LINES:
-            long_modules.append(f"{rel}: {lines} lines")
-        for node in ast.walk(ast.parse(text, str(path))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                span = node.end_lineno - node.lineno + 1
-                if span > MAX_FUNCTION_LINES:
-                    long_functions.append((str(rel), node.lineno, node.name, span))
+    for path in _modules().values():
+        module, functions = _over(path)
+        long_modules += module
+        long_functions += functions
     report = [f"modules over {MAX_MODULE_LINES} lines:"] + [f"  {m}" for m in long_modules]
     report += [f"functions over {MAX_FUNCTION_LINES} lines:"]
     report += [f"  {rel}:{line} {name}: {span} lines" for rel, line, name, span in sorted(long_functions)]

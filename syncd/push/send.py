@@ -227,7 +227,8 @@ def delta_pays(sig: Any, fd: int, size: int) -> bool:
     """Whether a delta against ``sig``'s file, a basis the agent chose by
     its name or size, saves enough to send: a block of it is found in at
     least PAYS_MIN of PAYS_SAMPLES samples spread evenly over the new file
-    (a few milliseconds: 16 samples of 64 KiB for a 64 MiB file).  Unrelated
+    (16 samples of 64 KiB for a 64 MiB file: docs/performance.md,
+    "Per-file costs").  Unrelated
     data then goes whole, zstd-compressed where that pays, instead of as a
     delta of literals that costs the search and compresses nothing."""
     from ..delta import samples_matching
