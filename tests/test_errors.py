@@ -37,7 +37,7 @@ def test_every_error_class_round_trips_through_its_kind() -> None:
     assert set(defined) <= set(classes)
     for cls in classes:
         sent = cls("disk is on fire")
-        # What the agent sends (agent.py, stager.py: _send_error).
+        # What the agent sends (agent.py, prewarm/stager.py: _send_error).
         wire = {"type": "error", "kind": type(sent).__name__, "message": str(sent)}
         got = error_from_wire(wire)
         assert type(got) is cls, cls

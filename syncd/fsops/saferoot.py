@@ -3,9 +3,8 @@
 :class:`SafeRoot` reaches every path by walking it one component at a time
 from a directory fd with ``O_NOFOLLOW``, so a symlink already on the edge
 (``root/pool -> /elsewhere``) is never followed, written through, deleted
-through or chmod'ed through (docs/design.md, "Publish order": a symlink
-planted on the edge is replaced or refused, never followed).  Only
-``root`` itself may be a symlink: the operator chose it.
+through or chmod'ed through (docs/design.md, invariant 4).  Only ``root``
+itself may be a symlink: the operator chose it.
 """
 
 from __future__ import annotations
