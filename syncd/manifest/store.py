@@ -1,34 +1,5 @@
-"""The SQLite manifest: every path's stat data, hashes and generation.
-
-This is the only module that imports SQLAlchemy.  The schema is declared with
-SQLAlchemy Core; the two hot paths (streaming every row to the scanner, and
-writing a scan's changes) go through the driver connection, at 3-4x the speed
-of Core for bulk rows (docs/performance.md, "Manifest writes").
-
-Layout (``state_dir/manifest.db``, WAL mode):
-
-- ``entries``: one row per path under root, keyed by ``(parent, name)`` as
-  raw bytes (names need not be UTF-8).  ``parent`` is the directory's path
-  relative to root (``b""`` for root itself), so rows sort directory by
-  directory, the order in which the scanner walks.  ``generation`` is the
-  node generation that last changed the row; a deletion keeps the row as a
-  tombstone (``deleted = 1``) stamped with the deleting generation, so a
-  downstream can be told about it by generation alone.
-  The root itself has a row too, keyed ``(b"", b"")`` (the empty path, a
-  directory): its mode and mtime are the tree's like any directory's, and a
-  change to them is a change of the tree.  It is never an entry of the tree:
-  the iterators, ``changes_since``, the counts and the statistics leave it
-  out, :meth:`Manifest.root_row` reads it, and a push carries it in its
-  ``commit`` (docs/protocol.md), never as a row to create or delete.  A
-  manifest from before it simply gains it at its next scan.
-  ``dev``, ``ino`` and ``nlink`` are the file's own on this node: the names
-  of one file (hard links) share ``(dev, ino)``, found through
-  ``entries_by_inode``, which holds only the rows with ``nlink > 1`` (see
-  :meth:`Manifest.push_rows`).
-- ``generations``: when each generation was made and how many changes it has.
-- ``downstreams``: what each downstream has acknowledged, and its last result.
-- ``meta``: schema version, node name, current generation.
-"""
+"""The manifest database: :class:`Manifest` (open, migrate, read, record),
+its bulk reader and writer (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -37,227 +8,37 @@ import functools
 import logging
 import time
 from itertools import chain
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import sqlite3
 
-from .errors import ManifestError, SchemaError
+from ..errors import ManifestError, SchemaError
 
 if TYPE_CHECKING:
     import os
 
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
-# Version 1 had no dev and nlink: an ALTER TABLE adds them (defaults: device
-# unknown, a single name; the next scan fills them in without re-hashing).
-_MIGRATIONS = {
-    1: (
-        "ALTER TABLE entries ADD COLUMN dev INTEGER DEFAULT 0 NOT NULL",
-        "ALTER TABLE entries ADD COLUMN nlink INTEGER DEFAULT 1 NOT NULL",
-        "CREATE INDEX entries_by_inode ON entries (dev, ino) WHERE nlink > 1",
-    ),
-}
-MANIFEST_NAME = "manifest.db"
-# Meta keys a mirror keeps about verification (values are JSON): why its
-# last generation was held back, and that ``syncd verify --repair`` found
-# files its upstream must repair (a full comparison on the next push).
-META_HELD_BACK = "held_back"
-META_REPAIR = "repair_requested"
-
-KIND_FILE = 0
-KIND_DIR = 1
-KIND_SYMLINK = 2
-KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink"}
-KIND_LETTERS = {KIND_FILE: "f", KIND_DIR: "d", KIND_SYMLINK: "L"}  # rsync's, in its %i
-
-class _Schema:
-    """The tables, declared with SQLAlchemy Core, built on first use.
-
-    Importing SQLAlchemy costs about 0.2 s; a scan or an agent session on an
-    existing manifest never needs it (their hot paths use the driver
-    connection), so neither pays for it.
-    """
-
-    _built = None
-
-    @classmethod
-    def get(cls):  # noqa: ANN206
-        if cls._built is None:
-            cls._built = cls._build()
-        return cls._built
-
-    @staticmethod
-    def _build():  # noqa: ANN205
-        import types
-
-        from sqlalchemy import Column, Index, Integer, LargeBinary, MetaData, String, Table, text
-
-        metadata = MetaData()
-
-        meta_table = Table(
-            "meta",
-            metadata,
-            Column("key", String, primary_key=True),
-            Column("value", String, nullable=False),
-        )
-
-        entries_table = Table(
-            "entries",
-            metadata,
-            Column("parent", LargeBinary, primary_key=True),
-            Column("name", LargeBinary, primary_key=True),
-            Column("kind", Integer, nullable=False),
-            Column("size", Integer, nullable=False),
-            Column("mtime_ns", Integer, nullable=False),
-            Column("ctime_ns", Integer, nullable=False),
-            Column("mode", Integer, nullable=False),  # permission bits (st_mode & 0o7777)
-            Column("ino", Integer, nullable=False),
-            Column("sha256", LargeBinary),  # files only
-            Column("target", LargeBinary),  # symlinks only
-            Column("generation", Integer, nullable=False),
-            Column("deleted", Integer, nullable=False),
-            # Last, as ALTER TABLE adds them to a version 1 manifest: both
-            # kinds of manifest then have the same columns in the same order.
-            Column("dev", Integer, nullable=False, server_default=text("0")),
-            Column("nlink", Integer, nullable=False, server_default=text("1")),  # 1 for directories
-            sqlite_with_rowid=False,
-        )
-        Index("entries_by_generation", entries_table.c.generation)
-        # Only the names of files with more than one: a tree without hard
-        # links pays nothing for it.
-        Index("entries_by_inode", entries_table.c.dev, entries_table.c.ino,
-              sqlite_where=entries_table.c.nlink > 1)
-        Index("entries_by_sha256", entries_table.c.sha256)
-
-        generations_table = Table(
-            "generations",
-            metadata,
-            Column("generation", Integer, primary_key=True),
-            Column("created_ns", Integer, nullable=False),
-            Column("changes", Integer, nullable=False),
-        )
-
-        downstreams_table = Table(
-            "downstreams",
-            metadata,
-            Column("name", String, primary_key=True),
-            Column("generation", Integer),  # acknowledged: the downstream holds it, verified
-            Column("acked_ns", Integer),
-            Column("last_success_ns", Integer),
-            Column("last_error", String),
-            Column("last_error_ns", Integer),
-            Column("bytes_sent", Integer, nullable=False, default=0),
-            Column("files_sent", Integer, nullable=False, default=0),
-        )
-        return types.SimpleNamespace(
-            metadata=metadata, meta=meta_table, entries=entries_table,
-            generations=generations_table, downstreams=downstreams_table,
-        )
-
-
-# The DDL that _Schema (SQLAlchemy Core, the schema's declaration) compiles to
-# for SQLite, pinned here so that creating a manifest does not import
-# SQLAlchemy (0.15 s, on the path of a new mirror's first push);
-# tests/test_manifest.py keeps the two equal.
-SCHEMA_DDL = (
-    "CREATE TABLE downstreams (name VARCHAR NOT NULL, generation INTEGER, acked_ns INTEGER, "
-    "last_success_ns INTEGER, last_error VARCHAR, last_error_ns INTEGER, bytes_sent INTEGER NOT NULL, "
-    "files_sent INTEGER NOT NULL, PRIMARY KEY (name))",
-    "CREATE TABLE entries (parent BLOB NOT NULL, name BLOB NOT NULL, kind INTEGER NOT NULL, "
-    "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, "
-    "ino INTEGER NOT NULL, sha256 BLOB, target BLOB, generation INTEGER NOT NULL, deleted INTEGER NOT NULL, "
-    "dev INTEGER DEFAULT 0 NOT NULL, nlink INTEGER DEFAULT 1 NOT NULL, "
-    "PRIMARY KEY (parent, name)) WITHOUT ROWID",
-    "CREATE INDEX entries_by_generation ON entries (generation)",
-    "CREATE INDEX entries_by_inode ON entries (dev, ino) WHERE nlink > 1",
-    "CREATE INDEX entries_by_sha256 ON entries (sha256)",
-    "CREATE TABLE generations (generation INTEGER NOT NULL, created_ns INTEGER NOT NULL, "
-    "changes INTEGER NOT NULL, PRIMARY KEY (generation))",
-    'CREATE TABLE meta ("key" VARCHAR NOT NULL, value VARCHAR NOT NULL, PRIMARY KEY ("key"))',
+from .schema import (
+    DOWNSTREAM_COLUMNS,
+    ENTRY_COLUMNS,
+    Entry,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    MANIFEST_NAME,
+    SCHEMA_DDL,
+    SCHEMA_VERSION,
+    Stats,
+    LINKED_SQL,
+    MIGRATIONS,
+    NOT_ROOT_SQL,
+    Schema,
+    set_pragmas,
+    join,
+    split,
 )
 
-
-def compiled_ddl() -> list[str]:
-    """What SQLAlchemy compiles _Schema to, whitespace collapsed (the test's side of SCHEMA_DDL)."""
-    from sqlalchemy.dialects import sqlite
-    from sqlalchemy.schema import CreateIndex, CreateTable
-
-    dialect = sqlite.dialect()
-    out = []
-    for table in _Schema.get().metadata.sorted_tables:
-        out.append(str(CreateTable(table).compile(dialect=dialect)))
-        for index in sorted(table.indexes, key=lambda i: i.name):
-            out.append(str(CreateIndex(index).compile(dialect=dialect)))
-    return [" ".join(sql.split()).replace("( ", "(").replace(" )", ")") for sql in out]
-
-
-# The downstreams table's columns besides ``name`` (record_downstream checks against them).
-DOWNSTREAM_COLUMNS = frozenset({
-    "generation", "acked_ns", "last_success_ns", "last_error", "last_error_ns", "bytes_sent", "files_sent",
-})
-
-ENTRY_COLUMNS = (
-    "parent, name, kind, size, mtime_ns, ctime_ns, mode, ino, sha256, target, generation, deleted, dev, nlink"
-)
-#: The root's own row is (b"", b""); every entry of the tree has a name.
-_NOT_ROOT = "name != x''"
-# A live file or symlink with more than one name (the condition of
-# entries_by_inode first, spelled so that SQLite sees that the index covers it).
-_LINKED = f"e.nlink > 1 AND e.kind IN ({KIND_FILE}, {KIND_SYMLINK}) AND e.deleted = 0"
-
-
-class Entry(NamedTuple):
-    parent: bytes
-    name: bytes
-    kind: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    mode: int
-    ino: int
-    sha256: bytes | None
-    target: bytes | None
-    generation: int
-    deleted: int
-    dev: int
-    nlink: int  # a file's (or symlink's) names on this node: hard links; 1 for directories
-
-    @property
-    def path(self) -> bytes:
-        return join(self.parent, self.name)
-
-
-def join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def split(path: bytes) -> tuple[bytes, bytes]:
-    parent, _, name = path.rpartition(b"/")
-    return parent, name
-
-
-@dataclass
-class Stats:
-    generation: int
-    files: int
-    dirs: int
-    symlinks: int
-    total_size: int
-    tombstones: int
-    generation_created_ns: int | None
-
-
-def _set_pragmas(dbapi_conn, _record=None) -> None:  # noqa: ANN001 - also a DBAPI callback
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode survives a killed process (the invariant); only a
-    # power cut may lose the last commit, never consistency.
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+log = logging.getLogger("syncd.manifest")
 
 
 class Manifest:
@@ -278,7 +59,7 @@ class Manifest:
                 poolclass=NullPool,
                 connect_args={"check_same_thread": False, "timeout": 10},
             )
-            event.listen(engine, "connect", _set_pragmas)
+            event.listen(engine, "connect", set_pragmas)
             self._engine_obj = engine
         return self._engine_obj
 
@@ -319,7 +100,7 @@ class Manifest:
             version = int(row[0])
         except (TypeError, ValueError):
             raise SchemaError(f"{self.path}: manifest has no valid schema version") from None
-        if version in _MIGRATIONS:
+        if version in MIGRATIONS:
             self._migrate()
             return
         if version != SCHEMA_VERSION:
@@ -335,8 +116,8 @@ class Manifest:
         (the version is read again under the write lock)."""
         with self._raw_write() as raw:
             version = int(raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-            while version in _MIGRATIONS:
-                for sql in _MIGRATIONS[version]:
+            while version in MIGRATIONS:
+                for sql in MIGRATIONS[version]:
                     raw.execute(sql)
                 version += 1
             raw.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
@@ -400,7 +181,7 @@ class Manifest:
             # Without the hashes (NULL in their place) the rows are half the
             # bytes: a rescan compares stat data only.
             columns = ENTRY_COLUMNS if with_sha256 else ENTRY_COLUMNS.replace("sha256", "NULL")
-            sql = f"SELECT {columns} FROM entries WHERE {_NOT_ROOT}"
+            sql = f"SELECT {columns} FROM entries WHERE {NOT_ROOT_SQL}"
             if not include_deleted:
                 sql += " AND deleted = 0"
             cur = raw.execute(sql + " ORDER BY parent, name")
@@ -484,7 +265,7 @@ class Manifest:
         raw = self._raw()
         try:
             cur = raw.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE generation > ? AND {_NOT_ROOT} ORDER BY parent, name",
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE generation > ? AND {NOT_ROOT_SQL} ORDER BY parent, name",
                 (generation,),
             )
             for batch in iter(lambda: cur.fetchmany(4096), []):
@@ -516,14 +297,14 @@ class Manifest:
         """
         kept = " AND syncd_keep(e.parent, e.name)" if keep is not None else ""
         if since is None:
-            members = f"SELECT e.parent, e.name, e.dev, e.ino, 0 AS fresh FROM entries e WHERE {_LINKED}{kept}"
+            members = f"SELECT e.parent, e.name, e.dev, e.ino, 0 AS fresh FROM entries e WHERE {LINKED_SQL}{kept}"
         else:
             # The changed files first, by generation (left alone, SQLite
             # would walk every linked row of the tree to find them).
             members = (
                 "SELECT e.parent, e.name, e.dev, e.ino, e.generation > :since AS fresh FROM (SELECT DISTINCT "
-                f"dev, ino FROM entries e INDEXED BY entries_by_generation WHERE e.generation > :since AND {_LINKED}) "
-                f"t JOIN entries e ON e.dev = t.dev AND e.ino = t.ino WHERE {_LINKED}{kept}"
+                f"dev, ino FROM entries e INDEXED BY entries_by_generation WHERE e.generation > :since AND {LINKED_SQL}) "
+                f"t JOIN entries e ON e.dev = t.dev AND e.ino = t.ino WHERE {LINKED_SQL}{kept}"
             )
         # The first name: one the downstream has already where there is one
         # (unchanged since ``since``): a name added before the others in path
@@ -542,7 +323,7 @@ class Manifest:
             sql = f"{groups}SELECT {cols} {unchanged} ORDER BY e.parent, e.name"
         elif since is None:
             sql = (f"{groups}SELECT {cols} FROM entries e LEFT JOIN g ON g.parent = e.parent AND g.name = e.name "
-                   f"WHERE e.deleted = 0 AND e.{_NOT_ROOT} ORDER BY e.parent, e.name")
+                   f"WHERE e.deleted = 0 AND e.{NOT_ROOT_SQL} ORDER BY e.parent, e.name")
         else:
             # Two disjoint halves: the rows stamped after ``since``, and the
             # unchanged names of their files.  The first by generation too:
@@ -553,7 +334,7 @@ class Manifest:
                      f"CASE WHEN {first} THEN g.mn ELSE e.name END AS kn, CASE WHEN {first} THEN 0 ELSE 1 END AS kf")
             sql = (f"{groups}SELECT * FROM (SELECT {cols} FROM entries e INDEXED BY entries_by_generation "
                    f"LEFT JOIN g ON g.parent = e.parent AND g.name = e.name WHERE e.generation > :since "
-                   f"AND e.{_NOT_ROOT} "
+                   f"AND e.{NOT_ROOT_SQL} "
                    f"UNION ALL SELECT {cols} {unchanged} WHERE e.generation <= :since) ORDER BY kp, kn, kf")
         raw = self._raw()
         try:
@@ -575,7 +356,7 @@ class Manifest:
     def stats(self) -> Stats:
         from sqlalchemy import func, select
 
-        schema = _Schema.get()
+        schema = Schema.get()
         e, meta_table, generations_table = schema.entries, schema.meta, schema.generations
         with self._engine.connect() as conn:
             live = conn.execute(
@@ -606,7 +387,7 @@ class Manifest:
         from sqlalchemy import select
 
         with self._engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(_Schema.get().downstreams)).all()]
+            return [dict(r._mapping) for r in conn.execute(select(Schema.get().downstreams)).all()]
 
     def acknowledged(self) -> set[str]:
         """Names of the downstreams that have acknowledged a generation (read
@@ -646,7 +427,7 @@ class Manifest:
             raw.execute(sql, (name, *inserted.values()))
 
     @contextlib.contextmanager
-    def _raw_write(self) -> Iterator["_RawConnection"]:
+    def _raw_write(self) -> Iterator["RawConnection"]:
         """One short transaction on a raw connection: the small writes (meta,
         acknowledgements) without the cost of importing SQLAlchemy."""
         raw = self._raw()
@@ -664,9 +445,9 @@ class Manifest:
         finally:
             raw.close()
 
-    def _raw(self) -> "_RawConnection":
+    def _raw(self) -> "RawConnection":
         try:
-            return _RawConnection(self.path)
+            return RawConnection(self.path)
         except sqlite3.Error as err:
             raise ManifestError(f"{self.path}: cannot open manifest: {err}") from err
 
@@ -686,13 +467,13 @@ class Manifest:
         return None if row is None else row[0]
 
 
-class _RawConnection:
+class RawConnection:
     """A sqlite3 connection in autocommit mode, for the bulk paths."""
 
     def __init__(self, path: Path) -> None:
         self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         try:
-            _set_pragmas(self._conn)
+            set_pragmas(self._conn)
         except sqlite3.Error:
             self._conn.close()
             raise
@@ -737,13 +518,13 @@ class ManifestReader:
         return self._raw.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
 
     def live_count(self) -> int:
-        return self._raw.execute(f"SELECT count(*) FROM entries WHERE deleted = 0 AND {_NOT_ROOT}").fetchone()[0]
+        return self._raw.execute(f"SELECT count(*) FROM entries WHERE deleted = 0 AND {NOT_ROOT_SQL}").fetchone()[0]
 
     def names_of(self, dev: int, ino: int) -> list[bytes]:
         """The live paths this manifest records as names of file (or symlink) ``(dev, ino)``
         (only where it recorded more than one name)."""
         rows = self._raw.execute(
-            f"SELECT e.parent, e.name FROM entries e WHERE e.dev = ? AND e.ino = ? AND {_LINKED}", (dev, ino),
+            f"SELECT e.parent, e.name FROM entries e WHERE e.dev = ? AND e.ino = ? AND {LINKED_SQL}", (dev, ino),
         ).fetchall()
         return [join(parent, name) for parent, name in rows]
 
@@ -801,7 +582,7 @@ class ManifestWriter:
         """The rows of one directory (hashes left out), as this transaction sees them."""
         self._flush()
         columns = ENTRY_COLUMNS.replace("sha256", "NULL")
-        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = ? AND {_NOT_ROOT}",
+        return self._raw.execute(f"SELECT {columns} FROM entries WHERE parent = ? AND {NOT_ROOT_SQL}",
                                  (parent,)).fetchall()
 
     def root_row(self) -> tuple | None:
@@ -897,25 +678,3 @@ class ManifestWriter:
             self.commit()
         else:
             self.rollback()
-
-
-def fspath(path: bytes) -> str:
-    """A path for humans and logs: undecodable bytes shown as \\xNN."""
-    return path.decode("utf-8", "backslashreplace")
-
-
-__all__ = [
-    "Entry",
-    "Manifest",
-    "ManifestWriter",
-    "Stats",
-    "KIND_FILE",
-    "KIND_DIR",
-    "KIND_SYMLINK",
-    "KIND_NAMES",
-    "META_HELD_BACK",
-    "META_REPAIR",
-    "join",
-    "split",
-    "fspath",
-]
