@@ -15,15 +15,9 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .compress import COMPRESSED_SUFFIXES  # noqa: F401 - where push and prewarm still import it
 from .config import DEFAULT_INDEX_PATTERNS
 from .errors import DeletionGuardError, ProtocolError
-
-
-# Names of files compressed already: zstd does not shrink them, and a new
-# version shares next to no bytes with an old one (a delta against another
-# file's blocks does not pay).
-COMPRESSED_SUFFIXES = (b".gz", b".xz", b".bz2", b".zst", b".lz4", b".deb", b".udeb", b".rpm", b".zip",
-                       b".jpg", b".png", b".7z", b".lzma", b".squashfs", b".whl")
 
 
 class IndexMatcher:
