@@ -15,9 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, import_in_background
 from .errors import EXIT_FAILURE, ManifestError, SyncdError, UsageError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("syncd")
 
@@ -219,10 +223,24 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return _serve_agent(cfg)
 
 
-def _serve_agent(cfg) -> int:  # noqa: ANN001 - a config.Config (config is imported per command)
+def _serve_agent(cfg: Config) -> int:
+    """The push agent, handed the pusher for its cascade: the agent sits
+    below the pusher and does not import it (tests/test_layers.py)."""
     from .agent import serve_stdio
 
-    return serve_stdio(cfg)
+    if cfg.mirrors:
+        # paramiko and the pusher (docs/performance.md, "Start-up"): a node
+        # that will push on imports them while its own push arrives, not
+        # after it commits.
+        import_in_background("syncd.push", "syncd.transport")
+    return serve_stdio(cfg, cascade=_push_on)
+
+
+def _push_on(cfg: Config, manifest: Any, *, links: dict) -> list:
+    """An agent's cascade: this node's generation on to its own downstreams."""
+    from .push import push_tree
+
+    return push_tree(cfg, manifest, links=links)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

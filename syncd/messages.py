@@ -146,26 +146,29 @@ class Row:  # slots: a full comparison holds one per path until commit
 
 class Item(NamedTuple):
     """What the agent will do with one path (``needs`` and ``planned``): a
-    list of :data:`ITEM_FIELDS` fields on the wire (the codec sends a tuple
-    as a list)."""
+    list of :data:`ITEM_FIELDS` fields on the wire, and a sixth, ``flags``,
+    in a push that asked for it (begin's ``itemize``)."""
 
     action: str  # one of syncd.plan.ACTIONS
     path: bytes
     need: str | None = None  # "whole", "delta", "copy", "later", or None: no bytes wanted
     source: bytes | None = None
     sig_stream: int | None = None
+    flags: str | None = None  # rsync's %i of the change ('/' after a directory's), or not sent
 
     @classmethod
     def from_wire(cls, raw: Any) -> "Item":
-        if not isinstance(raw, list) or len(raw) != ITEM_FIELDS:
-            raise ProtocolError("needs: an item is not a list of 5 fields")
+        """An item's fields checked for what every item is (the need, the
+        source and the flags mean something only beside the push's rows)."""
+        if not isinstance(raw, list) or len(raw) not in (ITEM_FIELDS, ITEM_FIELDS + 1):
+            raise ProtocolError("needs: an item is not a list of 5 or 6 fields")
         action, path = raw[0], raw[1]
         if action not in ACTIONS or not isinstance(path, bytes):
             raise ProtocolError(f"needs: bad item {raw!r:.80}")
         return cls(*raw)
 
     def to_wire(self) -> list:
-        return list(self)
+        return list(self) if self.flags is not None else list(self[:ITEM_FIELDS])
 
 
 # -- messages to the agent ----------------------------------------------------------
@@ -225,10 +228,11 @@ class Begin(Message):
     force_deletes: bool = False
     fuzzy: bool = False
     hardlinks: bool = False
+    itemize: bool = False
     filter: Filter = dataclasses.field(default_factory=Filter, compare=False, repr=False)  # the rules, compiled
 
     KEYS: ClassVar[tuple[str, ...]] = ("full", "dry_run", "filter", "max_delete_ppm", "force_deletes", "fuzzy",
-                                       "hardlinks")
+                                       "hardlinks", "itemize")
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Begin":
@@ -247,14 +251,15 @@ class Begin(Message):
             generation = field(msg, "generation", int)
         return cls(generation, full=bool(msg.get("full")), dry_run=bool(msg.get("dry_run")), rules=tuple(rules),
                    max_delete_ppm=ppm, force_deletes=bool(msg.get("force_deletes")), fuzzy=bool(msg.get("fuzzy")),
-                   hardlinks=msg.get("hardlinks") is True, filter=compiled, absent=_absent(msg, *cls.KEYS))
+                   hardlinks=msg.get("hardlinks") is True, itemize=bool(msg.get("itemize")), filter=compiled,
+                   absent=_absent(msg, *cls.KEYS))
 
     def to_wire(self) -> dict:
         out = super().to_wire()
         out["generation"] = self.generation
         for key, value in (("full", self.full), ("dry_run", self.dry_run), ("filter", list(self.rules)),
                            ("max_delete_ppm", self.max_delete_ppm), ("force_deletes", self.force_deletes),
-                           ("fuzzy", self.fuzzy), ("hardlinks", self.hardlinks)):
+                           ("fuzzy", self.fuzzy), ("hardlinks", self.hardlinks), ("itemize", self.itemize)):
             self._with(out, key, value)
         return out
 

@@ -304,9 +304,9 @@ def test_forced_command_serves_the_stage_mode_when_asked(edge, monkeypatch) -> N
 def test_listed_paths_spill_to_disk_beyond_the_bound(tmp_path: Path) -> None:
     """A full comparison's listed paths: in memory up to the bound, then in
     a scratch file in staging, with the same answers; clear() removes it."""
-    from syncd.agent import _PathSet
+    from syncd.agent.plan import PathSet
 
-    seen = _PathSet(limit=100, where=tmp_path)
+    seen = PathSet(limit=100, where=tmp_path)
     paths = [f"d{i % 7}/f{i}".encode() for i in range(25_000)]
     for p in paths[:100]:
         seen.add(p)
@@ -587,19 +587,20 @@ def test_signatures_follow_the_needs_from_protocol_1_3_on(edge, version: tuple[i
 def test_a_signature_that_cannot_be_read_asks_for_the_file_whole() -> None:
     # The signature thread's failure (the edge's copy unreadable) is not the
     # session's end: the item's file is asked for again, whole (1.3).
-    from syncd.agent import Agent, _LockedWriter
+    from syncd.agent.receive import answer_failed
+    from syncd.agent.signatures import Signatures
+    from syncd.agent.wire import LockedWriter
 
     sent = bytearray()
-    writer = _LockedWriter(sent.extend)
-    fake = type("FakeAgent", (), {})()
-    fake.closing, fake.failure, fake.writer = False, None, writer
-    fake._failed = lambda path, error: Agent._failed(fake, path, error)
+    writer = LockedWriter(sent.extend)
+    signatures = Signatures(writer, failed=lambda path, error: answer_failed(writer, path, error),
+                            quiet=lambda: False)
 
     class Failed:
         def result(self) -> bytes:
             raise OSError(5, "Input/output error")
 
-    Agent._signature_done(fake, 7, b"pool/x.deb", Failed())
+    signatures.signature_done(7, b"pool/x.deb", Failed())
     frames = list(FrameReader(_reader(bytes(sent))))
     assert len(frames) == 1 and frames[0].kind is FrameType.MESSAGE
     msg = frames[0].payload
@@ -669,7 +670,7 @@ def test_staging_threads_give_each_body_buffer_back() -> None:
     # Fed, dropped (a dead file, a failed session) or failed: the staging
     # thread gives the chunk's buffer back, unless a view of it is still
     # alive (here one kept by the consumer, or one in a kept traceback).
-    from syncd.agent import _Stager
+    from syncd.agent.receive import StagingThread
     from syncd.protocol import BodyPool
 
     class Inc:
@@ -695,8 +696,8 @@ def test_staging_threads_give_each_body_buffer_back() -> None:
         fake = type("FakeAgent", (), {})()
         fake.bodies, fake.failure, fake.closing = pool, failure, False
         fake.errors = []
-        fake._staging_failed = lambda inc, err: fake.errors.append(err)  # kept, with its traceback
-        stager = _Stager(fake, 0)
+        fake.staging_failed = lambda inc, err: fake.errors.append(err)  # kept, with its traceback
+        stager = StagingThread(fake, 0)
         stager.start()
         body = pool.take(10)
         body[:] = b"0123456789"
@@ -765,7 +766,7 @@ def test_a_large_signature_is_computed_in_two_halves(tmp_path: Path) -> None:
     # the file's signature.  An unreadable copy fails the one Future.
     from concurrent.futures import ThreadPoolExecutor
 
-    from syncd.agent import SIG_SPLIT_MIN, _split_signature
+    from syncd.agent.signatures import SIG_SPLIT_MIN, split_signature as _split_signature
     from syncd.delta import make_signature
 
     data = os.urandom(SIG_SPLIT_MIN + 123_457)
@@ -1028,7 +1029,7 @@ _NAME = st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b and b"\
 def test_touched_dirs_are_closed_under_parents_and_survive_a_cut_record(batches: list, cut: int) -> None:
     import tempfile
 
-    from syncd.agent import _TouchedDirs
+    from syncd.agent.touched import TouchedDirs as _TouchedDirs
 
     with tempfile.TemporaryDirectory() as tmp:
         touched = _TouchedDirs(Path(tmp))

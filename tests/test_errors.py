@@ -83,7 +83,7 @@ sys.exit(main(sys.argv[3:]))
 _IMPATIENT_AGENT = """
 import sys
 
-from syncd import agent
+from syncd.agent import session as agent
 from syncd.cli import main
 
 agent.AGENT_LOCK_WAIT = 0.2

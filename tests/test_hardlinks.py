@@ -758,7 +758,7 @@ def test_an_agent_without_the_feature_gets_each_name_as_a_file_of_its_own(tmp_pa
     old_agent = tmp_path / "agent_without_links.py"
     old_agent.write_text(
         "import sys\n"
-        "from syncd import agent\n"
+        "from syncd.agent import session as agent\n"
         "agent.FEATURES = tuple(f for f in agent.FEATURES if f != 'hardlinks')\n"
         "from syncd.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")

@@ -178,7 +178,8 @@ def test_a_new_mirror_whose_agent_speaks_1_3_waits_for_the_scan(tmp_path: Path, 
     old_agent = tmp_path / "agent_1_3.py"
     old_agent.write_text(
         "import sys\n"
-        "from syncd import agent, protocol\n"
+        "from syncd import protocol\n"
+        "from syncd.agent import session as agent\n"
         "agent.PROTOCOL_VERSION = (1, 3)\n"
         "protocol.FrameWriter.hello.__defaults__ = ((1, 3),)\n"
         "from syncd.cli import main\n"
