@@ -36,8 +36,8 @@ EARLY_PUBLISH_WAIT = 0.05
 class DirMaker(threading.Thread):
     """Makes the directories a push adds while the main thread goes on planning.
 
-    Allocating a directory's inode was 0.23 s of a 5,000-directory initial
-    copy, all of it in the one-threaded commit before.  An empty directory
+    Allocating the directories' inodes in the one-threaded commit was a
+    share of an initial copy (docs/performance.md, "The agent").  An empty directory
     that nothing served refers to yet may appear early: a held-back
     generation makes the new directories live as well.  What fails here is
     left to the commit, which makes the directory itself and reports why it

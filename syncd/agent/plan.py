@@ -467,7 +467,8 @@ class Planner:
             return Item(planmod.COPY, row.path, None, sources[0])
         if row.size >= ASYNC_COPY_MIN and self.version >= (1, 2):
             # A staging thread copies it while this one goes on planning (a
-            # renamed 64 MiB file held the needs of its batch back 0.2 s).
+            # large renamed file held its batch's needs back: docs/performance.md,
+            # "The agent").
             self.receiver.expect(row.sha256)
             self._copies.append((row, sources))  # started once the needs naming it is out
             return Item(planmod.COPY, row.path, "copy", sources[0])

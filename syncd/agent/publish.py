@@ -396,8 +396,8 @@ class Publisher:
 
     # A large file replaced or deleted at publish is moved aside into staging
     # (a link, or a rename), and unlinked once "committed" is out: freeing
-    # its blocks and cached pages (tens of ms for 64 MiB) is then not part
-    # of the commit.  Leftovers of a killed agent go with its temporaries.
+    # its blocks and cached pages (docs/performance.md, "The agent") is then
+    # not part of the commit.  Leftovers of a killed agent go with its temporaries.
     def _park_replaced(self, pfd: int, leaf: bytes, st: os.stat_result) -> None:
         if st.st_size >= PARK_MIN and st.st_nlink == 1:
             self._park(lambda name: os.link(leaf, name, src_dir_fd=pfd, dst_dir_fd=self.staging.fd,

@@ -222,8 +222,8 @@ class Incoming:
             if meta is not None:  # after the last write: the mtime stays
                 os.fchmod(self.fd, meta[0])
                 os.utime(self.fd, ns=(meta[1], meta[1]))
-            # No fsync per file (it cost 0.3 ms a file, most of a small-file
-            # sync): a killed process loses nothing of the page cache, and
+            # No fsync per file (most of a small-file sync: docs/performance.md,
+            # "The agent"): a killed process loses nothing of the page cache, and
             # the commit makes staging durable with one syncfs before any
             # rename into root.  A large file's write-out starts now, without
             # waiting for it, so that the disk works while the rest arrives

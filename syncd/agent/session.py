@@ -288,7 +288,7 @@ class Session:
         if streamed:
             self.signatures.stream_all()
         # Not while signatures read the edge's old copies: those reads would
-        # queue behind the writes (measured: the first delta started 0.1 s later).
+        # queue behind the writes (docs/performance.md, "The agent").
         if plan.files and not plan.dry_run and not plan.signatures:
             self.staging.sync_in_background()
         if plan.fresh and not plan.dry_run:
@@ -315,7 +315,7 @@ class Session:
             # While the early publisher still works (its syncfs, mostly: the
             # last files staged are written out first), not after it: the
             # index group it never touches, and this session's objects are
-            # trusted as hashed when written.  17 ms of a 5,000-file commit.
+            # trusted as hashed when written (docs/performance.md, "The agent").
             findings, corrupt = self.gate.check(plan)
         finally:
             plan.early = self.early.stop_publishing()

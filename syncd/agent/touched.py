@@ -69,7 +69,8 @@ class TouchedDirs:
         entries about to be made, replaced or removed), and theirs.  Raises
         OSError when the record cannot be written: the change must not go
         ahead then."""
-        parents = {path.rpartition(b"/")[0] for path in paths}  # (a set first: 35 ms per 100,000 paths)
+        # A set of parents first (docs/performance.md, "The agent").
+        parents = {path.rpartition(b"/")[0] for path in paths}
         with self._lock:
             new: list[bytes] = []
             for d in parents - self._dirs:
