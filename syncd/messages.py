@@ -16,6 +16,9 @@ What is checked here is what makes a message well formed: types, ranges,
 names that pass :func:`fsops.validate_name`.  Whether the edge accepts a
 well-formed request (the deletion guard, hard-link claims) is the agent's
 policy (syncd.agent.policy).
+
+A stage-only agent (``syncd agent --stage``, syncd.prewarm.stager) takes
+messages of its own (:data:`TO_STAGER`, docs/protocol.md section 7).
 """
 
 from __future__ import annotations
@@ -427,6 +430,151 @@ TO_AGENT: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
     Hello, Begin, Entries, EntriesEnd, File, Files, Commit, Cascade, Abort, Bye)}
 
 
+# -- messages to a stage-only agent (docs/protocol.md, section 7) --------------------
+
+#: How a range's END may carry its digest (``put``, ``get``: ``digest``).
+RANGE_DIGESTS = ("sha256", "xxh3-128")
+
+
+def _range_digest(msg: dict, what: str) -> str:
+    digest = msg.get("digest", "sha256")
+    if digest not in RANGE_DIGESTS:
+        raise ProtocolError(f"{what}: unknown digest {digest!r}")
+    return digest
+
+
+@dataclass(frozen=True)
+class StageHello(Message):
+    """A stage-only session's hello: its ``role``, ``edge`` or ``source``."""
+
+    TYPE: ClassVar[str] = "hello"
+    role: str
+    node: Any = None
+    mirror: Any = None
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "StageHello":
+        role = msg.get("role")
+        if role not in ("edge", "source"):
+            raise ProtocolError(f"hello: unknown role {role!r}")
+        return cls(role, msg.get("node"), msg.get("mirror"), absent=_absent(msg, "node", "mirror"))
+
+    def to_wire(self) -> dict:
+        out = super().to_wire()
+        self._with(out, "node", self.node)
+        self._with(out, "mirror", self.mirror)
+        out["role"] = self.role
+        return out
+
+
+@dataclass(frozen=True)
+class Have(Message):
+    """What the edge holds of these objects: ``[sha256, size, path, mtime_ns]`` each."""
+
+    TYPE: ClassVar[str] = "have"
+    objects: list[tuple[bytes, int, bytes, int]]
+    batch: Any = None  # echoed in the answer
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "Have":
+        raw = msg.get("objects")
+        if not isinstance(raw, list):
+            raise ProtocolError("have: objects is not a list")
+        objects = []
+        for obj in raw:
+            if not (isinstance(obj, list) and len(obj) == 4 and isinstance(obj[0], bytes) and len(obj[0]) == 32
+                    and isinstance(obj[1], int) and isinstance(obj[2], bytes) and isinstance(obj[3], int)):
+                raise ProtocolError("have: an object is not [sha256, size, path, mtime_ns]")
+            objects.append((obj[0], obj[1], validate_name(obj[2]), obj[3]))
+        return cls(objects, msg.get("batch"), absent=_absent(msg, "batch"))
+
+    def to_wire(self) -> dict:
+        out = {"type": self.TYPE, "objects": [list(o) for o in self.objects]}
+        self._with(out, "batch", self.batch)
+        return out
+
+
+@dataclass(frozen=True)
+class Put(Message):
+    """Opens a stream carrying an object, or ``length`` bytes of it from ``offset``."""
+
+    TYPE: ClassVar[str] = "put"
+    stream: int
+    sha256: bytes
+    size: int
+    offset: int
+    length: int
+    how: str  # "whole" or "zstd"
+    digest: str = "sha256"  # of a range's END (one of RANGE_DIGESTS)
+    run: bool = False  # one of the object's ranges, in order on this session
+    sparse: bool = False
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "Put":
+        stream = field(msg, "stream", int)
+        sha256 = field(msg, "sha256", bytes)
+        size = field(msg, "size", int)
+        offset = field(msg, "offset", int)
+        length = field(msg, "length", int)
+        how = field(msg, "how", str)
+        if len(sha256) != 32 or size < 0 or offset < 0 or length < 0 or offset + length > size:
+            raise ProtocolError("put: bad object name or range")
+        if how not in ("whole", "zstd"):
+            raise ProtocolError(f"put: unknown encoding {how!r}")
+        return cls(stream, sha256, size, offset, length, how, _range_digest(msg, "put"),
+                   run=msg.get("run") is True, sparse=msg.get("sparse") is True,
+                   absent=_absent(msg, "digest", "run", "sparse"))
+
+    def to_wire(self) -> dict:
+        out = {"type": self.TYPE, "stream": self.stream, "sha256": self.sha256, "size": self.size,
+               "offset": self.offset, "length": self.length, "how": self.how}
+        for key, value in (("digest", self.digest), ("run", self.run), ("sparse", self.sparse)):
+            self._with(out, key, value)
+        return out
+
+
+@dataclass(frozen=True)
+class Get(Message):
+    """Asks a source for ``length`` bytes of ``path`` from ``offset`` (of content ``sha256``)."""
+
+    TYPE: ClassVar[str] = "get"
+    stream: int
+    path: bytes
+    sha256: bytes
+    offset: int
+    length: int
+    digest: str = "sha256"
+    sparse: bool = False
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "Get":
+        stream = field(msg, "stream", int)
+        path = validate_name(field(msg, "path", bytes))
+        sha256 = field(msg, "sha256", bytes)
+        offset = field(msg, "offset", int)
+        length = field(msg, "length", int)
+        return cls(stream, path, sha256, offset, length, _range_digest(msg, "get"),
+                   sparse=msg.get("sparse") is True, absent=_absent(msg, "digest", "sparse"))
+
+    def to_wire(self) -> dict:
+        out = {"type": self.TYPE, "stream": self.stream, "path": self.path, "sha256": self.sha256,
+               "offset": self.offset, "length": self.length}
+        self._with(out, "digest", self.digest)
+        self._with(out, "sparse", self.sparse)
+        return out
+
+
+@dataclass(frozen=True)
+class BecomeAgent(Message):
+    """Staging is done: the session goes on as a push agent's."""
+
+    TYPE: ClassVar[str] = "agent"
+
+
+#: What a stage-only agent takes, by type.
+TO_STAGER: dict[str, type[Message]] = {cls.TYPE: cls for cls in (StageHello, Have, Put, Get, Bye, BecomeAgent)}
+
+
 def decode(value: Any, accepted: dict[str, type[Message]] = TO_AGENT) -> Message:
     """The message a MESSAGE frame's value is, of the ``accepted`` types."""
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
@@ -437,6 +585,7 @@ def decode(value: Any, accepted: dict[str, type[Message]] = TO_AGENT) -> Message
     return cls.from_wire(value)
 
 
-__all__ = ["BUNDLE_MAX_BYTES", "BUNDLE_MAX_FILES", "ITEM_FIELDS", "ROW_FIELDS", "TO_AGENT", "Abort", "Begin",
-           "Bye", "Cascade", "Commit", "Entries", "EntriesEnd", "File", "Files", "Hello", "Item", "Message", "Row",
-           "decode", "field", "field_error", "is_int"]
+__all__ = ["BUNDLE_MAX_BYTES", "BUNDLE_MAX_FILES", "ITEM_FIELDS", "RANGE_DIGESTS", "ROW_FIELDS", "TO_AGENT",
+           "TO_STAGER", "Abort", "Begin", "BecomeAgent", "Bye", "Cascade", "Commit", "Entries", "EntriesEnd", "File",
+           "Files", "Get", "Have", "Hello", "Item", "Message", "Put", "Row", "StageHello", "decode", "field",
+           "field_error", "is_int"]

@@ -15,7 +15,6 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .compress import COMPRESSED_SUFFIXES  # noqa: F401 - where push and prewarm still import it
 from .config import DEFAULT_INDEX_PATTERNS
 from .errors import DeletionGuardError, ProtocolError
 

@@ -13,8 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.errors import UnsafePathError
-from syncd.fsops import (DIRECT_ALIGN, BufferPool, DirectWriter, SafeRoot, VerifiedLog, boot_id, fsync_dir,
-                         sha256_around_cache, validate_name, verified_this_boot)
+from syncd.fsops import DIRECT_ALIGN, BufferPool, DirectWriter, SafeRoot, fsync_dir, sha256_around_cache, validate_name
 
 # -- validate_name ----------------------------------------------------------------
 
@@ -737,20 +736,3 @@ def test_sha256_around_cache_reads_the_whole_file(tmp_path: Path) -> None:
             assert sha256_around_cache(fd, BufferPool()) == (hashlib.sha256(data).digest(), size)
         finally:
             os.close(fd)
-
-
-def test_verified_log_is_per_boot_and_ignores_torn_lines(tmp_path: Path) -> None:
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert verified_this_boot(fd) == set()
-        log = VerifiedLog(fd)
-        log.add("a" * 64)
-        log.add("b" * 64)
-        log.close()
-        with open(tmp_path / f"verified.{boot_id()}", "ab") as fh:
-            fh.write(b"c" * 30)  # a torn last line (a killed writer)
-        # Another boot's log says nothing about this one.
-        (tmp_path / ("verified." + "0" * 32)).write_bytes(b"d" * 64 + b"\n")
-        assert verified_this_boot(fd) == {"a" * 64, "b" * 64}
-    finally:
-        os.close(fd)

@@ -244,3 +244,73 @@ def test_any_filter_rules_are_a_begin_or_a_protocol_error(rules: list[str]) -> N
         decode({"type": "begin", "generation": 1, "filter": rules})
     except ProtocolError:
         pass
+
+
+# -- a stage-only agent's messages (docs/protocol.md, section 7) -----------------------
+
+
+@st.composite
+def stage_messages(draw) -> dict:  # noqa: ANN001
+    kind = draw(st.sampled_from(["hello", "have", "put", "get", "bye", "agent"]))
+    out: dict = {"type": kind}
+    if kind == "hello":
+        out["role"] = draw(st.sampled_from(["edge", "source"]))
+        _optional(draw, out, "node", st.text(max_size=8))
+        _optional(draw, out, "mirror", st.text(max_size=8))
+    elif kind == "have":
+        out["objects"] = draw(st.lists(st.tuples(SHA, U, NAME, I64).map(list), max_size=5))
+        _optional(draw, out, "batch", I64)
+    elif kind == "put":
+        size = draw(st.integers(min_value=0, max_value=1 << 40))
+        offset = draw(st.integers(min_value=0, max_value=size))
+        out.update(stream=draw(I64), sha256=draw(SHA), size=size, offset=offset,
+                   length=draw(st.integers(min_value=0, max_value=size - offset)),
+                   how=draw(st.sampled_from(["whole", "zstd"])))
+        _optional(draw, out, "digest", st.sampled_from(messages.RANGE_DIGESTS))
+        _optional(draw, out, "run", st.booleans())
+        _optional(draw, out, "sparse", st.booleans())
+    elif kind == "get":
+        out.update(stream=draw(I64), path=draw(NAME), sha256=draw(st.binary(max_size=40)), offset=draw(I64),
+                   length=draw(I64))
+        _optional(draw, out, "digest", st.sampled_from(messages.RANGE_DIGESTS))
+        _optional(draw, out, "sparse", st.booleans())
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(stage_messages())
+def test_a_valid_stager_message_decodes_and_encodes_back_to_itself(msg: dict) -> None:
+    assert decode(msg, messages.TO_STAGER).to_wire() == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(stage_messages(), st.data())
+def test_a_changed_stager_message_is_a_protocol_error_or_still_a_message(msg: dict, data: st.DataObject) -> None:
+    hostile = dict(msg)
+    keys = sorted(k for k in hostile if k != "type")
+    if keys and data.draw(st.booleans()):
+        del hostile[data.draw(st.sampled_from(keys))]
+    elif keys:
+        hostile[data.draw(st.sampled_from(keys))] = data.draw(VALUES)
+    try:
+        decode(hostile, messages.TO_STAGER)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("msg, error", [
+    ({"type": "hello", "role": "sink"}, "hello: unknown role 'sink'"),
+    ({"type": "have", "objects": {}}, "have: objects is not a list"),
+    ({"type": "have", "objects": [[b"s" * 31, 1, b"a", 0]]}, "have: an object is not [sha256, size, path, mtime_ns]"),
+    ({"type": "put", "stream": 1, "sha256": b"s" * 32, "size": 4, "offset": 2, "length": 3, "how": "whole"},
+     "put: bad object name or range"),
+    ({"type": "put", "stream": 1, "sha256": b"s" * 32, "size": 4, "offset": 0, "length": 4, "how": "lz4"},
+     "put: unknown encoding 'lz4'"),
+    ({"type": "get", "stream": 1, "path": b"a", "sha256": b"", "offset": 0, "length": 1, "digest": "md5"},
+     "get: unknown digest 'md5'"),
+    ({"type": "begin", "generation": 1}, "unknown message type 'begin'"),
+])
+def test_invalid_stager_messages_say_why_in_one_line(msg: dict, error: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(msg, messages.TO_STAGER)
+    assert str(caught.value) == error

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from syncd.fsops import boot_id, verified_this_boot
+from syncd.staging import boot_id, verified_this_boot
 from syncd.manifest import Manifest
 from syncd.protocol import FrameReader, FrameType, FrameWriter
 from syncd.transport import LocalSession

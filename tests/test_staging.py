@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from syncd.fsops import boot_id
-from syncd.staging import alive, clean, staged_objects
+from syncd.staging import VerifiedLog, alive, boot_id, clean, staged_objects, verified_this_boot
 
 DEAD = 999_999_999  # above any pid_max: no such process
 HEX = "ab" * 32
@@ -99,5 +98,22 @@ def test_staged_objects_are_the_files_named_by_a_sha256(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         assert staged_objects(fd) == {HEX}
+    finally:
+        os.close(fd)
+
+
+def test_verified_log_is_per_boot_and_ignores_torn_lines(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert verified_this_boot(fd) == set()
+        log = VerifiedLog(fd)
+        log.add("a" * 64)
+        log.add("b" * 64)
+        log.close()
+        with open(tmp_path / f"verified.{boot_id()}", "ab") as fh:
+            fh.write(b"c" * 30)  # a torn last line (a killed writer)
+        # Another boot's log says nothing about this one.
+        (tmp_path / ("verified." + "0" * 32)).write_bytes(b"d" * 64 + b"\n")
+        assert verified_this_boot(fd) == {"a" * 64, "b" * 64}
     finally:
         os.close(fd)

@@ -2,7 +2,7 @@
 
 Every staged object that this session did not hash itself is hashed again
 against its SHA-256 (except those a prewarm stager logged as checked during
-this boot: fsops.VerifiedLog), and when the generation touches an index
+this boot: staging.VerifiedLog), and when the generation touches an index
 file, the index group of the tree as it will be (changed files from
 staging, the others from root) goes through ``verify.verify_index_group``:
 signatures against ``[verify] keyring`` when one is set, Release/repomd
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..fsops import SafeRoot, unlink_at, verified_this_boot
+from ..fsops import SafeRoot, unlink_at
 from ..manifest import KIND_FILE, Manifest, fspath, split
 from ..plan import IndexMatcher
+from ..staging import verified_this_boot
 from .plan import Plan, is_index
 from .staged import Staging
 

@@ -4,8 +4,8 @@ Names from the wire are checked by :func:`validate_name` (``names``) before
 anything touches the disk, and :class:`SafeRoot` (``saferoot``) reaches
 every path from root's directory fd without following a symlink.  Below
 them: ``writers`` (bulk writes around the page cache, sparse files, copies
-hashed as they go), ``sync`` (durability without an fsync per file) and
-``verified`` (the staged objects checked during this boot).
+hashed as they go) and ``sync`` (durability without an fsync per file).
+The staged objects checked during this boot are syncd.staging's.
 
 All paths are bytes relative to root, ``/``-separated; names need not be
 UTF-8.  Unsafe names and symlinks met on the way raise
@@ -24,7 +24,6 @@ from __future__ import annotations
 from .names import MAX_COMPONENT, MAX_PATH, show, validate_name
 from .saferoot import SafeRoot, unlink_at
 from .sync import WRITEBACK_MIN, fsync_dir, start_writeback, syncfs
-from .verified import VerifiedLog, boot_id, verified_this_boot
 from .writers import (DIRECT_ALIGN, DIRECT_MIN, BufferPool, DirectWriter, SparseWriter, copy_extents, punch_hole,
                       sha256_around_cache)
 
@@ -36,9 +35,6 @@ __all__ = [
     "SparseWriter",
     "copy_extents",
     "punch_hole",
-    "VerifiedLog",
-    "boot_id",
-    "verified_this_boot",
     "sha256_around_cache",
     "MAX_COMPONENT",
     "MAX_PATH",

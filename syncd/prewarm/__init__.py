@@ -36,7 +36,7 @@ The modules:
 - ``progress``: prewarm.json, the progress bar, the log;
 - ``result``: the result and the probe table;
 - ``stager`` (with ``put``): the stage-only agent itself, the edge's end;
-- ``codec``: a range's digest and compression, which both ends share.
+- ``codec``: a range's digest, which both ends share (its compression is syncd.compress's).
 
 The two ends start apart: the edge's stage-only agent (``syncd agent
 --stage``, one per stream) imports ``stager`` and what it needs, not the

@@ -9,15 +9,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..compress import decompressing_writer
 from ..errors import ProtocolError, disk_full_as
-from ..fsops import (DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SparseWriter, VerifiedLog, start_writeback,
-                     unlink_at)
+from ..fsops import DIRECT_MIN, WRITEBACK_MIN, BufferPool, DirectWriter, SparseWriter, start_writeback, unlink_at
+from ..messages import Put as PutMessage
 from ..partial import PARTIAL_PREFIX, RangeLog
 from ..protocol import FrameReader
 from ..sparse import Decoder, hash_zeros
-from .codec import DIGESTS, decompressing_writer, digest_key, range_hasher
-
-CHUNK = 1 << 20
+from ..staging import VerifiedLog
+from .codec import digest_key, range_hasher
 
 
 class Staging(Protocol):
@@ -33,32 +33,16 @@ class Staging(Protocol):
     def run_for(self, sha: bytes, size: int, offset: int) -> Run | None: ...
 
 
-def message_field(msg: dict, key: str, kind: type) -> Any:
-    """``msg[key]``, which must be a ``kind`` (an int that is not a bool)."""
-    value = msg.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"{msg.get('type')!r} message: field {key!r} missing or not {kind.__name__}")
-    return value
-
-
 class Put:
     """One object or range arriving on a stream."""
 
-    def __init__(self, stager: Staging, msg: dict) -> None:
+    def __init__(self, stager: Staging, msg: PutMessage) -> None:
         self.stager = stager
-        self.sha256 = message_field(msg, "sha256", bytes)
-        self.size = message_field(msg, "size", int)
-        self.offset = message_field(msg, "offset", int)
-        self.length = message_field(msg, "length", int)
-        how = message_field(msg, "how", str)
-        if len(self.sha256) != 32 or self.size < 0 or self.offset < 0 or self.length < 0 \
-                or self.offset + self.length > self.size:
-            raise ProtocolError("put: bad object name or range")
-        if how not in ("whole", "zstd"):
-            raise ProtocolError(f"put: unknown encoding {how!r}")
-        self.digest = msg.get("digest", "sha256")
-        if self.digest not in DIGESTS:
-            raise ProtocolError(f"put: unknown digest {self.digest!r}")
+        self.sha256 = msg.sha256
+        self.size = msg.size
+        self.offset = msg.offset
+        self.length = msg.length
+        self.digest = msg.digest
         self.hex = self.sha256.hex()
         self.whole = self.offset == 0 and self.length == self.size
         sfd = stager.staging_fd
@@ -68,7 +52,7 @@ class Put:
             self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                               0o600, dir_fd=sfd)
         else:
-            if msg.get("run") is True:
+            if msg.run:
                 self.run = stager.run_for(self.sha256, self.size, self.offset)
             if self.run is not None:
                 self.name = self.run.name
@@ -86,7 +70,7 @@ class Put:
         # A sparse payload (syncd.sparse): only the range's data comes; its
         # holes are left unwritten (in a partial file, where older bytes may
         # lie, deallocated), and hashed as the zeros they read as.
-        self.sparse = msg.get("sparse") is True
+        self.sparse = msg.sparse
         self.out: Any
         self._decoder = None
         write: Callable[[Any], Any] = self._write
@@ -101,8 +85,8 @@ class Put:
             self.out = DirectWriter(self.fd, self.offset, pool)
         self.hasher = hashlib.sha256() if self.whole else range_hasher(self.digest)
         self.chain = self.run.chain if self.run is not None else None
-        if how == "zstd":
-            self._zw = decompressing_writer(write, CHUNK)
+        if msg.how == "zstd":
+            self._zw = decompressing_writer(write)
             self.feed = self._zw.write
         else:
             self._zw = None

@@ -21,7 +21,7 @@ roles, chosen by the client's ``hello``:
   makes staging durable (syncfs) before it publishes anything.  Objects and
   ranges from ``DIRECT_MIN`` on are written with O_DIRECT where the
   filesystem allows (fsops.DirectWriter).  Each object named is logged in
-  ``verified.<boot id>`` (fsops.VerifiedLog), so the push does not read it
+  ``verified.<boot id>`` (staging.VerifiedLog), so the push does not read it
   again unless the machine went down in between.
 - ``source``: it serves byte ranges of files in its ``root`` by path and
   SHA-256, after checking that its manifest holds that content at that path
@@ -40,16 +40,20 @@ import stat
 import threading
 from typing import Any, Callable
 
+from ..compress import compressor, should_compress
 from ..config import Config
 from ..errors import ManifestError, ProtocolError, SyncdError, UnsafePathError
-from ..fsops import BufferPool, SafeRoot, VerifiedLog, sha256_around_cache, unlink_at, validate_name
+from ..fsops import BufferPool, SafeRoot, sha256_around_cache, unlink_at
 from ..manifest import KIND_FILE, Manifest, fspath
+from ..messages import TO_STAGER, BecomeAgent, Bye, Get, Have, Message, StageHello, decode
+from ..messages import Put as PutMessage
 from ..partial import PARTIAL_PREFIX, RANGES_SUFFIX, RUN_PREFIX, covered, promote_run, read_ranges
 from ..protocol import MAX_OPEN_STREAMS, PROTOCOL_VERSION, FrameReader, FrameType, FrameWriter, negotiate
 from ..session import stdio
 from ..sparse import data_extents, has_holes, payload
-from .codec import DIGESTS, compressor, digest_key, range_hasher, zstd_pays
-from .put import Put, Run, message_field
+from ..staging import STAGE_PREFIX, VerifiedLog, clean
+from .codec import digest_key, range_hasher
+from .put import Put, Run
 
 log = logging.getLogger(__package__)
 
@@ -61,8 +65,6 @@ MAX_RANGE = 64 << 20
 # receiving loop; a bound keeps the open files and the unacknowledged work small.
 COMMIT_THREADS = 2
 COMMITS_IN_FLIGHT = 8
-TEMP_PREFIX = "stage."
-# Compression, as the pusher decides it: zstd only where a sample shrinks.
 # What this stager offers beyond the messages of protocol 1.0, in its welcome.
 #   agent:    after an ``agent`` message (and its ``agent_ok``) the session is a
 #             push agent's (docs/protocol.md section 7).
@@ -119,7 +121,9 @@ class Stager:
         self.staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.verified = VerifiedLog(self.staging_fd)
         try:
-            self._clean_dead_temps()
+            # Only what writers that are gone left (a push agent or another
+            # stager may be writing beside this one): syncd.staging.
+            clean(self.staging_fd)
             return self._loop()
         finally:
             if self._pool is not None:
@@ -141,7 +145,7 @@ class Stager:
 
     def new_tmp(self) -> str:
         self._tmp_n += 1
-        return f"{TEMP_PREFIX}{os.getpid()}.{self._tmp_n}"
+        return f"{STAGE_PREFIX}{os.getpid()}.{self._tmp_n}"
 
     def run_for(self, sha: bytes, size: int, offset: int) -> Run | None:
         """The run this range continues (or, at offset 0, starts), if any.
@@ -176,27 +180,6 @@ class Stager:
         except FileNotFoundError:
             return False
 
-    def _clean_dead_temps(self) -> None:
-        # Not the push agent's "tmp.*": it removes those at its start, which
-        # would pull files from under a stager running beside it.  Ours carry
-        # their writer's PID and go only when that process is gone.
-        for entry in os.scandir(self.staging_fd):
-            name = entry.name
-            if not name.startswith((TEMP_PREFIX, RUN_PREFIX)):
-                continue
-            pid = name.split(".")[1]
-            if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
-                continue
-            if name.startswith(RUN_PREFIX):
-                # A killed stager's run: what it recorded is kept, as the
-                # object's partial file.
-                if not name.endswith(RANGES_SUFFIX):
-                    promote_run(self.staging_fd, name)
-                elif not self._exists(name[:-len(RANGES_SUFFIX)]):
-                    unlink_at(self.staging_fd, name)
-                continue
-            unlink_at(self.staging_fd, name)
-
     def _loop(self) -> int:
         try:
             while True:
@@ -204,9 +187,7 @@ class Stager:
                 if frame is None:
                     return 0
                 if frame.kind is FrameType.MESSAGE:
-                    if not isinstance(frame.payload, dict) or not isinstance(frame.payload.get("type"), str):
-                        raise ProtocolError("a MESSAGE frame without a 'type'")
-                    if self._message(frame.payload):
+                    if self._message(decode(frame.payload, TO_STAGER)):
                         self._drain()
                         if self.become_agent:
                             self._send({"type": "agent_ok"})
@@ -255,13 +236,9 @@ class Stager:
         except ManifestError:
             return None
 
-    def _message(self, msg: dict) -> bool:
-        kind = msg["type"]
-        if kind == "hello":
-            role = msg.get("role")
-            if role not in ("edge", "source"):
-                raise ProtocolError(f"hello: unknown role {role!r}")
-            self.role = role
+    def _message(self, msg: Message) -> bool:
+        if isinstance(msg, StageHello):
+            self.role = msg.role
             self.manifest = self._open_manifest()
             held = self.manifest.get_meta("upstream_generation") if self.manifest else None
             self.writer.message({
@@ -271,29 +248,26 @@ class Stager:
                 "features": list(FEATURES),
             })
             self.root = SafeRoot(self.cfg.node.root) if os.path.isdir(self.cfg.node.root) else None
-        elif kind == "have":
+        elif isinstance(msg, Have):
             self._have(msg)
-        elif kind == "put":
-            self._need_role("edge", kind)
-            stream = message_field(msg, "stream", int)
-            if stream in self.puts:
-                raise ProtocolError(f"stream {stream} opened twice")
+        elif isinstance(msg, PutMessage):
+            self._need_role("edge", msg.TYPE)
+            if msg.stream in self.puts:
+                raise ProtocolError(f"stream {msg.stream} opened twice")
             if len(self.puts) >= MAX_OPEN_STREAMS:
                 raise ProtocolError(f"more than {MAX_OPEN_STREAMS} objects open at once")
-            self.puts[stream] = Put(self, msg)
-        elif kind == "get":
-            self._need_role("source", kind)
+            self.puts[msg.stream] = Put(self, msg)
+        elif isinstance(msg, Get):
+            self._need_role("source", msg.TYPE)
             self._get(msg)
-        elif kind == "bye":
+        elif isinstance(msg, Bye):
             return True
-        elif kind == "agent":
+        elif isinstance(msg, BecomeAgent):
             # Staging is done: the same session carries the push that
             # follows, without a second SSH login and interpreter start.
-            self._need_role("edge", kind)
+            self._need_role("edge", msg.TYPE)
             self.become_agent = True
             return True
-        else:
-            raise ProtocolError(f"unknown message type {kind!r}")
         return False
 
     def _need_role(self, role: str, kind: str) -> None:
@@ -302,20 +276,12 @@ class Stager:
 
     # -- edge role ---------------------------------------------------------------
 
-    def _have(self, msg: dict) -> None:
+    def _have(self, msg: Have) -> None:
         """Per object: "staged", "published" (root already holds it at that
         path), "partial" with its verified ranges, or "none"."""
         self._need_role("edge", "have")
-        objects = msg.get("objects")
-        if not isinstance(objects, list):
-            raise ProtocolError("have: objects is not a list")
         answers = []
-        for raw in objects:
-            if not (isinstance(raw, list) and len(raw) == 4 and isinstance(raw[0], bytes) and len(raw[0]) == 32
-                    and isinstance(raw[1], int) and isinstance(raw[2], bytes) and isinstance(raw[3], int)):
-                raise ProtocolError("have: an object is not [sha256, size, path, mtime_ns]")
-            sha, size, path, mtime_ns = raw
-            validate_name(path)
+        for sha, size, path, mtime_ns in msg.objects:
             hexname = sha.hex()
             if self._is_file(hexname):
                 answers.append(["staged", []])
@@ -325,7 +291,7 @@ class Stager:
                 ranges = read_ranges(self.staging_fd, PARTIAL_PREFIX + hexname)
                 answers.append(["partial", [list(r) for r in ranges]] if ranges else ["none", []])
         with self.wlock:
-            self.writer.message({"type": "have", "batch": msg.get("batch"), "objects": answers})
+            self.writer.message({"type": "have", "batch": msg.batch, "objects": answers})
 
     def _is_file(self, name: str) -> bool:
         try:
@@ -449,17 +415,10 @@ class Stager:
 
     # -- source role ---------------------------------------------------------------
 
-    def _get(self, msg: dict) -> None:
-        stream = message_field(msg, "stream", int)
-        path = validate_name(message_field(msg, "path", bytes))
-        sha = message_field(msg, "sha256", bytes)
-        offset = message_field(msg, "offset", int)
-        length = message_field(msg, "length", int)
+    def _get(self, msg: Get) -> None:
+        stream, path, sha, offset, length, digest = msg.stream, msg.path, msg.sha256, msg.offset, msg.length, msg.digest
         if offset < 0 or not 0 <= length <= MAX_RANGE:
             raise ProtocolError(f"get {fspath(path)}: range out of bounds")
-        digest = msg.get("digest", "sha256")
-        if digest not in DIGESTS:
-            raise ProtocolError(f"get: unknown digest {digest!r}")
         problem = None
         entry = self.manifest.lookup(path) if self.manifest else None
         if entry is None or entry.deleted or entry.kind != KIND_FILE or entry.sha256 != sha:
@@ -481,10 +440,10 @@ class Stager:
             self.writer.message({"type": "get_failed", "stream": stream, "path": path, "error": problem})
             return
         try:
-            sparse = msg.get("sparse") is True and has_holes(os.fstat(fd))
+            sparse = msg.sparse and has_holes(os.fstat(fd))
             start = next(data_extents(fd, offset, offset + length), (offset, 0))[0] if sparse else offset
             first = os.pread(fd, min(CHUNK, length), start)
-            packed = zstd_pays(path, first)
+            packed = should_compress(path, first)
             head = {"type": "range", "stream": stream, "how": "zstd" if packed else "whole"}
             if sparse:
                 head["sparse"] = True

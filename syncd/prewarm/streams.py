@@ -13,13 +13,13 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..compress import compressor, named_compressed, should_compress
 from ..config import Config, MirrorConfig
 from ..errors import ConnectionLostError, ProtocolError, SyncdError
 from ..manifest import fspath
-from ..plan import COMPRESSED_SUFFIXES
 from ..protocol import FrameType
 from ..sparse import data_extents, has_holes, payload
-from .codec import compressor, digest_key, range_hasher, zstd_pays
+from .codec import digest_key, range_hasher
 from .conn import Resumed, StageConn
 
 log = logging.getLogger(__package__)
@@ -201,11 +201,11 @@ class Stream:
             if packed is None:
                 # One decision per file: the ranges of an ISO are alike.  A
                 # name that says "compressed" decides without a read.
-                if path.lower().endswith(COMPRESSED_SUFFIXES):
+                if named_compressed(path):
                     packed = False
                 else:
                     first = os.pread(fd, min(CHUNK, length), start)
-                    packed = zstd_pays(path, first)
+                    packed = should_compress(path, first)
                 self._packs[path] = packed
             stream = self._open_put(piece, "zstd" if packed else "whole", sparse)
             # A whole object is checked against its own SHA-256 on the edge;

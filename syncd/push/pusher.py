@@ -29,6 +29,8 @@ from ..config import Config, MirrorConfig
 from ..errors import ConnectionLostError, ProtocolError, RemoteError, StoppedError
 from ..filters import Filter
 from ..manifest import KIND_DIR, KIND_FILE, KIND_LETTERS, Entry, Manifest, fspath
+from ..messages import Item as WireItem
+from ..messages import Row
 from ..scanfeed import ScanFeed
 from .link import Channel, Link, SignatureArrived, quoting_stderr
 from .result import PushResult, filter_rules
@@ -271,7 +273,7 @@ class Pusher:
         for batch in _batches(self._filtered(rows), BATCH_ROWS, self._wire_size):
             self._check_stop()
             batch_no = window.add_batch(batch)
-            msg = {"type": "entries", "batch": batch_no, "rows": [_wire(e) for e in batch]}
+            msg = {"type": "entries", "batch": batch_no, "rows": [Row.wire(e) for e in batch]}
             if links:
                 msg["links"] = [[i, *links.pop(e.path)] for i, e in enumerate(batch) if e.path in links]
             w.message(msg)
@@ -326,7 +328,7 @@ class Pusher:
             # they changed, since the agent puts them back after each
             # publish into root (and an edge whose manifest predates the
             # root's row has never had them).
-            commit["root"] = _wire(root)
+            commit["root"] = Row.wire(root)
         w.message(commit)
         w.flush()
         while True:
@@ -426,11 +428,7 @@ class Pusher:
             self.sender.offer_resume(offer[0], offer[1])
 
     def _item(self, ch: Channel, result: PushResult, raw: Any) -> None:
-        if not isinstance(raw, list) or len(raw) not in (5, 6):
-            raise ProtocolError("needs: an item is not a list of 5 or 6 fields")
-        action, path, need, source, sig_stream = raw[:5]
-        if action not in planmod.ACTIONS or not isinstance(path, bytes):
-            raise ProtocolError(f"needs: bad item {raw!r:.80}")
+        action, path, need, source, sig_stream, _flags = WireItem.from_wire(raw)
         window = self.window
         entry = window.by_path.get(path)
         if need == "later":
@@ -514,12 +512,8 @@ class Pusher:
             yield from rows
             return
         for e in rows:
-            if e is _CUT or not self.filter.excluded_path(e.path, e.kind == 1):
+            if e is _CUT or not self.filter.excluded_path(e.path, e.kind == KIND_DIR):
                 yield e
-
-
-def _wire(e: Entry) -> list:
-    return [e.path, e.kind, e.size, e.mtime_ns, e.mode, e.sha256, e.target, e.deleted, e.generation]
 
 
 _CUT = object()  # among fed rows: send the batch so far, the next rows are a while away

@@ -10,20 +10,15 @@ import os
 import stat
 from typing import Any, Callable, Iterable, Iterator
 
-import zstandard
-
+from ..compress import compress_if_smaller, compressor, named_compressed, should_compress
 from ..errors import ProtocolError, SyncdError
 from ..manifest import Entry, fspath
-from ..plan import COMPRESSED_SUFFIXES
 from ..sparse import data_extents, has_holes, payload
 from .link import Channel
 
 log = logging.getLogger(__package__)
 
 CHUNK = 1 << 20
-# zstd pays only where it shrinks the bytes noticeably; the sample decides.
-ZSTD_LEVEL = 1
-ZSTD_MIN_GAIN = 0.9
 # Files up to this size travel together, in bundles of about BUNDLE_BYTES
 # ("files", protocol 1.1): one message and one stream for many small files.
 BUNDLE_FILE_MAX = 64 * 1024
@@ -125,10 +120,9 @@ class FileSender:
 
     def _send_bundle(self, stream: int, bundle: list[Entry], payload: Any) -> None:
         how = "whole"
-        if any(not e.path.lower().endswith(COMPRESSED_SUFFIXES) for e in bundle) and \
-                zstd_pays(b"", payload[: 256 * 1024]):
-            packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload)
-            if len(packed) < ZSTD_MIN_GAIN * len(payload):
+        if any(not named_compressed(e.path) for e in bundle) and should_compress(b"", payload):
+            packed = compress_if_smaller(payload)
+            if packed is not None:
                 payload, how = packed, "zstd"
         w = self.ch.writer
         w.message({"type": "files", "stream": stream, "how": how,
@@ -198,29 +192,20 @@ class FileSender:
         else:
             first = os.pread(fd, CHUNK, offset)
             pieces = itertools.chain([first], chunks(fd, offset + len(first)))
-        if zstd_pays(entry.path, first) is None:
+        if not should_compress(entry.path, first):
             w.message(dict(header, how="whole"))
             for chunk in pieces:
                 self.check_stop()
                 w.data(stream, chunk)
             return
         w.message(dict(header, how="zstd"))
-        cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        cobj = compressor()
         for chunk in pieces:
             self.check_stop()
             out = cobj.compress(chunk)
             if out:
                 w.data(stream, out)
         w.data(stream, cobj.flush())
-
-
-def zstd_pays(path: bytes, sample: bytes) -> bool | None:
-    """True when zstd shrinks ``sample`` enough to send ``path`` compressed; None otherwise."""
-    # Under 4 KiB the bytes saved do not pay for the attempt.
-    if len(sample) < 4096 or path.lower().endswith(COMPRESSED_SUFFIXES):
-        return None
-    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(sample[: 256 * 1024])
-    return True if len(packed) < ZSTD_MIN_GAIN * min(len(sample), 256 * 1024) else None
 
 
 def delta_pays(sig: Any, fd: int, size: int) -> bool:
