@@ -6,8 +6,8 @@ as zstd only when a sample of it shrinks by a tenth or more at level 1, and
 never when it is small or named as compressed already.  The receiving ends
 (the agent, the stager) decompress through :func:`decompressing_writer`.
 
-zstandard is imported by the functions that use it, not with this module:
-an agent whose push sends nothing compressed does not pay for it
+zstandard is imported at its first use, not with this module: an agent or
+a stager whose session carries nothing compressed does not pay for it
 (docs/performance.md, "Start-up").
 """
 
@@ -43,24 +43,18 @@ def should_compress(path: bytes, sample: Any) -> bool:
     has looked at itself)."""
     if len(sample) < MIN_SAMPLE or named_compressed(path):
         return False
-    import zstandard
-
     head = sample[:SAMPLE]
-    return len(zstandard.ZstdCompressor(level=LEVEL).compress(head)) < MIN_GAIN * len(head)
+    return len(_zstd().ZstdCompressor(level=LEVEL).compress(head)) < MIN_GAIN * len(head)
 
 
 def compressor() -> Any:
     """A streaming compressor (``compress(chunk)``, then ``flush()``) at the policy's level."""
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=LEVEL).compressobj()
+    return _zstd().ZstdCompressor(level=LEVEL).compressobj()
 
 
 def compress_if_smaller(payload: Any) -> bytes | None:
     """``payload`` compressed whole, when that saves what the policy asks; else None."""
-    import zstandard
-
-    packed = zstandard.ZstdCompressor(level=LEVEL).compress(payload)
+    packed = _zstd().ZstdCompressor(level=LEVEL).compress(payload)
     return packed if len(packed) < MIN_GAIN * len(payload) else None
 
 
@@ -74,6 +68,11 @@ class _Sink:
 def decompressing_writer(write: Callable[[Any], Any]) -> Any:
     """A writer whose ``write`` takes zstd bytes and hands what they decompress
     to ``write`` (``flush()`` at the end hands on the rest)."""
+    return _zstd().ZstdDecompressor().stream_writer(_Sink(write), write_size=WRITE_SIZE)
+
+
+def _zstd() -> Any:
+    # Imported at the first use, not with this module (the module's docstring says why).
     import zstandard
 
-    return zstandard.ZstdDecompressor().stream_writer(_Sink(write), write_size=WRITE_SIZE)
+    return zstandard
