@@ -18,6 +18,8 @@ The package's modules, each owning its state:
 - ``touched``: the directories changed since the last commit;
 - ``policy``: what this edge accepts of a push;
 - ``wire``: the frame writer every thread answers on.
+
+Every module logs as ``syncd.agent``, the name the agent always logged as.
 """
 
 from .session import FEATURES, Agent, serve_stdio

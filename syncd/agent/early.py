@@ -25,7 +25,7 @@ from .plan import Plan, is_index, object_uses
 from .staged import Staging
 from .touched import TouchedDirs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # New data files published while the push still arrives: in batches of at
 # least this many (or what came within the wait), one syncfs each.

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .signatures import Signatures
     from .staged import Staging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # Below this size a delta saves too little to pay for its signature round trip.
 DELTA_MIN_SIZE = 64 * 1024

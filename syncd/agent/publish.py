@@ -40,7 +40,7 @@ from .plan import LinkGroup, Plan, is_index, object_uses, same_kind
 from .staged import Staging
 from .touched import TouchedDirs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 #: Replaced or deleted files from this size on are freed after the commit.
 PARK_MIN = 1 << 20

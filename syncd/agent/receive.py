@@ -39,7 +39,7 @@ from ..sparse import Decoder, hash_zeros
 from .staged import Staging
 from .wire import LockedWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # Threads that stage arriving files (create, decompress or patch, hash, write:
 # the GIL is released for the syscalls and the hashing), while the main

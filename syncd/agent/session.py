@@ -53,7 +53,7 @@ from .staged import Staging
 from .touched import TouchedDirs
 from .wire import LockedWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 # A second push into this node (a daemon's reconcile meeting a cascade) waits
 # this long for the first to finish before it gives up.

@@ -12,7 +12,7 @@ from ..errors import UnsafePathError
 from ..fsops import validate_name
 from ..manifest import split
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)
 
 
 class TouchedDirs:
