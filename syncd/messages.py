@@ -24,7 +24,6 @@ messages of its own (:data:`TO_STAGER`, docs/protocol.md section 7).
 from __future__ import annotations
 
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -32,8 +31,11 @@ from .errors import ProtocolError
 from .filters import Filter
 from .fsops import validate_name
 from .manifest import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry, fspath, split
-from .plan import ACTIONS
 
+# What the agent will do with one path (an item's action).  LINK is a
+# symlink; HLINK makes the path one more name of another path's file (a hard link).
+NEW, DELTA, COPY, META, LINK, DELETE, DIR, HLINK = "new", "delta", "copy", "meta", "link", "delete", "dir", "hlink"
+ACTIONS = (NEW, DELTA, COPY, META, LINK, DELETE, DIR, HLINK)
 ROW_FIELDS = 9  # path, kind, size, mtime_ns, mode, sha256, target, deleted, generation
 ITEM_FIELDS = 5  # action, path, need, source, sig_stream
 # A bundle ("files", protocol 1.1) carries at most this many files and bytes.
@@ -152,7 +154,7 @@ class Item(NamedTuple):
     list of :data:`ITEM_FIELDS` fields on the wire, and a sixth, ``flags``,
     in a push that asked for it (begin's ``itemize``)."""
 
-    action: str  # one of syncd.plan.ACTIONS
+    action: str  # one of ACTIONS
     path: bytes
     need: str | None = None  # "whole", "delta", "copy", "later", or None: no bytes wanted
     source: bytes | None = None
@@ -177,11 +179,21 @@ class Item(NamedTuple):
 # -- messages to the agent ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Message:
+    """A message as a type: fields set once, by its constructor, and read only.
+
+    Plain classes with ``__slots__``, not dataclasses: an agent imports all
+    of them at its start, where generating a frozen dataclass's methods cost
+    half a millisecond each (docs/performance.md, "Start-up").  Two messages
+    are equal when they are of one type and encode alike.
+    """
+
+    __slots__ = ("absent",)
     TYPE: ClassVar[str] = ""
-    #: Optional keys that were absent when decoded: encoded again, they stay so.
-    absent: frozenset = dataclasses.field(default=frozenset(), kw_only=True, compare=False, repr=False)
+
+    def __init__(self, *, absent: frozenset = frozenset()) -> None:
+        #: Optional keys that were absent when decoded: encoded again, they stay so.
+        self.absent = absent
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Message":
@@ -189,6 +201,14 @@ class Message:
 
     def to_wire(self) -> dict:
         return {"type": self.TYPE}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_wire() == self.to_wire()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_wire()!r})"
 
     def _with(self, out: dict, key: str, value: Any) -> None:
         if key not in self.absent:
@@ -199,13 +219,16 @@ def _absent(msg: dict, *keys: str) -> frozenset:
     return frozenset(k for k in keys if k not in msg)
 
 
-@dataclass(frozen=True)
 class Hello(Message):
     """The pusher's node name and the name it gives this mirror."""
 
-    TYPE: ClassVar[str] = "hello"
-    node: str | None = None  # None: none, or not a str
-    mirror: Any = None
+    __slots__ = ("node", "mirror")
+    TYPE = "hello"
+
+    def __init__(self, node: str | None = None, mirror: Any = None, *, absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.node = node  # None: none, or not a str
+        self.mirror = mirror
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Hello":
@@ -220,22 +243,28 @@ class Hello(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Begin(Message):
-    TYPE: ClassVar[str] = "begin"
-    generation: int | None  # None (1.4): a push fed by a running scan, only with ``full``
-    full: bool = False
-    dry_run: bool = False
-    rules: tuple[str, ...] = ()
-    max_delete_ppm: int = DEFAULT_MAX_DELETE_PPM
-    force_deletes: bool = False
-    fuzzy: bool = False
-    hardlinks: bool = False
-    itemize: bool = False
-    filter: Filter = dataclasses.field(default_factory=Filter, compare=False, repr=False)  # the rules, compiled
-
+    __slots__ = ("generation", "full", "dry_run", "rules", "max_delete_ppm", "force_deletes", "fuzzy", "hardlinks",
+                 "itemize", "filter")
+    TYPE = "begin"
     KEYS: ClassVar[tuple[str, ...]] = ("full", "dry_run", "filter", "max_delete_ppm", "force_deletes", "fuzzy",
                                        "hardlinks", "itemize")
+
+    def __init__(self, generation: int | None, *, full: bool = False, dry_run: bool = False,
+                 rules: tuple[str, ...] = (), max_delete_ppm: int = DEFAULT_MAX_DELETE_PPM,
+                 force_deletes: bool = False, fuzzy: bool = False, hardlinks: bool = False, itemize: bool = False,
+                 filter: Filter | None = None, absent: frozenset = frozenset()) -> None:  # noqa: A002
+        super().__init__(absent=absent)
+        self.generation = generation  # None (1.4): a push fed by a running scan, only with ``full``
+        self.full = full
+        self.dry_run = dry_run
+        self.rules = rules
+        self.max_delete_ppm = max_delete_ppm
+        self.force_deletes = force_deletes
+        self.fuzzy = fuzzy
+        self.hardlinks = hardlinks
+        self.itemize = itemize
+        self.filter = filter if filter is not None else Filter.parse(rules)  # the rules, compiled
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Begin":
@@ -267,14 +296,17 @@ class Begin(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Entries(Message):
     """A batch of rows; ``links`` names the rows that are names of a file of several."""
 
-    TYPE: ClassVar[str] = "entries"
-    batch: int
-    rows: list[Row]
-    links: list[tuple[int, bytes, int]] | None = None  # [index, first name, names], as sent
+    __slots__ = ("batch", "rows", "links")
+    TYPE = "entries"
+
+    def __init__(self, batch: int, rows: list[Row], links: list[tuple[int, bytes, int]] | None = None) -> None:
+        super().__init__()
+        self.batch = batch
+        self.rows = rows
+        self.links = links  # [index, first name, names], as sent
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Entries":
@@ -312,23 +344,27 @@ def _links(raw: Any, count: int) -> list[tuple[int, bytes, int]] | None:
     return links
 
 
-@dataclass(frozen=True)
 class EntriesEnd(Message):
-    TYPE: ClassVar[str] = "entries_end"
+    __slots__ = ()
+    TYPE = "entries_end"
 
 
-@dataclass(frozen=True)
 class File(Message):
     """Opens a stream carrying one file (``how``: whole, zstd or delta)."""
 
-    TYPE: ClassVar[str] = "file"
-    stream: int
-    path: bytes
-    how: str
-    size: int
-    sha256: bytes
-    sparse: bool = False
-    offset: int = 0  # the file's bytes start here (a resume the agent offered)
+    __slots__ = ("stream", "path", "how", "size", "sha256", "sparse", "offset")
+    TYPE = "file"
+
+    def __init__(self, stream: int, path: bytes, how: str, size: int, sha256: bytes, *, sparse: bool = False,
+                 offset: int = 0, absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.stream = stream
+        self.path = path
+        self.how = how
+        self.size = size
+        self.sha256 = sha256
+        self.sparse = sparse
+        self.offset = offset  # the file's bytes start here (a resume the agent offered)
 
     @classmethod
     def from_wire(cls, msg: dict) -> "File":
@@ -355,14 +391,18 @@ class File(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Files(Message):
     """Opens a stream carrying a bundle of small files back to back (1.1)."""
 
-    TYPE: ClassVar[str] = "files"
-    stream: int
-    how: str
-    items: list[tuple[bytes, int, bytes]]  # path, size, SHA-256
+    __slots__ = ("stream", "how", "items", "total")
+    TYPE = "files"
+
+    def __init__(self, stream: int, how: str, items: list[tuple[bytes, int, bytes]]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.how = how
+        self.items = items  # path, size, SHA-256
+        self.total = sum(size for _, size, _ in items)
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Files":
@@ -379,24 +419,23 @@ class Files(Message):
                     or not is_int(item[1]) or item[1] < 0 or not isinstance(item[2], bytes) or len(item[2]) != 32):
                 raise ProtocolError("files: an item is not [path bytes, size int, sha256 32 bytes]")
             items.append((validate_name(item[0]), item[1], item[2]))
-        total = sum(size for _, size, _ in items)
-        if total > BUNDLE_MAX_BYTES:
-            raise ProtocolError(f"files: {total} bytes, above {BUNDLE_MAX_BYTES}")
-        return cls(stream, how, items)
-
-    @property
-    def total(self) -> int:
-        return sum(size for _, size, _ in self.items)
+        bundle = cls(stream, how, items)
+        if bundle.total > BUNDLE_MAX_BYTES:
+            raise ProtocolError(f"files: {bundle.total} bytes, above {BUNDLE_MAX_BYTES}")
+        return bundle
 
     def to_wire(self) -> dict:
         return {"type": self.TYPE, "stream": self.stream, "how": self.how, "items": [list(i) for i in self.items]}
 
 
-@dataclass(frozen=True)
 class Commit(Message):
-    TYPE: ClassVar[str] = "commit"
-    generation: int
-    root: Row | None = None  # root's own mode and mtime
+    __slots__ = ("generation", "root")
+    TYPE = "commit"
+
+    def __init__(self, generation: int, root: Row | None = None, *, absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.generation = generation
+        self.root = root  # root's own mode and mtime
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Commit":
@@ -410,19 +449,19 @@ class Commit(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Cascade(Message):
-    TYPE: ClassVar[str] = "cascade"
+    __slots__ = ()
+    TYPE = "cascade"
 
 
-@dataclass(frozen=True)
 class Abort(Message):
-    TYPE: ClassVar[str] = "abort"
+    __slots__ = ()
+    TYPE = "abort"
 
 
-@dataclass(frozen=True)
 class Bye(Message):
-    TYPE: ClassVar[str] = "bye"
+    __slots__ = ()
+    TYPE = "bye"
 
 
 #: What a push agent takes, by type.
@@ -443,14 +482,17 @@ def _range_digest(msg: dict, what: str) -> str:
     return digest
 
 
-@dataclass(frozen=True)
 class StageHello(Message):
     """A stage-only session's hello: its ``role``, ``edge`` or ``source``."""
 
-    TYPE: ClassVar[str] = "hello"
-    role: str
-    node: Any = None
-    mirror: Any = None
+    __slots__ = ("role", "node", "mirror")
+    TYPE = "hello"
+
+    def __init__(self, role: str, node: Any = None, mirror: Any = None, *, absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.role = role
+        self.node = node
+        self.mirror = mirror
 
     @classmethod
     def from_wire(cls, msg: dict) -> "StageHello":
@@ -467,13 +509,17 @@ class StageHello(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Have(Message):
     """What the edge holds of these objects: ``[sha256, size, path, mtime_ns]`` each."""
 
-    TYPE: ClassVar[str] = "have"
-    objects: list[tuple[bytes, int, bytes, int]]
-    batch: Any = None  # echoed in the answer
+    __slots__ = ("objects", "batch")
+    TYPE = "have"
+
+    def __init__(self, objects: list[tuple[bytes, int, bytes, int]], batch: Any = None, *,
+                 absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.objects = objects
+        self.batch = batch  # echoed in the answer
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Have":
@@ -494,20 +540,25 @@ class Have(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Put(Message):
     """Opens a stream carrying an object, or ``length`` bytes of it from ``offset``."""
 
-    TYPE: ClassVar[str] = "put"
-    stream: int
-    sha256: bytes
-    size: int
-    offset: int
-    length: int
-    how: str  # "whole" or "zstd"
-    digest: str = "sha256"  # of a range's END (one of RANGE_DIGESTS)
-    run: bool = False  # one of the object's ranges, in order on this session
-    sparse: bool = False
+    __slots__ = ("stream", "sha256", "size", "offset", "length", "how", "digest", "run", "sparse")
+    TYPE = "put"
+
+    def __init__(self, stream: int, sha256: bytes, size: int, offset: int, length: int, how: str,
+                 digest: str = "sha256", *, run: bool = False, sparse: bool = False,
+                 absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.stream = stream
+        self.sha256 = sha256
+        self.size = size
+        self.offset = offset
+        self.length = length
+        self.how = how  # "whole" or "zstd"
+        self.digest = digest  # of a range's END (one of RANGE_DIGESTS)
+        self.run = run  # one of the object's ranges, in order on this session
+        self.sparse = sparse
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Put":
@@ -533,18 +584,22 @@ class Put(Message):
         return out
 
 
-@dataclass(frozen=True)
 class Get(Message):
     """Asks a source for ``length`` bytes of ``path`` from ``offset`` (of content ``sha256``)."""
 
-    TYPE: ClassVar[str] = "get"
-    stream: int
-    path: bytes
-    sha256: bytes
-    offset: int
-    length: int
-    digest: str = "sha256"
-    sparse: bool = False
+    __slots__ = ("stream", "path", "sha256", "offset", "length", "digest", "sparse")
+    TYPE = "get"
+
+    def __init__(self, stream: int, path: bytes, sha256: bytes, offset: int, length: int, digest: str = "sha256",
+                 *, sparse: bool = False, absent: frozenset = frozenset()) -> None:
+        super().__init__(absent=absent)
+        self.stream = stream
+        self.path = path
+        self.sha256 = sha256
+        self.offset = offset
+        self.length = length
+        self.digest = digest
+        self.sparse = sparse
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Get":
@@ -564,11 +619,11 @@ class Get(Message):
         return out
 
 
-@dataclass(frozen=True)
 class BecomeAgent(Message):
     """Staging is done: the session goes on as a push agent's."""
 
-    TYPE: ClassVar[str] = "agent"
+    __slots__ = ()
+    TYPE = "agent"
 
 
 #: What a stage-only agent takes, by type.

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from .config import DEFAULT_INDEX_PATTERNS
 from .errors import DeletionGuardError, ProtocolError
+from .messages import ACTIONS, COPY, DELETE, DELTA, DIR, HLINK, LINK, META, NEW
 
 
 class IndexMatcher:
@@ -162,10 +163,8 @@ class LinkChecker:
 
 # -- itemized plans (``run --dry-run``) -----------------------------------------
 
-# What the agent will do with one path, as the agent decides it.  LINK is a
-# symlink; HLINK makes the path one more name of another path's file (a hard link).
-NEW, DELTA, COPY, META, LINK, DELETE, DIR, HLINK = "new", "delta", "copy", "meta", "link", "delete", "dir", "hlink"
-ACTIONS = (NEW, DELTA, COPY, META, LINK, DELETE, DIR, HLINK)
+# What the agent will do with one path, as the agent decides it: the wire's
+# item actions (syncd.messages).
 
 
 @dataclass(frozen=True)
