@@ -27,7 +27,7 @@ from syncd.push import push_with_retries
 from syncd.scan import RELINKED, link_changed, scan
 from tests.nodes import SYNCD, assert_same_tree, make_node, rsync_differences
 from tests.relay import Relay
-from tests.test_agent import Peer, assert_outside_untouched, row
+from tests.test_agent import Peer, assert_outside_untouched, edge, row  # noqa: F401 - edge is a fixture
 from tests.test_push import Pair, fed_push
 
 pytest_plugins = ["tests.sshd"]
@@ -412,15 +412,6 @@ def subprocess_run(node):  # noqa: ANN001, ANN201
 
 
 # -- hostile groups, to a real agent process ---------------------------------------------
-
-
-@pytest.fixture
-def edge(tmp_path: Path):  # noqa: ANN201
-    node = make_node(tmp_path, "edge")
-    node.write()
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "canary").write_text("untouched")
-    return node
 
 
 def begin_links() -> dict:
